@@ -1,0 +1,1 @@
+"""The Trainyard API: resources of group ``trainyard.dev``, version ``v1alpha1``."""
