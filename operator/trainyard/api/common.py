@@ -1,0 +1,207 @@
+"""Parts shared by several resources: sources, storage, pod settings, object metadata."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from trainyard.api.base import ApiModel
+
+# A source URI names where a model, tokenizer or dataset comes from. Credentials never
+# go in it: `scheme://user:password@host` is refused (the CRD refuses it too).
+SOURCE_SCHEMES = ("hf", "s3", "file", "builtin", "run")
+SOURCE_PATTERN = r"^(hf|s3|file|builtin|run)://[^\s]+$"
+USERINFO_PATTERN = r"^[a-z0-9]+://[^/@]*:[^/@]*@"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Env names that hold secrets: such a variable must come from a Secret, never a literal.
+SECRET_ENV_PATTERN = r"(?i).*(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL).*"
+
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+
+
+def check_source(value: str, allowed: tuple[str, ...] = SOURCE_SCHEMES) -> str:
+    """Refuse sources with an unknown scheme or embedded credentials."""
+    if re.match(USERINFO_PATTERN, value):
+        raise ValueError(
+            "credentials must not be written in a source URI; "
+            "put them in a Secret and reference it from storage.s3.credentialsSecret"
+        )
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in allowed or not rest.strip():
+        raise ValueError(
+            f"{value!r} is not a source URI; allowed: "
+            + ", ".join(f"{s}://…" for s in allowed)
+        )
+    return value
+
+
+class ObjectMeta(ApiModel):
+    """The part of Kubernetes object metadata a Trainyard resource file uses."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    """Name of the resource: lowercase letters, digits, '-' and '.'."""
+    namespace: str | None = None
+    """Namespace of the resource; the current namespace when left out."""
+    labels: dict[str, str] | None = None
+    """Labels, copied onto every child object."""
+    annotations: dict[str, str] | None = None
+    """Annotations of the resource."""
+
+
+class ModelSource(ApiModel):
+    """Where a model comes from."""
+
+    source: str
+    """hf://org/name[@revision], s3://bucket/prefix, file://path, builtin://NAME, or run://RUN[/step-N] (a checkpoint of an earlier TrainingRun)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); overrides an @revision in the source."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype the weights are loaded in (transformers `dtype`)."""
+    trust_remote_code: bool = False
+    """Allow code shipped with a hub model to run (transformers `trust_remote_code`)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel (transformers `attn_implementation`); the library's choice when left out."""
+    quantization: Quantization | None = None
+    """Load the base model quantized with bitsandbytes (QLoRA); needs a CUDA GPU."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return check_source(value)
+
+
+class Quantization(ApiModel):
+    """bitsandbytes quantization of the base model (transformers `BitsAndBytesConfig`)."""
+
+    bits: Literal[4, 8]
+    """4-bit (`load_in_4bit`) or 8-bit (`load_in_8bit`) weights."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type (`bnb_4bit_quant_type`)."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (`bnb_4bit_use_double_quant`)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype matrix multiplications run in (`bnb_4bit_compute_dtype`)."""
+
+
+class TokenizerSource(ApiModel):
+    """Where the tokenizer comes from, when not from the model's source."""
+
+    source: str
+    """Same URI forms as model.source."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return check_source(value)
+
+
+class S3Storage(ApiModel):
+    """An S3-compatible object store (AWS S3, MinIO, Ceph…)."""
+
+    endpoint: str | None = None
+    """Endpoint URL, e.g. http://minio.storage.svc:9000; AWS when left out."""
+    region: str | None = None
+    """Region name passed to boto3."""
+    credentials_secret: str | None = Field(default=None, pattern=DNS_LABEL_PATTERN)
+    """Name of a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; boto3's default chain (IRSA, workload identity) when left out."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """S3 addressing style; MinIO usually wants path."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if re.match(USERINFO_PATTERN, value):
+            raise ValueError(
+                "credentials must not be written in the endpoint; use credentialsSecret"
+            )
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+
+class Storage(ApiModel):
+    """Object storage for datasets, models and checkpoints."""
+
+    s3: S3Storage | None = None
+    """S3-compatible storage settings."""
+
+
+class SecretKeySelector(ApiModel):
+    """A key of a Secret."""
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN)
+    """Name of the Secret."""
+    key: str
+    """Key within the Secret."""
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from."""
+
+    secret_key_ref: SecretKeySelector
+    """A key of a Secret in the run's namespace."""
+
+
+class EnvVar(ApiModel):
+    """An environment variable for the training containers."""
+
+    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    """Variable name."""
+    value: str | None = None
+    """Literal value; not allowed for names that look like credentials (use valueFrom)."""
+    value_from: EnvVarSource | None = None
+    """Take the value from a Secret."""
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration."""
+
+    key: str | None = None
+    """Taint key; all keys when left out with operator Exists."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """How key and value are compared."""
+    value: str | None = None
+    """Taint value to match."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; all effects when left out."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class Resources(ApiModel):
+    """Compute resources of one training pod (one node). GPUs come from distributed.gpusPerNode."""
+
+    requests: dict[str, Quantity] | None = None
+    """Resource requests, e.g. {cpu: 8, memory: 64Gi}."""
+    limits: dict[str, Quantity] | None = None
+    """Resource limits."""
+    shm_size: str = "16Gi"
+    """Size of the memory-backed /dev/shm (NCCL and data loaders need more than the 64Mi default)."""
+
+
+class Scheduling(ApiModel):
+    """Where and with what priority the pods run."""
+
+    queue: str | None = None
+    """Kueue LocalQueue name; the run is admitted by Kueue (label kueue.x-k8s.io/queue-name)."""
+    priority_class_name: str | None = None
+    """PriorityClass of the pods."""
+    node_selector: dict[str, str] | None = None
+    """Node labels the pods require."""
+    tolerations: list[Toleration] | None = None
+    """Taints the pods tolerate."""
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """Kubernetes affinity, passed through as written."""
+    service_account_name: str | None = None
+    """ServiceAccount of the pods (workload identity for S3); the namespace default when left out."""

@@ -1,0 +1,99 @@
+"""TrainingPipeline: stages that hand a model on only when a gate passes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from trainyard.api.base import API_VERSION, ApiModel
+from trainyard.api.common import ObjectMeta
+from trainyard.api.gate import Criterion, Evaluation
+from trainyard.api.status import Condition
+from trainyard.api.training_run import TrainingRunSpec
+
+
+class StageGate(ApiModel):
+    """The gate after a stage."""
+
+    criteria: list[Criterion] = Field(min_length=1)
+    """All must hold for the stage's model to move on."""
+    evaluation: Evaluation | None = None
+    """Evaluation Job run on the stage's model first."""
+    manual_approval: bool = False
+    """Wait for a person's approval after the criteria pass."""
+
+
+class Stage(ApiModel):
+    """One step of the pipeline."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    """Stage name; the stage's TrainingRun is PIPELINE-NAME."""
+    run: TrainingRunSpec
+    """The stage's training; model.source may be run://previous (the previous stage's promoted model)."""
+    gate: StageGate | None = None
+    """Criteria before the next stage starts; none lets it start as soon as this one succeeds."""
+
+
+class TrainingPipelineSpec(ApiModel):
+    """Desired state of a TrainingPipeline."""
+
+    stages: list[Stage] = Field(min_length=1, max_length=20)
+    """Stages in order."""
+
+    @model_validator(mode="after")
+    def _names(self) -> TrainingPipelineSpec:
+        names = [s.name for s in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+        if self.stages[0].run.model.source == "run://previous":
+            raise ValueError("the first stage has no previous stage: give its model a source")
+        return self
+
+
+class StageStatus(ApiModel):
+    """Where one stage stands."""
+
+    name: str
+    """Stage name."""
+    phase: Literal["Pending", "Running", "Gating", "Promoted", "Failed", "Rejected"]
+    """Stage state."""
+    run: str | None = None
+    """Its TrainingRun."""
+    gate: str | None = None
+    """Its PromotionGate."""
+    model: str | None = None
+    """URI of the promoted model."""
+
+
+class TrainingPipelineStatus(ApiModel):
+    """Observed state of a TrainingPipeline."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Invalid"] | None = None
+    """Pipeline state."""
+    current_stage: str | None = None
+    """The stage running or being gated."""
+    stages: list[StageStatus] | None = None
+    """Every stage started so far."""
+    conditions: list[Condition] | None = None
+    """Valid, Succeeded, Failed."""
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+
+
+class TrainingPipeline(ApiModel):
+    """Ordered training stages with promotion gates between them."""
+
+    api_version: Literal["trainyard.dev/v1alpha1"] = API_VERSION
+    """trainyard.dev/v1alpha1."""
+    kind: Literal["TrainingPipeline"] = "TrainingPipeline"
+    """TrainingPipeline."""
+    metadata: ObjectMeta
+    """Standard object metadata."""
+    spec: TrainingPipelineSpec
+    """Desired state."""
+    status: TrainingPipelineStatus | None = None
+    """Observed state, written by the operator."""

@@ -1,0 +1,703 @@
+"""TrainingRun: one post-training job (SFT, DPO, KTO, reward model, GRPO, RLOO, pretraining).
+
+TRL, PEFT, DeepSpeed and vLLM options keep their library's names (camelCased), so the
+library's own documentation explains them. Options left out take the library's default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from trainyard.api.base import API_VERSION, ApiModel
+from trainyard.api.common import (
+    SECRET_ENV_PATTERN,
+    EnvVar,
+    ModelSource,
+    ObjectMeta,
+    Resources,
+    Scheduling,
+    Storage,
+    check_source,
+)
+from trainyard.api.rules import Rule, check_rules, nested_error
+from trainyard.api.status import Condition
+
+Method = Literal["sft", "dpo", "kto", "reward", "grpo", "rloo", "pretrain"]
+METHODS: tuple[str, ...] = ("sft", "dpo", "kto", "reward", "grpo", "rloo", "pretrain")
+BUILTIN_REWARDS: tuple[str, ...] = (
+    "regex",
+    "clause_presence",
+    "length",
+    "reference_similarity",
+    "count_match",
+    "redundancy_penalty",
+    "extraneous_content_penalty",
+    "code_execution",
+)
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Invalid"]
+
+
+class DatasetSpec(ApiModel):
+    """The training data and how its columns map onto the method's inputs."""
+
+    source: str
+    """hf://org/name[@revision] (a hub dataset id), s3://bucket/key.jsonl|.parquet, file://path, or builtin://datasets/NAME."""
+    format: Literal[
+        "auto", "chat", "alpaca", "preference", "unpaired_preference", "prompt", "text"
+    ] = "auto"
+    """Layout of the records; auto picks from the columns present."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    prompt_field: str = "prompt"
+    """Column with the prompt (prompt-only, preference and GRPO/RLOO data)."""
+    completion_field: str = "completion"
+    """Column with the completion (prompt/completion SFT data)."""
+    messages_field: str = "messages"
+    """Column with chat messages ([{role, content}, …])."""
+    chosen_field: str = "chosen"
+    """Column with the preferred answer (preference data)."""
+    rejected_field: str = "rejected"
+    """Column with the rejected answer (preference data)."""
+    label_field: str = "label"
+    """Column with the desirable (true) / undesirable (false) label (KTO data)."""
+    text_field: str = "text"
+    """Column with raw text (pretraining)."""
+    instruction_field: str = "instruction"
+    """Alpaca instruction column."""
+    input_field: str = "input"
+    """Alpaca input column (may be empty)."""
+    output_field: str = "output"
+    """Alpaca output column: the completion; instruction and input tokens are masked from the loss."""
+    eval_source: str | None = None
+    """Separate evaluation data (same URI forms as source)."""
+    eval_split: float | None = Field(default=None, gt=0, lt=1)
+    """Fraction of the training data held out for evaluation when evalSource is left out."""
+    max_samples: int | None = Field(default=None, ge=1)
+    """Use at most this many training records."""
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return None if value is None else check_source(value, ("hf", "s3", "file", "builtin"))
+
+
+class LoraSpec(ApiModel):
+    """PEFT adapter (peft `LoraConfig`)."""
+
+    type: Literal["lora"] = "lora"
+    """Adapter type."""
+    r: int = Field(default=16, ge=1, le=1024)
+    """Rank of the update matrices (`r`)."""
+    alpha: int = Field(default=32, ge=1)
+    """Scaling numerator (`lora_alpha`)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input (`lora_dropout`)."""
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    """Modules that get adapters (`target_modules`); [all-linear] for every linear layer but the output head."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained (`bias`)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained fully and saved beside the adapter (`modules_to_save`)."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha/sqrt(r) (`use_rslora`)."""
+    use_dora: bool = False
+    """Weight-decomposed adapters (`use_dora`)."""
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_module_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EarlyStopping(ApiModel):
+    """Stop when the evaluation metric stops improving (transformers `EarlyStoppingCallback`)."""
+
+    patience: int = Field(default=3, ge=1)
+    """Evaluations without improvement before stopping (`early_stopping_patience`)."""
+    threshold: float = Field(default=0.0, ge=0)
+    """Smallest change that counts as improvement (`early_stopping_threshold`)."""
+    metric: str = "eval_loss"
+    """Metric compared (`metric_for_best_model`)."""
+    greater_is_better: bool = False
+    """Whether a larger metric is better (`greater_is_better`)."""
+
+
+class TrainingSpec(ApiModel):
+    """Optimization settings shared by every method (transformers `TrainingArguments`)."""
+
+    learning_rate: float = Field(default=2.0e-5, gt=0)
+    """Peak learning rate (`learning_rate`)."""
+    epochs: float = Field(default=1, gt=0)
+    """Passes over the data (`num_train_epochs`)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps; overrides epochs (`max_steps`)."""
+    per_device_batch_size: int = Field(default=8, ge=1)
+    """Batch size per GPU (`per_device_train_batch_size`)."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (`gradient_accumulation_steps`)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Mixed precision; CPU runs use fp32 whatever is set."""
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+    ] = "linear"
+    """Learning-rate schedule (`lr_scheduler_type`)."""
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    """Fraction of steps spent warming up (`warmup_ratio`)."""
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Warm-up steps; overrides warmupRatio (`warmup_steps`)."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay (`weight_decay`)."""
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping norm (`max_grad_norm`)."""
+    optim: str = "adamw_torch"
+    """Optimizer name as transformers spells it (`optim`), e.g. adamw_torch, paged_adamw_8bit."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (`gradient_checkpointing`)."""
+    max_length: int | None = Field(default=None, ge=8)
+    """Longest tokenized sequence (`max_length`); the trainer's default when left out."""
+    seed: int = 42
+    """Random seed (`seed`)."""
+    logging_steps: int = Field(default=10, ge=1)
+    """Log metrics every this many steps (`logging_steps`)."""
+    eval_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every this many steps (`eval_steps`); once per epoch when left out."""
+    early_stopping: EarlyStopping | None = None
+    """Stop early on a plateau of the evaluation metric; needs evaluation data."""
+
+
+class SFTSpec(ApiModel):
+    """Supervised fine-tuning (TRL `SFTConfig`)."""
+
+    packing: bool = False
+    """Pack several examples into each sequence (`packing`)."""
+    completion_only_loss: bool = True
+    """Mask prompt tokens from the loss for prompt/completion and alpaca data (`completion_only_loss`)."""
+    assistant_only_loss: bool = False
+    """For chat data, train only on assistant turns (`assistant_only_loss`)."""
+
+
+class DPOSpec(ApiModel):
+    """Direct preference optimization and its variants (TRL `DPOConfig`)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the KL penalty to the reference model (`beta`)."""
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+        "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    ] = "sigmoid"
+    """Preference loss (`loss_type`): sigmoid is DPO, ipo is IPO."""
+    label_smoothing: float = Field(default=0.0, ge=0, le=0.5)
+    """Assumed label noise, conservative DPO (`label_smoothing`)."""
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs once up front (`precompute_ref_log_probs`)."""
+    sync_ref_model: bool = False
+    """Move the reference model toward the policy periodically (`sync_ref_model`)."""
+    ref_model_sync_steps: int = Field(default=512, ge=1)
+    """Steps between reference-model syncs (`ref_model_sync_steps`)."""
+    ref_model_mixup_alpha: float = Field(default=0.6, ge=0, le=1)
+    """Weight of the policy in the synced reference (`ref_model_mixup_alpha`)."""
+
+
+class KTOSpec(ApiModel):
+    """Kahneman-Tversky optimization on unpaired preference data (TRL `KTOConfig`)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the KL penalty (`beta`)."""
+    desirable_weight: float = Field(default=1.0, gt=0)
+    """Loss weight of desirable examples (`desirable_weight`)."""
+    undesirable_weight: float = Field(default=1.0, gt=0)
+    """Loss weight of undesirable examples (`undesirable_weight`)."""
+
+
+class RewardModelSpec(ApiModel):
+    """Training a reward model on preference data (TRL `RewardConfig`)."""
+
+    center_rewards_coefficient: float | None = Field(default=None, ge=0)
+    """Pushes rewards toward zero mean (`center_rewards_coefficient`)."""
+
+
+class PretrainSpec(ApiModel):
+    """Continued pretraining on raw text."""
+
+    packing: bool = True
+    """Pack texts into full-length blocks (`packing`)."""
+    block_size: int = Field(default=1024, ge=8)
+    """Length of each packed block (`max_length`)."""
+
+
+class RewardSpec(ApiModel):
+    """One weighted component of the reward."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$", max_length=63)
+    """Component name, used in logs and metrics (rewards/NAME/mean)."""
+    builtin: Literal[BUILTIN_REWARDS] | None = None  # type: ignore[valid-type]
+    """A built-in reward."""
+    python: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """A user reward function as module:function, with TRL's reward signature."""
+    weight: float = 1.0
+    """Weight in the sum of components (TRL `reward_weights`)."""
+    args: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """Arguments of the reward (checked against the built-in's arguments)."""
+
+    @model_validator(mode="after")
+    def _args_match_builtin(self) -> RewardSpec:
+        if (self.builtin is None) == (self.python is None):
+            raise ValueError("set exactly one of builtin or python")
+        if self.builtin is not None:
+            from trainyard.api.rewards import BUILTIN_REWARD_ARGS
+            from trainyard.api.validation import describe_errors
+
+            args_model = BUILTIN_REWARD_ARGS[self.builtin]
+            try:
+                args_model.model_validate(self.args)
+            except ValidationError as error:
+                problems = describe_errors(args_model, error.errors(), prefix="args")
+                raise nested_error(problems) from None
+        return self
+
+
+class OnlineRLSpec(ApiModel):
+    """Options GRPO and RLOO share: generation, rewards, reference model."""
+
+    num_generations: int = Field(default=8, ge=2)
+    """Completions sampled per prompt (`num_generations`)."""
+    max_completion_length: int = Field(default=512, ge=1)
+    """Longest completion generated (`max_completion_length`)."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature (`temperature`)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling (`top_p`)."""
+    beta: float | None = Field(default=None, ge=0)
+    """KL coefficient (`beta`); 0 loads no reference model."""
+    epsilon: float = Field(default=0.2, gt=0)
+    """Clipping range (`epsilon`)."""
+    num_iterations: int = Field(default=1, ge=1)
+    """Optimization passes per generation batch (`num_iterations`)."""
+    strip_thinking: bool = False
+    """Remove <think>…</think> from completions before scoring."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """Weighted reward components."""
+    reward_model: ModelSource | None = None
+    """A trained reward model (sequence classifier) scored alongside the rewards."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    reward_workers: int = Field(default=1, ge=1, le=256)
+    """Worker processes computing rewards (code execution)."""
+    sync_ref_model: bool = False
+    """Move the reference model toward the policy periodically (`sync_ref_model`)."""
+    ref_model_sync_steps: int = Field(default=512, ge=1)
+    """Steps between reference-model syncs (`ref_model_sync_steps`)."""
+    ref_model_mixup_alpha: float = Field(default=0.6, ge=0, le=1)
+    """Weight of the policy in the synced reference (`ref_model_mixup_alpha`)."""
+    mask_truncated_completions: bool = False
+    """Leave truncated completions out of the loss (`mask_truncated_completions`)."""
+    log_completions_every: int = Field(default=10, ge=0)
+    """Write every N-th step's completions and rewards to completions.jsonl; 0 never."""
+
+    @model_validator(mode="after")
+    def _unique_reward_names(self) -> OnlineRLSpec:
+        names = [r.name for r in self.rewards]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"reward names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class GRPOSpec(OnlineRLSpec):
+    """Group relative policy optimization (TRL `GRPOConfig`)."""
+
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    """Loss aggregation (`loss_type`)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """How advantages are scaled (`scale_rewards`)."""
+
+
+class RLOOSpec(OnlineRLSpec):
+    """REINFORCE leave-one-out (TRL `RLOOConfig`)."""
+
+    num_generations: int = Field(default=2, ge=2)
+    """Completions sampled per prompt (`num_generations`)."""
+    normalize_advantages: bool = False
+    """Normalize advantages (`normalize_advantages`)."""
+
+
+class VLLMRollout(ApiModel):
+    """vLLM generation for GRPO/RLOO."""
+
+    mode: Literal["server", "colocate"] = "server"
+    """server: a separate vLLM Deployment the trainer calls; colocate: vLLM inside each training process (`vllm_mode`)."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    """GPUs one model replica is split over (`--tensor-parallel-size`)."""
+    data_parallel_size: int = Field(default=1, ge=1, le=64)
+    """Model replicas in the server (`--data-parallel-size`)."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take (`--gpu-memory-utilization`)."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Longest prompt + completion (`--max-model-len`)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (`--enable-prefix-caching`)."""
+    image: str | None = None
+    """vLLM image; the operator's default when left out."""
+    resources: Resources | None = None
+    """Resources of the vLLM pod besides its GPUs."""
+
+
+class RolloutSpec(ApiModel):
+    """How completions are generated."""
+
+    vllm: VLLMRollout | None = None
+    """Generate with vLLM; transformers generate() when left out."""
+
+
+class DeepSpeedSpec(ApiModel):
+    """DeepSpeed ZeRO (the `zero_optimization` section of a DeepSpeed config)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage (`zero_optimization.stage`)."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Where optimizer state lives (`offload_optimizer.device`)."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Where parameters live, stage 3 only (`offload_param.device`)."""
+    config: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """Extra DeepSpeed config merged over the generated one."""
+
+
+class DistributedSpec(ApiModel):
+    """How many machines and GPUs, and how the model is sharded."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Pods (machines), one torchrun node each."""
+    gpus_per_node: int = Field(default=1, ge=0, le=16)
+    """GPUs per pod; torchrun starts one process per GPU (one process on CPU when 0)."""
+    deepspeed: DeepSpeedSpec | None = None
+    """Shard with DeepSpeed ZeRO."""
+
+
+class CheckpointSpec(ApiModel):
+    """Where and how often checkpoints are kept."""
+
+    uri: str = Field(pattern=r"^(s3|file)://\S+$")
+    """s3://bucket/prefix or file://path; each save lands in URI/step-N/ with a manifest written last."""
+    every_steps: int = Field(default=500, ge=1)
+    """Save every this many optimizer steps (`save_steps`)."""
+    keep_last: int = Field(default=3, ge=1, le=1000)
+    """Complete checkpoints kept; older ones are deleted."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest checkpoint whose manifest verifies."""
+    export_merged: bool = False
+    """Also export the LoRA adapter merged into the base model to URI/final/merged/."""
+
+
+class MetricsSpec(ApiModel):
+    """The Prometheus endpoint of rank 0."""
+
+    port: int = Field(default=9400, ge=1024, le=65535)
+    """Port of /metrics in the training pod."""
+
+
+class RunPolicy(ApiModel):
+    """Restarts, stalls and clean-up."""
+
+    max_restarts: int = Field(default=3, ge=0, le=100)
+    """Gang restarts after failures (preemptions are counted apart and do not use the budget)."""
+    stall_timeout_seconds: int | None = Field(default=None, ge=60)
+    """Mark the run Stalled when its step has not moved for this long."""
+    restart_on_stall: bool = False
+    """Restart a stalled run from its latest checkpoint (counts against maxRestarts)."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the run's pods and services this long after it finished; the run and its checkpoints stay."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the run after this long."""
+
+
+_METHOD_BLOCKS = ("sft", "dpo", "kto", "reward", "grpo", "rloo", "pretrain")
+
+SPEC_RULES: tuple[Rule, ...] = (
+    *(
+        Rule(
+            name=f"{block}-block-needs-method",
+            cel=f"!has(self.{block}) || self.method == '{block}'",
+            message=f"{block} options only apply to method {block}",
+            field=block,
+            check=lambda s, block=block: getattr(s, block) is None or s.method == block,
+        )
+        for block in _METHOD_BLOCKS
+    ),
+    Rule(
+        name="online-rl-needs-rewards",
+        cel=(
+            "!(self.method in ['grpo', 'rloo']) || "
+            "(self.method == 'grpo' && has(self.grpo) && "
+            "((has(self.grpo.rewards) && size(self.grpo.rewards) > 0) || has(self.grpo.rewardModel))) || "
+            "(self.method == 'rloo' && has(self.rloo) && "
+            "((has(self.rloo.rewards) && size(self.rloo.rewards) > 0) || has(self.rloo.rewardModel)))"
+        ),
+        message="grpo and rloo need at least one reward or a rewardModel",
+        field="method",
+        check=lambda s: s.method not in ("grpo", "rloo")
+        or (
+            (rl := s.online_rl) is not None and (bool(rl.rewards) or rl.reward_model is not None)
+        ),
+    ),
+    Rule(
+        name="generation-batch-divisible",
+        cel=(
+            "!(self.method == 'grpo' && has(self.grpo)) || "
+            "(self.training.perDeviceBatchSize * self.training.gradientAccumulationSteps * "
+            "self.distributed.nodes * (self.distributed.gpusPerNode > 0 ? self.distributed.gpusPerNode : 1)) "
+            "% self.grpo.numGenerations == 0"
+        ),
+        message=(
+            "the generation batch (perDeviceBatchSize × gradientAccumulationSteps × nodes × "
+            "gpusPerNode) must be a multiple of grpo.numGenerations"
+        ),
+        field="grpo.numGenerations",
+        check=lambda s: s.method != "grpo"
+        or s.grpo is None
+        or s.generation_batch_size % s.grpo.num_generations == 0,
+    ),
+    Rule(
+        name="rollout-needs-online-rl",
+        cel="!has(self.rollout) || self.method in ['grpo', 'rloo']",
+        message="rollout only applies to methods grpo and rloo",
+        field="rollout",
+        check=lambda s: s.rollout is None or s.method in ("grpo", "rloo"),
+    ),
+    Rule(
+        name="early-stopping-needs-eval",
+        cel=(
+            "!has(self.training.earlyStopping) || has(self.dataset.evalSource) || "
+            "has(self.dataset.evalSplit)"
+        ),
+        message="earlyStopping needs evaluation data: set dataset.evalSource or dataset.evalSplit",
+        field="training.earlyStopping",
+        check=lambda s: s.training.early_stopping is None
+        or s.dataset.eval_source is not None
+        or s.dataset.eval_split is not None,
+    ),
+    Rule(
+        name="quantized-base-not-zero3",
+        cel=(
+            "!(has(self.model.quantization) && has(self.distributed.deepspeed) && "
+            "self.distributed.deepspeed.zeroStage == 3)"
+        ),
+        message="a quantized base model cannot be sharded with ZeRO-3; use zeroStage 2 or less",
+        field="distributed.deepspeed.zeroStage",
+        check=lambda s: not (
+            s.model.quantization is not None
+            and s.distributed.deepspeed is not None
+            and s.distributed.deepspeed.zero_stage == 3
+        ),
+    ),
+    Rule(
+        name="quantization-needs-lora",
+        cel="!has(self.model.quantization) || has(self.peft)",
+        message="a quantized base model can only be trained through an adapter: set peft (QLoRA)",
+        field="model.quantization",
+        check=lambda s: s.model.quantization is None or s.peft is not None,
+    ),
+    Rule(
+        name="param-offload-needs-zero3",
+        cel=(
+            "!has(self.distributed.deepspeed) || self.distributed.deepspeed.offloadParam == 'none' || "
+            "self.distributed.deepspeed.zeroStage == 3"
+        ),
+        message="offloadParam needs zeroStage 3",
+        field="distributed.deepspeed.offloadParam",
+        check=lambda s: s.distributed.deepspeed is None
+        or s.distributed.deepspeed.offload_param == "none"
+        or s.distributed.deepspeed.zero_stage == 3,
+    ),
+    Rule(
+        name="no-literal-credentials",
+        cel=(
+            "!has(self.env) || self.env.all(e, !has(e.value) || "
+            f"!e.name.matches('{SECRET_ENV_PATTERN}'))"
+        ),
+        message=(
+            "credentials must not be written in a spec: take variables named like "
+            "secrets from a Secret with valueFrom.secretKeyRef"
+        ),
+        field="env",
+        check=lambda s: all(
+            e.value is None or not re.fullmatch(SECRET_ENV_PATTERN, e.name) for e in s.env or []
+        ),
+    ),
+    Rule(
+        name="env-value-or-value-from",
+        cel="!has(self.env) || self.env.all(e, !(has(e.value) && has(e.valueFrom)))",
+        message="an env variable takes value or valueFrom, not both",
+        field="env",
+        check=lambda s: all(e.value is None or e.value_from is None for e in s.env or []),
+    ),
+)
+
+
+class TrainingRunSpec(ApiModel):
+    """Desired state of a TrainingRun."""
+
+    method: Method
+    """Training method: sft, dpo (and IPO via dpo.lossType), kto, reward (a reward model), grpo, rloo, pretrain."""
+    model: ModelSource
+    """The model trained (the policy)."""
+    tokenizer: ModelSource | None = None
+    """Tokenizer, when it is not the model's own."""
+    dataset: DatasetSpec
+    """Training data."""
+    peft: LoraSpec | None = None
+    """Train a LoRA adapter instead of all weights (QLoRA with model.quantization)."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Optimization settings."""
+    sft: SFTSpec | None = None
+    """Options of method sft."""
+    dpo: DPOSpec | None = None
+    """Options of method dpo."""
+    kto: KTOSpec | None = None
+    """Options of method kto."""
+    reward: RewardModelSpec | None = None
+    """Options of method reward."""
+    grpo: GRPOSpec | None = None
+    """Options of method grpo."""
+    rloo: RLOOSpec | None = None
+    """Options of method rloo."""
+    pretrain: PretrainSpec | None = None
+    """Options of method pretrain."""
+    rollout: RolloutSpec | None = None
+    """Generation backend for grpo/rloo."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Nodes, GPUs and sharding."""
+    checkpoint: CheckpointSpec | None = None
+    """Checkpoint storage; checkpoints stay inside the pod only when left out."""
+    storage: Storage | None = None
+    """Object storage settings (endpoint, credentials Secret)."""
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    """Prometheus endpoint of rank 0."""
+    resources: Resources | None = None
+    """CPU, memory and /dev/shm of each pod."""
+    scheduling: Scheduling | None = None
+    """Queue, priority, node selection."""
+    image: str | None = None
+    """Trainer image; the operator's default (pinned) when left out."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """When the kubelet pulls the image."""
+    env: list[EnvVar] | None = None
+    """Extra environment variables for the trainer."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Restarts, stall detection, clean-up."""
+    suspend: bool = False
+    """Stop the pods and keep the checkpoints; set back to false to resume from the latest checkpoint."""
+
+    @property
+    def online_rl(self) -> OnlineRLSpec | None:
+        """The GRPO or RLOO options, whichever method this is."""
+        return self.grpo if self.method == "grpo" else self.rloo if self.method == "rloo" else None
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes."""
+        return self.distributed.nodes * max(self.distributed.gpus_per_node, 1)
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Completions generated per optimizer step, as TRL computes it by default."""
+        return (
+            self.training.per_device_batch_size
+            * self.training.gradient_accumulation_steps
+            * self.world_size
+        )
+
+    @model_validator(mode="after")
+    def _rules(self) -> TrainingRunSpec:
+        check_rules(self, SPEC_RULES)
+        return self
+
+
+class Progress(ApiModel):
+    """Training progress, read from rank 0's metrics."""
+
+    step: int | None = None
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps planned."""
+    epoch: float | None = None
+    """Epochs done (fractional)."""
+    loss: float | None = None
+    """Latest training loss."""
+    reward_mean: float | None = None
+    """Latest mean reward (grpo/rloo)."""
+    kl: float | None = None
+    """Latest KL to the reference model."""
+    tokens_per_second: float | None = None
+    """Training throughput."""
+    eta_seconds: int | None = None
+    """Estimated seconds to the end."""
+    updated_at: str | None = None
+    """When the metrics were read (RFC 3339)."""
+
+
+class CheckpointStatus(ApiModel):
+    """The newest complete checkpoint."""
+
+    latest_step: int | None = None
+    """Step of the newest checkpoint whose manifest was written."""
+    latest_uri: str | None = None
+    """Where it lies."""
+
+
+class TrainingRunStatus(ApiModel):
+    """Observed state of a TrainingRun."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    phase: Phase | None = None
+    """Pending, Running, Restarting, Suspended, Succeeded, Failed or Invalid."""
+    conditions: list[Condition] | None = None
+    """Valid, Created, Running, Stalled, Suspended, Succeeded, Failed."""
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    progress: Progress | None = None
+    """Step, loss, reward and throughput."""
+    checkpoints: CheckpointStatus | None = None
+    """The newest complete checkpoint."""
+    restarts: int | None = None
+    """Gang restarts after failures (counted against runPolicy.maxRestarts)."""
+    preemptions: int | None = None
+    """Gang restarts after preemptions or node loss (not counted against the budget)."""
+    restart_attempt: int | None = None
+    """Current attempt number (names the attempt's Job)."""
+    start_time: str | None = None
+    """When the first pod started."""
+    completion_time: str | None = None
+    """When the run finished."""
+    message: str | None = None
+    """Why the run is in its phase."""
+
+
+class TrainingRun(ApiModel):
+    """One post-training job."""
+
+    api_version: Literal["trainyard.dev/v1alpha1"] = API_VERSION
+    """trainyard.dev/v1alpha1."""
+    kind: Literal["TrainingRun"] = "TrainingRun"
+    """TrainingRun."""
+    metadata: ObjectMeta
+    """Standard object metadata."""
+    spec: TrainingRunSpec
+    """Desired state."""
+    status: TrainingRunStatus | None = None
+    """Observed state, written by the operator."""
