@@ -277,10 +277,6 @@ BUILTIN_REWARD_ARGS: dict[str, type[ApiModel]] = {
 """Built-in reward name (the API's enum value) -> model of its `args`."""
 
 
-def _field_names(model: type[ApiModel]) -> list[str]:
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
 def parse_reward_args(builtin: str, args: dict[str, Any] | None) -> ApiModel:
     """Validate a built-in reward's `args`; errors name the key, what was wrong and what is allowed.
 
@@ -289,28 +285,23 @@ def parse_reward_args(builtin: str, args: dict[str, Any] | None) -> ApiModel:
     >>> parse_reward_args("length", {"min": 20, "maxx": 120})
     Traceback (most recent call last):
     ...
-    ValueError: args of builtin 'length': max: Field required; maxx: unknown argument (did you mean max?)
+    ValueError: args of builtin reward 'length': args.max: required field is missing; args.maxx: unknown field; did you mean 'max'?
     """
+    from trainyard.api.validation import describe_errors
+
     if builtin not in BUILTIN_REWARD_ARGS:
         hint = difflib.get_close_matches(builtin, BUILTIN_REWARD_ARGS, n=1)
         raise ValueError(
             f"unknown builtin reward {builtin!r}"
-            + (f" (did you mean {hint[0]}?)" if hint else "")
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + f"; allowed: {', '.join(BUILTIN_REWARD_ARGS)}"
         )
     model = BUILTIN_REWARD_ARGS[builtin]
     try:
         return model.model_validate(args or {})
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            where = ".".join(str(part) for part in item["loc"]) or "args"
-            if item["type"] == "extra_forbidden":
-                hint = difflib.get_close_matches(str(item["loc"][-1]), _field_names(model), n=1)
-                message = "unknown argument" + (f" (did you mean {hint[0]}?)" if hint else "")
-                if not hint:
-                    message += f"; allowed: {', '.join(_field_names(model))}"
-            else:
-                message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{where}: {message}")
-        raise ValueError(f"args of builtin {builtin!r}: " + "; ".join(problems)) from None
+        problems = describe_errors(model, error.errors(), prefix="args")
+        raise ValueError(
+            f"args of builtin reward {builtin!r}: "
+            + "; ".join(f"{path}: {message}" for path, message in problems)
+        ) from None
