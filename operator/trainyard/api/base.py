@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
+
+from trainyard.api.rules import Rule, check_rules
 
 GROUP = "trainyard.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+
+
+def add_rules_to_schema(schema: dict[str, Any], model: type[ApiModel]) -> None:
+    """Put a model's cross-field rules into its schema as CEL (`x-kubernetes-validations`)."""
+    if model.rules:
+        schema["x-kubernetes-validations"] = [rule.to_crd() for rule in model.rules]
 
 
 class ApiModel(BaseModel):
@@ -24,7 +34,16 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_attribute_docstrings=True,
         validate_default=False,
+        json_schema_extra=add_rules_to_schema,
     )
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+    """Cross-field rules: checked here in Python, and by the API server as CEL."""
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ApiModel:
+        check_rules(self, self.rules)
+        return self
 
     def to_yaml_dict(self) -> dict:
         """The object as a user would write it: camelCase keys, unset fields left out."""

@@ -16,7 +16,9 @@ SOURCE_PATTERN = r"^(hf|s3|file|builtin|run)://[^\s]+$"
 USERINFO_PATTERN = r"^[a-z0-9]+://[^/@]*:[^/@]*@"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Env names that hold secrets: such a variable must come from a Secret, never a literal.
-SECRET_ENV_PATTERN = r"(?i).*(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL).*"
+SECRET_ENV_PATTERN = (
+    r"(?i).*(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL).*"
+)
 
 Quantity = Annotated[
     int | str,
@@ -34,8 +36,7 @@ def check_source(value: str, allowed: tuple[str, ...] = SOURCE_SCHEMES) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in allowed or not rest.strip():
         raise ValueError(
-            f"{value!r} is not a source URI; allowed: "
-            + ", ".join(f"{s}://…" for s in allowed)
+            f"{value!r} is not a source URI; allowed: " + ", ".join(f"{s}://…" for s in allowed)
         )
     return value
 
@@ -154,7 +155,7 @@ class EnvVarSource(ApiModel):
 class EnvVar(ApiModel):
     """An environment variable for the training containers."""
 
-    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)
     """Variable name."""
     value: str | None = None
     """Literal value; not allowed for names that look like credentials (use valueFrom)."""

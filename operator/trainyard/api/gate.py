@@ -9,10 +9,13 @@ from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
 from trainyard.api.common import ModelSource, ObjectMeta, Resources
+from trainyard.api.rules import Rule
 from trainyard.api.status import Condition
 
 Operator = Literal["<", "<=", ">", ">=", "==", "!="]
-_CRITERION = re.compile(r"^\s*([A-Za-z_][\w./-]*)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
+_CRITERION = re.compile(
+    r"^\s*([A-Za-z_][\w./-]*)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$"
+)
 
 
 class Criterion(ApiModel):
@@ -83,11 +86,15 @@ class PromotionGateSpec(ApiModel):
     manual_approval: bool = False
     """After the criteria pass, wait for annotation trainyard.dev/approved=true."""
 
-    @model_validator(mode="after")
-    def _one_target(self) -> PromotionGateSpec:
-        if (self.run is None) == (self.model is None):
-            raise ValueError("set exactly one of run or model")
-        return self
+    rules = (
+        Rule(
+            name="run-or-model",
+            cel="has(self.run) != has(self.model)",
+            message="set exactly one of run or model",
+            field="run",
+            check=lambda g: (g.run is None) != (g.model is None),
+        ),
+    )
 
 
 class CriterionResult(ApiModel):

@@ -119,7 +119,9 @@ class ReferenceSimilarityArgs(ApiModel):
     @model_validator(mode="after")
     def _embedding(self) -> ReferenceSimilarityArgs:
         if self.method == "embedding" and not self.model_path:
-            raise ValueError("method embedding needs modelPath: a local sentence-embedding model directory")
+            raise ValueError(
+                "method embedding needs modelPath: a local sentence-embedding model directory"
+            )
         if self.method != "embedding" and self.model_path:
             raise ValueError(f"modelPath is only used by method embedding, not {self.method}")
         return self

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from trainyard.api.base import API_VERSION, ApiModel
+from trainyard.api.base import API_VERSION, ApiModel, add_rules_to_schema
 from trainyard.api.common import (
     SECRET_ENV_PATTERN,
     EnvVar,
@@ -22,7 +22,7 @@ from trainyard.api.common import (
     Storage,
     check_source,
 )
-from trainyard.api.rules import Rule, check_rules, nested_error
+from trainyard.api.rules import Rule, nested_error
 from trainyard.api.status import Condition
 
 Method = Literal["sft", "dpo", "kto", "reward", "grpo", "rloo", "pretrain"]
@@ -193,8 +193,20 @@ class DPOSpec(ApiModel):
     beta: float = Field(default=0.1, gt=0)
     """Strength of the KL penalty to the reference model (`beta`)."""
     loss_type: Literal[
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-        "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sigmoid_norm",
     ] = "sigmoid"
     """Preference loss (`loss_type`): sigmoid is DPO, ipo is IPO."""
     label_smoothing: float = Field(default=0.0, ge=0, le=0.5)
@@ -252,10 +264,18 @@ class RewardSpec(ApiModel):
     )
     """Arguments of the reward (checked against the built-in's arguments)."""
 
+    rules = (
+        Rule(
+            name="builtin-or-python",
+            cel="has(self.builtin) != has(self.python)",
+            message="set exactly one of builtin or python",
+            field="builtin",
+            check=lambda r: (r.builtin is None) != (r.python is None),
+        ),
+    )
+
     @model_validator(mode="after")
     def _args_match_builtin(self) -> RewardSpec:
-        if (self.builtin is None) == (self.python is None):
-            raise ValueError("set exactly one of builtin or python")
         if self.builtin is not None:
             from trainyard.api.rewards import BUILTIN_REWARD_ARGS
             from trainyard.api.validation import describe_errors
@@ -288,7 +308,7 @@ class OnlineRLSpec(ApiModel):
     """Optimization passes per generation batch (`num_iterations`)."""
     strip_thinking: bool = False
     """Remove <think>…</think> from completions before scoring."""
-    rewards: list[RewardSpec] = Field(default_factory=list)
+    rewards: list[RewardSpec] = Field(default_factory=list, max_length=32)
     """Weighted reward components."""
     reward_model: ModelSource | None = None
     """A trained reward model (sequence classifier) scored alongside the rewards."""
@@ -319,7 +339,9 @@ class OnlineRLSpec(ApiModel):
 class GRPOSpec(OnlineRLSpec):
     """Group relative policy optimization (TRL `GRPOConfig`)."""
 
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = (
+        "dapo"
+    )
     """Loss aggregation (`loss_type`)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """How advantages are scaled (`scale_rewards`)."""
@@ -449,9 +471,12 @@ SPEC_RULES: tuple[Rule, ...] = (
         ),
         message="grpo and rloo need at least one reward or a rewardModel",
         field="method",
-        check=lambda s: s.method not in ("grpo", "rloo")
-        or (
-            (rl := s.online_rl) is not None and (bool(rl.rewards) or rl.reward_model is not None)
+        check=lambda s: (
+            s.method not in ("grpo", "rloo")
+            or (
+                (rl := s.online_rl) is not None
+                and (bool(rl.rewards) or rl.reward_model is not None)
+            )
         ),
     ),
     Rule(
@@ -467,9 +492,11 @@ SPEC_RULES: tuple[Rule, ...] = (
             "gpusPerNode) must be a multiple of grpo.numGenerations"
         ),
         field="grpo.numGenerations",
-        check=lambda s: s.method != "grpo"
-        or s.grpo is None
-        or s.generation_batch_size % s.grpo.num_generations == 0,
+        check=lambda s: (
+            s.method != "grpo"
+            or s.grpo is None
+            or s.generation_batch_size % s.grpo.num_generations == 0
+        ),
     ),
     Rule(
         name="rollout-needs-online-rl",
@@ -486,9 +513,11 @@ SPEC_RULES: tuple[Rule, ...] = (
         ),
         message="earlyStopping needs evaluation data: set dataset.evalSource or dataset.evalSplit",
         field="training.earlyStopping",
-        check=lambda s: s.training.early_stopping is None
-        or s.dataset.eval_source is not None
-        or s.dataset.eval_split is not None,
+        check=lambda s: (
+            s.training.early_stopping is None
+            or s.dataset.eval_source is not None
+            or s.dataset.eval_split is not None
+        ),
     ),
     Rule(
         name="quantized-base-not-zero3",
@@ -498,10 +527,12 @@ SPEC_RULES: tuple[Rule, ...] = (
         ),
         message="a quantized base model cannot be sharded with ZeRO-3; use zeroStage 2 or less",
         field="distributed.deepspeed.zeroStage",
-        check=lambda s: not (
-            s.model.quantization is not None
-            and s.distributed.deepspeed is not None
-            and s.distributed.deepspeed.zero_stage == 3
+        check=lambda s: (
+            not (
+                s.model.quantization is not None
+                and s.distributed.deepspeed is not None
+                and s.distributed.deepspeed.zero_stage == 3
+            )
         ),
     ),
     Rule(
@@ -519,9 +550,11 @@ SPEC_RULES: tuple[Rule, ...] = (
         ),
         message="offloadParam needs zeroStage 3",
         field="distributed.deepspeed.offloadParam",
-        check=lambda s: s.distributed.deepspeed is None
-        or s.distributed.deepspeed.offload_param == "none"
-        or s.distributed.deepspeed.zero_stage == 3,
+        check=lambda s: (
+            s.distributed.deepspeed is None
+            or s.distributed.deepspeed.offload_param == "none"
+            or s.distributed.deepspeed.zero_stage == 3
+        ),
     ),
     Rule(
         name="no-literal-credentials",
@@ -548,8 +581,19 @@ SPEC_RULES: tuple[Rule, ...] = (
 )
 
 
+def _spec_schema_extras(schema: dict[str, Any], model: type[ApiModel]) -> None:
+    add_rules_to_schema(schema, model)
+    # Objects with defaults inside are defaulted whole, so CEL rules can read
+    # spec.training.perDeviceBatchSize even when the user wrote no training block.
+    for block in ("training", "distributed", "metrics", "runPolicy"):
+        schema["properties"][block]["default"] = {}
+
+
 class TrainingRunSpec(ApiModel):
     """Desired state of a TrainingRun."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": _spec_schema_extras}
+    rules = SPEC_RULES
 
     method: Method
     """Training method: sft, dpo (and IPO via dpo.lossType), kto, reward (a reward model), grpo, rloo, pretrain."""
@@ -595,7 +639,7 @@ class TrainingRunSpec(ApiModel):
     """Trainer image; the operator's default (pinned) when left out."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """When the kubelet pulls the image."""
-    env: list[EnvVar] | None = None
+    env: list[EnvVar] | None = Field(default=None, max_length=128)
     """Extra environment variables for the trainer."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Restarts, stall detection, clean-up."""
@@ -620,11 +664,6 @@ class TrainingRunSpec(ApiModel):
             * self.training.gradient_accumulation_steps
             * self.world_size
         )
-
-    @model_validator(mode="after")
-    def _rules(self) -> TrainingRunSpec:
-        check_rules(self, SPEC_RULES)
-        return self
 
 
 class Progress(ApiModel):

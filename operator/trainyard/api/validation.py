@@ -40,7 +40,11 @@ class InvalidResource(ValueError):
 def parse_resource(document: Any) -> Resource:
     """The typed resource for a document, or InvalidResource listing every problem."""
     if not isinstance(document, dict):
-        raise InvalidResource([f"(document): expected a mapping with apiVersion, kind, metadata and spec; got {type(document).__name__}"])
+        raise InvalidResource(
+            [
+                f"(document): expected a mapping with apiVersion, kind, metadata and spec; got {type(document).__name__}"
+            ]
+        )
     kind = document.get("kind")
     api_version = document.get("apiVersion")
     head: list[str] = []
@@ -53,8 +57,12 @@ def parse_resource(document: Any) -> Resource:
     try:
         resource = model.model_validate(document)
     except ValidationError as error:
-        problems = [f"{path}: {message}" for path, message in describe_errors(model, error.errors())]
-        raise InvalidResource(head + [p for p in problems if not p.startswith("apiVersion:")]) from None
+        problems = [
+            f"{path}: {message}" for path, message in describe_errors(model, error.errors())
+        ]
+        raise InvalidResource(
+            head + [p for p in problems if not p.startswith("apiVersion:")]
+        ) from None
     if head:
         raise InvalidResource(head)
     return resource
