@@ -1,0 +1,320 @@
+"""Training metrics for Prometheus, a progress file, and a sampled completions log.
+
+Rank 0 serves the metrics; the operator reads them (pods get no Kubernetes API
+access). The numbers come from the log dicts transformers and TRL hand to
+`TrainerCallback.on_log`, under the names those libraries give them:
+
+- transformers `Trainer`: loss, grad_norm, learning_rate, epoch, num_input_tokens_seen,
+  and train_runtime / train_tokens_per_second at the end;
+- TRL SFT/DPO: num_tokens (cumulative), mean_token_accuracy, entropy, rewards/margins…;
+- TRL GRPO/RLOO: reward, reward_std, rewards/<func>/mean, rewards/<func>/std, kl,
+  completions/mean_length, num_tokens.
+
+Every numeric key is also exported as `trainyard_train_log{key=...}` so promotion
+gates can use any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from transformers import TrainerCallback
+
+COMPONENT_KEY = re.compile(r"rewards/(?P<name>.+)/(?P<stat>mean|std)")
+# Log key → progress-file field, for the scalar gauges.
+SCALARS = {
+    "loss": "loss",
+    "learning_rate": "learningRate",
+    "grad_norm": "gradNorm",
+    "reward": "rewardMean",
+    "reward_std": "rewardStd",
+    "kl": "kl",
+    "completions/mean_length": "completionLength",
+    "eval_loss": "evalLoss",
+}
+UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
+
+
+class TrainingMetrics:
+    """Gauges in a private registry, mirrored to a JSON progress file."""
+
+    def __init__(self, progress_path: str | os.PathLike[str] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.progress_path = Path(progress_path) if progress_path else None
+        self.port: int | None = None
+        self._server = None
+        self._lock = threading.Lock()
+        self._last_tokens: tuple[float, float] | None = None  # (tokens seen, time)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(f"trainyard_{name}", doc, labels, registry=self.registry)
+
+        self.step = gauge("step", "Optimizer steps done (TrainerState.global_step).")
+        self.total_steps = gauge("total_steps", "Steps the run will take (TrainerState.max_steps).")
+        self.epoch = gauge("epoch", "Fractional epoch.")
+        self.tokens_per_second = gauge(
+            "tokens_per_second", "Training tokens per second since the previous log."
+        )
+        self.scalars = {
+            "loss": gauge("loss", "Training loss of the last logging window."),
+            "learning_rate": gauge("learning_rate", "Current learning rate."),
+            "grad_norm": gauge("grad_norm", "Gradient norm before clipping."),
+            "reward": gauge("reward_mean", "Mean total reward (GRPO/RLOO)."),
+            "reward_std": gauge("reward_std", "Standard deviation of the total reward."),
+            "kl": gauge("kl", "KL divergence to the reference model."),
+            "completions/mean_length": gauge(
+                "completion_length", "Mean completion length in tokens."
+            ),
+            "eval_loss": gauge("eval_loss", "Loss on the evaluation set."),
+        }
+        self.component_mean = gauge(
+            "reward_component_mean", "Mean reward per reward function.", ["component"]
+        )
+        self.component_std = gauge(
+            "reward_component_std", "Reward std per reward function.", ["component"]
+        )
+        self.train_log = gauge("train_log", "Every numeric value of the last trainer log.", ["key"])
+        self.checkpoint_last_step = gauge(
+            "checkpoint_last_step",
+            "Newest step whose checkpoint upload completed (manifest written).",
+        )
+        self.checkpoint_upload_seconds = Histogram(
+            "trainyard_checkpoint_upload_seconds",
+            "Seconds one checkpoint upload took.",
+            buckets=UPLOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.checkpoint_upload_bytes = Counter(
+            "trainyard_checkpoint_upload_bytes",
+            "Bytes of checkpoints uploaded.",
+            registry=self.registry,
+        )
+        self.checkpoint_upload_failures = Counter(
+            "trainyard_checkpoint_upload_failures",
+            "Checkpoint uploads that failed.",
+            registry=self.registry,
+        )
+        # Unknown until the trainer reports it; NaN says so, 0 would be a lie.
+        for metric in [
+            self.epoch,
+            self.tokens_per_second,
+            self.checkpoint_last_step,
+            *self.scalars.values(),
+        ]:
+            metric.set(math.nan)
+        self.summary: dict[str, Any] = {
+            "phase": "Initializing",
+            "step": 0,
+            "totalSteps": None,
+            "epoch": None,
+            "tokensPerSecond": None,
+            **dict.fromkeys(SCALARS.values()),
+            "rewards": {},
+            "checkpoint": {
+                "lastStep": None,
+                "uploads": 0,
+                "uploadSeconds": None,
+                "uploadBytes": 0,
+                "failures": 0,
+            },
+            "updatedAt": None,
+        }
+
+    def serve(self, port: int = 0, addr: str = "0.0.0.0") -> int:
+        """Serve /metrics on port (0 picks a free one); returns the port used."""
+        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        self.port = self._server.server_port
+        return self.port
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def set_phase(self, phase: str) -> None:
+        with self._lock:
+            self.summary["phase"] = phase
+            self._write_progress()
+
+    def record_log(
+        self,
+        logs: Mapping[str, Any],
+        *,
+        step: int,
+        total_steps: int | None = None,
+        epoch: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Take one trainer log dict into the gauges and the progress file."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            summary = self.summary
+            summary["step"] = step
+            self.step.set(step)
+            if total_steps:
+                summary["totalSteps"] = total_steps
+                self.total_steps.set(total_steps)
+            epoch = logs.get("epoch", epoch)
+            if _number(epoch):
+                summary["epoch"] = float(epoch)
+                self.epoch.set(epoch)
+            for key, value in logs.items():
+                if not _number(value):
+                    continue
+                self.train_log.labels(key=key).set(value)
+                if key in SCALARS:
+                    summary[SCALARS[key]] = float(value)
+                    self.scalars[key].set(value)
+                elif match := COMPONENT_KEY.fullmatch(key):
+                    name, stat = match["name"], match["stat"]
+                    summary["rewards"].setdefault(name, {})[stat] = float(value)
+                    gauge = self.component_mean if stat == "mean" else self.component_std
+                    gauge.labels(component=name).set(value)
+            rate = self._tokens_per_second(logs, now)
+            if rate is not None:
+                summary["tokensPerSecond"] = rate
+                self.tokens_per_second.set(rate)
+            self._write_progress()
+
+    def _tokens_per_second(self, logs: Mapping[str, Any], now: float) -> float | None:
+        if _number(logs.get("train_tokens_per_second")):
+            return float(logs["train_tokens_per_second"])
+        # TRL logs a cumulative `num_tokens`; transformers `num_input_tokens_seen`
+        # when include_num_input_tokens_seen is on. The rate is their slope.
+        seen = next(
+            (logs[k] for k in ("num_tokens", "num_input_tokens_seen") if _number(logs.get(k))), None
+        )
+        if seen is None:
+            return None
+        previous, self._last_tokens = self._last_tokens, (float(seen), now)
+        if previous is None or now <= previous[1] or seen < previous[0]:
+            return None
+        return (seen - previous[0]) / (now - previous[1])
+
+    def record_checkpoint_upload(self, result: Any) -> None:
+        """Hook for CheckpointSync(on_upload=...): takes a checkpoint.UploadResult."""
+        with self._lock:
+            checkpoint = self.summary["checkpoint"]
+            if result.error is not None:
+                self.checkpoint_upload_failures.inc()
+                checkpoint["failures"] += 1
+            else:
+                self.checkpoint_upload_seconds.observe(result.seconds)
+                self.checkpoint_upload_bytes.inc(result.bytes)
+                checkpoint["uploads"] += 1
+                checkpoint["uploadSeconds"] = result.seconds
+                checkpoint["uploadBytes"] += result.bytes
+                if result.step is not None and result.name.startswith("step-"):
+                    last = checkpoint["lastStep"]
+                    checkpoint["lastStep"] = result.step if last is None else max(last, result.step)
+                    self.checkpoint_last_step.set(checkpoint["lastStep"])
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        self.summary["updatedAt"] = datetime.now(UTC).isoformat()
+        if self.progress_path is None:
+            return
+        self.progress_path.parent.mkdir(parents=True, exist_ok=True)
+        # Write aside and rename: a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=self.progress_path.parent, prefix=".progress.")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.summary, handle, indent=1)
+        os.replace(tmp, self.progress_path)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class MetricsCallback(TrainerCallback):
+    """Feeds TrainingMetrics from the Trainer on the world's rank 0."""
+
+    def __init__(self, metrics: TrainingMetrics) -> None:
+        self.metrics = metrics
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.metrics.record_log({}, step=state.global_step, total_steps=state.max_steps)
+            self.metrics.set_phase("Training")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.metrics.record_log(
+                logs, step=state.global_step, total_steps=state.max_steps, epoch=state.epoch
+            )
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.metrics.record_log({}, step=state.global_step, total_steps=state.max_steps)
+            self.metrics.set_phase("Trained")
+        return control
+
+
+class CompletionLog:
+    """Appends sampled GRPO completions with their rewards to a JSONL file.
+
+    Every `sample_every`-th step is written, at most `max_rows` completions of it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], sample_every: int = 10, max_rows: int = 8
+    ) -> None:
+        if sample_every < 1:
+            raise ValueError(f"completion log sampleEvery must be at least 1, got {sample_every}")
+        self.path = Path(path)
+        self.sample_every = sample_every
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(
+        self,
+        step: int,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        rewards: Mapping[str, Sequence[float]],
+    ) -> int:
+        """Write one line per completion when step is sampled; returns lines written.
+
+        rewards maps a reward function's name to one score per completion.
+        """
+        if step % self.sample_every:
+            return 0
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        lines = []
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            if row >= self.max_rows:
+                break
+            scores = {name: _plain(values[row]) for name, values in rewards.items()}
+            lines.append(
+                json.dumps(
+                    {"step": step, "prompt": prompt, "completion": completion, "rewards": scores},
+                    default=str,
+                )
+            )
+        with self._lock, open(self.path, "a") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        return len(lines)
+
+
+def _plain(value: Any) -> float | None:
+    # Rewards may be None (TRL allows it for "not applicable") or NaN; JSON has neither NaN.
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

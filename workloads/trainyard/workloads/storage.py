@@ -1,0 +1,360 @@
+"""Object storage for checkpoints: an S3-compatible bucket or a local directory.
+
+Both stores speak in keys relative to the root the URI names (`s3://bucket/prefix` or
+`file:///abs/path`), with `/` as separator, so checkpoint logic never sees which one
+it talks to. Only this module imports boto3.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+# Where a mounted Secret with S3 credentials lives; each key of the Secret is a file.
+DEFAULT_CREDENTIALS_DIR = "/var/run/secrets/trainyard/s3"
+CREDENTIALS_DIR_ENV = "TRAINYARD_S3_CREDENTIALS_DIR"
+# The API documents the Secret keys as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; the
+# camelCase names are what MinIO and many charts use. Either is accepted.
+ACCESS_KEY_FILES = ("AWS_ACCESS_KEY_ID", "accessKeyId")
+SECRET_KEY_FILES = ("AWS_SECRET_ACCESS_KEY", "secretAccessKey")
+SESSION_TOKEN_FILES = ("AWS_SESSION_TOKEN", "sessionToken")
+
+MiB = 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """Storage could not be reached or used; the message says which URI and why."""
+
+
+@dataclass(frozen=True)
+class StorageUri:
+    """A parsed storage URI: `s3://bucket/prefix` or `file://path`."""
+
+    scheme: Literal["s3", "file"]
+    bucket: str | None
+    path: str
+    """Key prefix without slashes at either end (s3), or a filesystem path (file)."""
+
+    def __str__(self) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.path}" if self.path else f"s3://{self.bucket}"
+        return f"file://{self.path}"
+
+
+def parse_storage_uri(uri: str) -> StorageUri:
+    """Split a checkpoint URI into scheme, bucket and path.
+
+    >>> parse_storage_uri("s3://ckpts/runs/grpo-1/")
+    StorageUri(scheme='s3', bucket='ckpts', path='runs/grpo-1')
+    >>> parse_storage_uri("file:///data/ckpts")
+    StorageUri(scheme='file', bucket=None, path='/data/ckpts')
+    >>> parse_storage_uri("file://out/ckpts")
+    StorageUri(scheme='file', bucket=None, path='out/ckpts')
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("s3", "file"):
+        raise ValueError(
+            f"checkpoint URI {uri!r} has no supported scheme; allowed: s3://bucket/prefix, "
+            "file:///absolute/path, file://relative/path"
+        )
+    if scheme == "file":
+        if not rest:
+            raise ValueError(f"checkpoint URI {uri!r} names no directory; write file://PATH")
+        # file:///abs keeps its leading slash; file://rel is relative to the working dir.
+        return StorageUri("file", None, rest.rstrip("/") or "/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"checkpoint URI {uri!r} names no bucket; write s3://BUCKET/PREFIX")
+    return StorageUri("s3", bucket, prefix.strip("/"))
+
+
+class ObjectStore(Protocol):
+    """Keys are relative to the store's root and use `/` between parts."""
+
+    uri: str
+
+    def upload_files(self, files: Mapping[str, Path]) -> None:
+        """Upload local files (key → path) concurrently; return when all are stored."""
+
+    def download_files(self, files: Mapping[str, Path]) -> None:
+        """Download objects (key → local path) concurrently."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store a small object in one request; readers see the old or the new whole."""
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """Read a small object; None when it does not exist."""
+
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
+        """Every key under prefix (recursively) with its size in bytes."""
+
+    def list_children(self) -> list[str]:
+        """Names of the top-level 'directories' under the root."""
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete the keys; missing ones are not an error."""
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class S3Store:
+    """An S3-compatible bucket through boto3; uploads use its transfer manager."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        addressing_style: Literal["auto", "path", "virtual"] = "auto",
+        credentials_dir: str | os.PathLike[str] | None = None,
+        max_concurrency: int = 10,
+        multipart_threshold: int = 8 * MiB,
+        multipart_chunksize: int = 8 * MiB,
+    ) -> None:
+        import boto3
+        import botocore.config
+        from boto3.s3.transfer import TransferConfig
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = str(StorageUri("s3", bucket, self.prefix))
+        session = boto3.session.Session(**read_credentials_dir(credentials_dir))
+        self.client = session.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            config=botocore.config.Config(
+                s3={"addressing_style": addressing_style},
+                # One pooled connection per concurrent part; the default 10 would queue them.
+                max_pool_connections=max(10, max_concurrency),
+                retries={"mode": "standard", "max_attempts": 5},
+            ),
+        )
+        self.transfer_config = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            # The CRT client would ignore endpoint/addressing settings on some versions.
+            preferred_transfer_client="classic",
+        )
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def _transfer(self, files: Mapping[str, Path], direction: Literal["up", "down"]) -> None:
+        from boto3.s3.transfer import create_transfer_manager
+
+        # One manager for all files: its thread pool runs parts of different files at
+        # the same time, so many small files and one big file both keep it busy.
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            futures = []
+            for key, path in files.items():
+                if direction == "up":
+                    futures.append(manager.upload(str(path), self.bucket, self._key(key)))
+                else:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    futures.append(manager.download(self.bucket, self._key(key), str(path)))
+            for future in futures:
+                future.result()
+
+    def upload_files(self, files: Mapping[str, Path]) -> None:
+        self._transfer(files, "up")
+
+    def download_files(self, files: Mapping[str, Path]) -> None:
+        self._transfer(files, "down")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return response["Body"].read()
+
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
+        root = _join(self.prefix, prefix)
+        root = root + "/" if root else ""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        found: dict[str, int] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=root
+        ):
+            for obj in page.get("Contents", []):
+                found[obj["Key"][strip:]] = obj["Size"]
+        return found
+
+    def list_children(self) -> list[str]:
+        root = self.prefix + "/" if self.prefix else ""
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=root, Delimiter="/"
+        ):
+            for common in page.get("CommonPrefixes", []):
+                names.append(common["Prefix"][len(root) :].rstrip("/"))
+            for obj in page.get("Contents", []):
+                names.append(obj["Key"][len(root) :])
+        return names
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch = [{"Key": self._key(k)} for k in keys]
+        # DeleteObjects takes at most 1000 keys per request.
+        for start in range(0, len(batch), 1000):
+            response = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch[start : start + 1000], "Quiet": True}
+            )
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise StorageError(
+                    f"could not delete {first['Key']} in {self.uri}: {first.get('Message')}"
+                )
+
+
+class FileStore:
+    """A directory on a local or mounted filesystem (PVC, NFS), same contract as S3Store."""
+
+    def __init__(self, root: str | os.PathLike[str], *, max_concurrency: int = 4) -> None:
+        self.root = Path(root).resolve()
+        self.uri = f"file://{self.root}"
+        self.max_concurrency = max_concurrency
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"key {key!r} points outside {self.uri}")
+        return path
+
+    def _copy_atomically(self, source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Copy next to the target, then rename: a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _copy_all(self, pairs: list[tuple[Path, Path]]) -> None:
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
+            for future in [pool.submit(self._copy_atomically, s, t) for s, t in pairs]:
+                future.result()
+
+    def upload_files(self, files: Mapping[str, Path]) -> None:
+        self._copy_all([(Path(p), self._path(k)) for k, p in files.items()])
+
+    def download_files(self, files: Mapping[str, Path]) -> None:
+        self._copy_all([(self._path(k), Path(p)) for k, p in files.items()])
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return {}
+        return {
+            path.relative_to(self.root).as_posix(): path.stat().st_size
+            for path in base.rglob("*")
+            # Dot-files are our own in-flight temporaries.
+            if path.is_file() and not path.name.startswith(".")
+        }
+
+    def list_children(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        parents = set()
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            parents.add(path.parent)
+        # Drop directories left empty, deepest first, but never the root itself.
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+
+
+def read_credentials_dir(directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Read S3 keys from a mounted Secret directory as boto3 Session arguments.
+
+    Returns {} when the directory does not exist, so boto3's default chain (env,
+    profile, IRSA/web identity, instance metadata) applies.
+    """
+    directory = Path(directory or os.environ.get(CREDENTIALS_DIR_ENV) or DEFAULT_CREDENTIALS_DIR)
+    if not directory.is_dir():
+        return {}
+
+    def first(names: tuple[str, ...]) -> str | None:
+        for name in names:
+            path = directory / name
+            if path.is_file():
+                return path.read_text().strip()
+        return None
+
+    access, secret = first(ACCESS_KEY_FILES), first(SECRET_KEY_FILES)
+    if access is None and secret is None:
+        return {}
+    if access is None or secret is None:
+        missing = ACCESS_KEY_FILES if access is None else SECRET_KEY_FILES
+        raise StorageError(
+            f"S3 credentials directory {directory} has only half a key pair: "
+            f"add a file named {missing[0]} (or {missing[1]})"
+        )
+    credentials = {"aws_access_key_id": access, "aws_secret_access_key": secret}
+    token = first(SESSION_TOKEN_FILES)
+    if token:
+        credentials["aws_session_token"] = token
+    return credentials
+
+
+def open_store(
+    uri: str,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+    addressing_style: Literal["auto", "path", "virtual"] = "auto",
+    credentials_dir: str | os.PathLike[str] | None = None,
+    max_concurrency: int = 10,
+) -> S3Store | FileStore:
+    """The store a checkpoint URI names; S3 options come from `storage.s3` of the run."""
+    parsed = parse_storage_uri(uri)
+    if parsed.scheme == "file":
+        return FileStore(parsed.path)
+    return S3Store(
+        parsed.bucket or "",
+        parsed.path,
+        endpoint=endpoint,
+        region=region,
+        addressing_style=addressing_style,
+        credentials_dir=credentials_dir,
+        max_concurrency=max_concurrency,
+    )
