@@ -1,0 +1,13 @@
+# The operator: kopf + the API models. No torch, no CUDA: a small image.
+# Build from the repository root: docker build -f images/operator.Dockerfile -t trainyard-operator .
+FROM python:3.11.14-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+COPY workloads ./workloads
+COPY crds ./crds
+RUN pip install ".[operator]" && rm -rf /src
+# A numeric non-root user, so runAsNonRoot can be verified by the kubelet.
+USER 65532:65532
+ENTRYPOINT ["trainyard", "operator"]
