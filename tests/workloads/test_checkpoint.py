@@ -1,0 +1,323 @@
+"""Checkpoint sync against moto's S3 server over HTTP and a local directory store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import boto3
+import pytest
+import torch
+import transformers
+from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
+
+from trainyard.api.common import S3Storage
+from trainyard.workloads.checkpoint import (
+    CheckpointSync,
+    CheckpointSyncCallback,
+    CheckpointUploadError,
+    apply_retention,
+    find_latest_complete,
+    write_latest,
+)
+from trainyard.workloads.storage import FileStore, S3Store
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+    )
+    return transformers.Qwen2ForCausalLM(config)
+
+
+@pytest.fixture
+def save_checkpoint(tiny_model, tmp_path):
+    """Write output_dir/checkpoint-N the way Trainer does: weights, config, state."""
+    output_dir = tmp_path / "out"
+
+    def save(step: int):
+        directory = output_dir / f"checkpoint-{step}"
+        tiny_model.save_pretrained(directory)
+        TrainerState(global_step=step, max_steps=100).save_to_json(
+            str(directory / "trainer_state.json")
+        )
+        return directory
+
+    save.output_dir = output_dir
+    return save
+
+
+@pytest.fixture(params=["s3", "file"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return FileStore(tmp_path / "remote")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    return S3Store(bucket, "runs/grpo-1", endpoint=endpoint)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def steps_in(store) -> list[str]:
+    return sorted(name for name in store.list_children() if name.startswith("step-"))
+
+
+def latest_step(store) -> int:
+    return json.loads(store.get_bytes("latest"))["step"]
+
+
+def test_upload_writes_files_manifest_and_latest(store, save_checkpoint):
+    sync = CheckpointSync(store)
+    local = save_checkpoint(5)
+    sync.submit(local, 5)
+    [result] = sync.wait()
+
+    manifest = json.loads(store.get_bytes("step-5/manifest.json"))
+    local_files = sorted(p.name for p in local.iterdir())
+    assert [f["path"] for f in manifest["files"]] == local_files
+    for entry in manifest["files"]:
+        assert entry["size"] == (local / entry["path"]).stat().st_size
+        assert entry["sha256"] == sha256(local / entry["path"])
+    assert manifest["step"] == 5 and manifest["createdAt"]
+    assert manifest["totalBytes"] == sum(f["size"] for f in manifest["files"]) == result.bytes
+    stored = store.list_objects("step-5")
+    assert stored == {
+        **{f"step-5/{f['path']}": f["size"] for f in manifest["files"]},
+        "step-5/manifest.json": stored["step-5/manifest.json"],
+    }
+    assert latest_step(store) == 5 and sync.last_step == 5
+    # The staging snapshot is gone; the trainer's own checkpoint is untouched.
+    assert not (local.parent / ".trainyard-sync" / "checkpoint-5").exists()
+    assert local.is_dir()
+
+
+def test_keep_last_removes_older_steps(store, save_checkpoint):
+    sync = CheckpointSync(store, keep_last=2)
+    for step in (1, 2, 3, 4):
+        sync.submit(save_checkpoint(step), step)
+    sync.wait()
+    assert steps_in(store) == ["step-3", "step-4"]
+    assert latest_step(store) == 4
+    assert [r.step for r in sync.results] == [1, 2, 3, 4]
+
+
+def test_retention_collects_unfinished_uploads_but_never_latest(store, save_checkpoint):
+    sync = CheckpointSync(store)
+    for step in (1, 2, 3):
+        sync.submit(save_checkpoint(step), step)
+    sync.wait()
+    # What an interrupted upload leaves behind: files, no manifest.
+    weights = save_checkpoint(9) / "model.safetensors"
+    store.upload_files({"step-0/model.safetensors": weights, "step-9/model.safetensors": weights})
+    write_latest(store, 1)  # e.g. an operator rolled `latest` back by hand
+
+    deleted = apply_retention(store, keep_last=1)
+
+    # step-2 is old, step-0 an old unfinished upload; step-1 is what `latest` names and
+    # step-9 may still be on its way.
+    assert deleted == [0, 2]
+    assert steps_in(store) == ["step-1", "step-3", "step-9"]
+
+
+def test_resume_downloads_newest_verified_checkpoint(store, save_checkpoint, tmp_path):
+    sync = CheckpointSync(store)
+    for step in (10, 20):
+        sync.submit(save_checkpoint(step), step)
+    sync.wait()
+
+    resumed = CheckpointSync(store).resume(tmp_path / "fresh")
+
+    assert resumed == tmp_path / "fresh" / "checkpoint-20"
+    original = save_checkpoint.output_dir / "checkpoint-20"
+    assert {p.name: sha256(p) for p in resumed.iterdir()} == {
+        p.name: sha256(p) for p in original.iterdir()
+    }
+    model = transformers.Qwen2ForCausalLM.from_pretrained(resumed)
+    assert TrainerState.load_from_json(str(resumed / "trainer_state.json")).global_step == 20
+    assert model.config.hidden_size == 16
+
+
+def test_resume_with_nothing_stored_returns_none(store, tmp_path):
+    assert CheckpointSync(store).resume(tmp_path / "fresh") is None
+
+
+def test_upload_without_manifest_is_never_latest_nor_resumed(store, save_checkpoint, tmp_path):
+    sync = CheckpointSync(store)
+    sync.submit(save_checkpoint(10), 10)
+    sync.wait()
+    # An upload of step 20 that stopped before its manifest: every file is there.
+    local = save_checkpoint(20)
+    store.upload_files({f"step-20/{p.name}": p for p in local.iterdir()})
+
+    assert latest_step(store) == 10
+    resumed = CheckpointSync(store).resume(tmp_path / "fresh")
+    assert resumed.name == "checkpoint-10"
+    s3 = S3Storage(endpoint=store.client.meta.endpoint_url) if isinstance(store, S3Store) else None
+    assert find_latest_complete(store.uri, s3) == f"{store.uri}/step-10"
+
+
+@pytest.mark.parametrize("damage", ["same-size-bytes", "truncated", "deleted"])
+def test_corrupt_checkpoint_falls_back_to_previous(store, save_checkpoint, tmp_path, damage):
+    sync = CheckpointSync(store)
+    for step in (10, 20):
+        sync.submit(save_checkpoint(step), step)
+    sync.wait()
+    key = "step-20/model.safetensors"
+    size = store.list_objects("step-20")[key]
+    if damage == "deleted":
+        store.delete([key])
+    else:
+        bad = tmp_path / "bad"
+        bad.write_bytes(os.urandom(size if damage == "same-size-bytes" else size // 2))
+        store.upload_files({key: bad})
+
+    sync = CheckpointSync(store)
+    resumed = sync.resume(tmp_path / "fresh")
+
+    assert resumed.name == "checkpoint-10"
+    failed, ok = sync.resume_attempts
+    assert (failed.step, failed.ok, ok.step, ok.ok) == (20, False, 10, True)
+    expected = "sha256 does not match" if damage == "same-size-bytes" else "stored size"
+    assert expected in failed.reason
+    assert not (tmp_path / "fresh" / ".checkpoint-20.partial").exists()
+
+
+def test_export_final_uses_manifest_and_survives_retention(
+    store, save_checkpoint, tiny_model, tmp_path
+):
+    sync = CheckpointSync(store, keep_last=1)
+    sync.submit(save_checkpoint(1), 1)
+    final = tmp_path / "final-model"
+    tiny_model.save_pretrained(final)
+    result = sync.export_final(final, step=1)
+    sync.submit(save_checkpoint(2), 2)
+    sync.wait()
+
+    manifest = json.loads(store.get_bytes("final/manifest.json"))
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == {
+        p.name: sha256(p) for p in final.iterdir()
+    }
+    assert result.name == "final" and result.bytes == manifest["totalBytes"]
+    assert steps_in(store) == ["step-2"] and "final/config.json" in store.list_objects("final")
+    assert latest_step(store) == 2
+
+
+def test_failed_upload_surfaces_at_train_end_and_moves_nothing(
+    s3_endpoint, save_checkpoint, tmp_path
+):
+    store = S3Store("bucket-that-does-not-exist", "x", endpoint=s3_endpoint)
+    callback = CheckpointSyncCallback(CheckpointSync(store))
+    args = TrainingArguments(output_dir=str(save_checkpoint.output_dir), report_to=[])
+    state = TrainerState(global_step=3, max_steps=10)
+    save_checkpoint(3)
+    callback.on_save(args, state, TrainerControl())
+
+    with pytest.raises(CheckpointUploadError, match="NoSuchBucket"):
+        callback.on_train_end(args, state, TrainerControl())
+    assert callback.sync.last_step is None
+    assert callback.sync.results[0].error and "NoSuchBucket" in callback.sync.results[0].error
+
+
+def test_callback_uploads_on_rank_zero_even_after_rotation(store, save_checkpoint, tmp_path):
+    sync = CheckpointSync(store)
+    callback = CheckpointSyncCallback(sync)
+    output_dir = save_checkpoint.output_dir
+    args = TrainingArguments(output_dir=str(output_dir), report_to=[], save_total_limit=1)
+    saved = {}
+    for step in (2, 4):
+        directory = save_checkpoint(step)
+        saved[step] = {p.name: sha256(p) for p in directory.iterdir()}
+        # Trainer._save_checkpoint rotates old checkpoints before it calls on_save:
+        # checkpoint-2 goes away while it may still be uploading.
+        rotate_checkpoints(str(output_dir), save_total_limit=1, use_mtime=True)
+        callback.on_save(args, TrainerState(global_step=step, max_steps=4), TrainerControl())
+    assert not (output_dir / "checkpoint-2").exists()
+    callback.on_train_end(args, TrainerState(global_step=4, max_steps=4), TrainerControl())
+
+    assert steps_in(store) == ["step-2", "step-4"]
+    assert callback.uploaded == [2, 4]
+    for step in (2, 4):
+        manifest = json.loads(store.get_bytes(f"step-{step}/manifest.json"))
+        assert {f["path"]: f["sha256"] for f in manifest["files"]} == saved[step]
+
+
+def test_callback_does_nothing_on_other_ranks(store, save_checkpoint):
+    callback = CheckpointSyncCallback(CheckpointSync(store))
+    args = TrainingArguments(output_dir=str(save_checkpoint.output_dir), report_to=[])
+    state = TrainerState(global_step=2, max_steps=4, is_world_process_zero=False)
+    save_checkpoint(2)
+    callback.on_save(args, state, TrainerControl())
+    callback.on_train_end(args, state, TrainerControl())
+    assert store.list_objects() == {} and callback.uploaded == []
+
+
+def test_keep_last_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keepLast must be at least 1"):
+        CheckpointSync(FileStore(tmp_path), keep_last=0)
+
+
+KILLED_UPLOADER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from trainyard.workloads.checkpoint import CheckpointSync
+    from trainyard.workloads.storage import S3Store
+
+    endpoint, bucket, directory = sys.argv[1:]
+    store = S3Store(bucket, "run", endpoint=endpoint, max_concurrency=1,
+                    multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    sync = CheckpointSync(store)
+    sync.submit(Path(directory), 20)
+    sync.wait()
+    """
+)
+
+
+def test_uploader_killed_midway_never_becomes_latest(
+    s3_endpoint, s3_bucket, save_checkpoint, tmp_path
+):
+    store = S3Store(s3_bucket, "run", endpoint=s3_endpoint)
+    sync = CheckpointSync(store)
+    sync.submit(save_checkpoint(10), 10)
+    sync.wait()
+    big = save_checkpoint(20)
+    (big / "optimizer.pt").write_bytes(os.urandom(200 * MiB))
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_UPLOADER, s3_endpoint, s3_bucket, str(big)],
+        env=os.environ,
+    )
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    deadline = time.monotonic() + 60
+    # Kill it once a multipart upload of step-20 is under way.
+    while time.monotonic() < deadline and process.poll() is None:
+        uploads = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        if any(u["Key"].startswith("run/step-20/") for u in uploads):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the uploader finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert latest_step(store) == 10
+    assert "step-20/manifest.json" not in store.list_objects()
+    resumed = CheckpointSync(store).resume(tmp_path / "fresh")
+    assert resumed.name == "checkpoint-10"
