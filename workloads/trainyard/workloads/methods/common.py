@@ -1,0 +1,297 @@
+"""What every method shares: TrainingArguments options, LoRA, QLoRA, DeepSpeed, model loading options.
+
+The builders are pure: a spec goes in, library options come out under the library's
+own names, so a user can look each one up in the transformers/TRL/PEFT/DeepSpeed docs.
+
+>>> deepspeed_config(DeepSpeedSpecLike(zero_stage=2))["zero_optimization"]["stage"]
+2
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A spec that cannot run in this environment; the message names the field and the fix."""
+
+
+@dataclass
+class Environment:
+    """What the machine offers, detected once at start-up (see `detect_environment`)."""
+
+    cuda: bool
+    world_size: int = 1
+    rank: int = 0
+
+
+def detect_environment() -> Environment:
+    import os
+
+    import torch
+
+    return Environment(
+        cuda=torch.cuda.is_available(),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        rank=int(os.environ.get("RANK", "0")),
+    )
+
+
+@dataclass
+class TrainContext:
+    """Everything a method's trainer builder needs, resolved and loaded."""
+
+    spec: Any
+    """The TrainingRunSpec."""
+    model: str
+    """Local path or hub id of the model; TRL loads it with `model_init_kwargs`."""
+    model_init_kwargs: dict[str, Any]
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any = None
+    peft_config: Any = None
+    quantization_config: Any = None
+    callbacks: list[Any] = field(default_factory=list)
+    base_args: dict[str, Any] = field(default_factory=dict)
+    """TrainingArguments options shared by every method (see `training_arguments`)."""
+    reward_funcs: list[Any] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    reward_processing_classes: list[Any] | None = None
+
+
+def check_environment(spec: Any, env: Environment) -> None:
+    """Refuse, before loading anything, what this machine cannot run."""
+    if spec.model.quantization is not None and not env.cuda:
+        raise SpecError(
+            "model.quantization: quantization needs a CUDA GPU (bitsandbytes); this machine has "
+            "none. Remove model.quantization to train the full-precision model with LoRA on CPU."
+        )
+    if spec.rollout is not None and spec.rollout.vllm is not None and not env.cuda:
+        raise SpecError(
+            "rollout.vllm: vLLM rollouts need a CUDA GPU (TRL syncs weights into vLLM over NCCL); "
+            "this machine has none. Remove rollout.vllm to generate with transformers on CPU."
+        )
+    if spec.training.precision != "fp32" and env.cuda:
+        import torch
+
+        if spec.training.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise SpecError(
+                "training.precision: bf16 is not supported by this GPU; use fp16 or fp32"
+            )
+
+
+def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str, Any]:
+    """`TrainingArguments` options common to every TRL config."""
+    training = spec.training
+    args: dict[str, Any] = {
+        "output_dir": output_dir,
+        "learning_rate": training.learning_rate,
+        "num_train_epochs": training.epochs,
+        "max_steps": training.max_steps if training.max_steps is not None else -1,
+        "per_device_train_batch_size": training.per_device_batch_size,
+        "per_device_eval_batch_size": training.per_device_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "lr_scheduler_type": training.lr_scheduler_type,
+        "weight_decay": training.weight_decay,
+        "max_grad_norm": training.max_grad_norm,
+        "optim": training.optim,
+        "gradient_checkpointing": training.gradient_checkpointing,
+        "seed": training.seed,
+        "data_seed": training.seed,
+        "logging_steps": training.logging_steps,
+        "logging_first_step": True,
+        # Metrics go to Prometheus through Trainyard's own callback, not to a tracker.
+        "report_to": "none",
+        "save_only_model": False,
+    }
+    if training.warmup_steps is not None:
+        args["warmup_steps"] = training.warmup_steps
+    elif training.warmup_ratio is not None:
+        # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
+        args["warmup_steps"] = training.warmup_ratio
+    if training.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen base weights (LoRA) and DeepSpeed.
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    args.update(precision_arguments(training.precision, env))
+    args.update(save_and_eval_arguments(spec))
+    if spec.distributed.deepspeed is not None:
+        args["deepspeed"] = deepspeed_config(spec.distributed.deepspeed)
+    return args
+
+
+def precision_arguments(precision: str, env: Environment) -> dict[str, Any]:
+    """bf16/fp16 flags; CPU runs train in fp32 whatever is asked.
+
+    TRL configs turn bf16 on when it is left unset, so both flags are always given.
+    """
+    if not env.cuda:
+        return {"bf16": False, "fp16": False, "use_cpu": True}
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def save_and_eval_arguments(spec: Any) -> dict[str, Any]:
+    """Checkpoint cadence, evaluation cadence and early stopping's best-model tracking.
+
+    `load_best_model_at_end` needs saves on the evaluation schedule, so with early
+    stopping the save interval is the checkpoint interval when it is a multiple of the
+    evaluation interval, else the evaluation interval.
+    """
+    training, checkpoint = spec.training, spec.checkpoint
+    has_eval = spec.dataset.eval_source is not None or spec.dataset.eval_split is not None
+    args: dict[str, Any] = {}
+    if checkpoint is not None:
+        args.update(save_strategy="steps", save_steps=checkpoint.every_steps, save_total_limit=2)
+    else:
+        args.update(save_strategy="no")
+    if has_eval:
+        if training.eval_steps is not None:
+            args.update(eval_strategy="steps", eval_steps=training.eval_steps)
+        else:
+            args.update(eval_strategy="epoch")
+    stopping = training.early_stopping
+    if stopping is not None:
+        args.update(
+            load_best_model_at_end=True,
+            metric_for_best_model=stopping.metric,
+            greater_is_better=stopping.greater_is_better,
+            save_strategy=args["eval_strategy"],
+            # Keep the best checkpoint besides the newest one.
+            save_total_limit=max(args.get("save_total_limit") or 0, 2),
+        )
+        if args["eval_strategy"] == "steps":
+            every = checkpoint.every_steps if checkpoint is not None else None
+            eval_steps = training.eval_steps
+            args["save_steps"] = every if every and every % eval_steps == 0 else eval_steps
+    return args
+
+
+def early_stopping_callbacks(spec: Any) -> list[Any]:
+    stopping = spec.training.early_stopping
+    if stopping is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [
+        EarlyStoppingCallback(
+            early_stopping_patience=stopping.patience,
+            early_stopping_threshold=stopping.threshold,
+        )
+    ]
+
+
+@dataclass
+class DeepSpeedSpecLike:
+    """The fields of `DeepSpeedSpec` the builder reads (for doctests and callers without the API)."""
+
+    zero_stage: int = 2
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    config: dict[str, Any] | None = None
+
+
+def deepspeed_config(ds: Any) -> dict[str, Any]:
+    """A DeepSpeed config dict from `distributed.deepspeed`; "auto" values are filled by
+    transformers from the TrainingArguments, so batch sizes and precision never disagree."""
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.zero_stage > 0,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": True}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": True}
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            # Saves a whole model instead of shards, so checkpoints load without DeepSpeed.
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    config: dict[str, Any] = {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer == "none":
+        # Let transformers' optimizer (adamw_torch…) run on the device; DeepSpeed's CPU Adam only
+        # where the optimizer state really lives on the CPU.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return _merge(config, ds.config or {})
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def lora_config(peft: Any, method: str):
+    """PEFT `LoraConfig` from `spec.peft`.
+
+    A reward model's classification head is new, so it is trained and saved with the
+    adapter (`modules_to_save=["score"]`), as TRL recommends.
+    """
+    if peft is None:
+        return None
+    from peft import LoraConfig
+
+    modules_to_save = list(peft.modules_to_save or [])
+    if method == "reward" and "score" not in modules_to_save:
+        modules_to_save.append("score")
+    target = peft.target_modules
+    return LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=target[0] if target == ["all-linear"] else target,
+        bias=peft.bias,
+        use_rslora=peft.use_rslora,
+        use_dora=peft.use_dora,
+        modules_to_save=modules_to_save or None,
+        task_type="SEQ_CLS" if method == "reward" else "CAUSAL_LM",
+    )
+
+
+def quantization_config(model: Any):
+    """transformers `BitsAndBytesConfig` from `model.quantization` (QLoRA)."""
+    quant = model.quantization
+    if quant is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant.compute_dtype),
+    )
+
+
+def model_init_kwargs(model: Any, env: Environment, extra: dict[str, Any]) -> dict[str, Any]:
+    """`from_pretrained` options for the model (TRL `model_init_kwargs`)."""
+    kwargs: dict[str, Any] = dict(extra)
+    # CPU kernels are fp32; a bf16 checkpoint would otherwise train in bf16 arithmetic.
+    kwargs["dtype"] = "float32" if not env.cuda else model.dtype
+    if model.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if model.attn_implementation is not None:
+        kwargs["attn_implementation"] = model.attn_implementation
+    return kwargs

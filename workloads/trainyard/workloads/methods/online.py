@@ -1,0 +1,123 @@
+"""What GRPO and RLOO share: generation options, vLLM options and the reward sources.
+
+Rewards are the functions of `trainyard.workloads.rewards` (weighted, TRL's
+`reward_weights`) and/or a trained reward model (a sequence classifier with one
+output), which TRL scores with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from trainyard.workloads.methods.common import SpecError
+
+# Set by the operator (the rollout Service) or the local runner in server mode.
+VLLM_HOST_ENV = "TRAINYARD_VLLM_HOST"
+VLLM_PORT_ENV = "TRAINYARD_VLLM_PORT"
+VLLM_URL_ENV = "TRAINYARD_VLLM_URL"
+
+
+def generation_options(rl: Any) -> dict[str, Any]:
+    """`GRPOConfig`/`RLOOConfig` options both methods spell the same way."""
+    options: dict[str, Any] = {
+        "num_generations": rl.num_generations,
+        "max_completion_length": rl.max_completion_length,
+        "temperature": rl.temperature,
+        "top_p": rl.top_p,
+        "epsilon": rl.epsilon,
+        "num_iterations": rl.num_iterations,
+        "mask_truncated_completions": rl.mask_truncated_completions,
+        "sync_ref_model": rl.sync_ref_model,
+        "ref_model_sync_steps": rl.ref_model_sync_steps,
+        "ref_model_mixup_alpha": rl.ref_model_mixup_alpha,
+        # Reward functions read the dataset's extra columns (references, answers).
+        "remove_unused_columns": False,
+    }
+    if rl.beta is not None:
+        options["beta"] = rl.beta
+    return options
+
+
+def vllm_options(rollout: Any, max_length: int | None = None) -> dict[str, Any]:
+    """`use_vllm` and the vLLM options of TRL's online trainers from `spec.rollout.vllm`.
+
+    Server mode talks to the rollout server the operator starts (`trl vllm-serve`,
+    reached through TRAINYARD_VLLM_URL or TRAINYARD_VLLM_HOST/PORT); colocate mode runs
+    vLLM inside every training process.
+    """
+    vllm = rollout.vllm if rollout is not None else None
+    if vllm is None:
+        return {"use_vllm": False}
+    options: dict[str, Any] = {"use_vllm": True, "vllm_mode": vllm.mode}
+    if vllm.mode == "server":
+        url = os.environ.get(VLLM_URL_ENV)
+        host = os.environ.get(VLLM_HOST_ENV)
+        if url:
+            options["vllm_server_base_url"] = url
+        elif host:
+            options["vllm_server_host"] = host
+            options["vllm_server_port"] = int(os.environ.get(VLLM_PORT_ENV, "8000"))
+        else:
+            raise SpecError(
+                "rollout.vllm.mode: server mode needs the rollout server's address in "
+                f"{VLLM_URL_ENV} or {VLLM_HOST_ENV}/{VLLM_PORT_ENV} (the operator sets them; "
+                "locally start `trl vllm-serve` and export them), or use mode colocate"
+            )
+    else:
+        options.update(
+            vllm_gpu_memory_utilization=vllm.gpu_memory_utilization,
+            vllm_tensor_parallel_size=vllm.tensor_parallel_size,
+        )
+        if vllm.max_model_len is not None:
+            options["vllm_max_model_length"] = vllm.max_model_len
+    return options
+
+
+def check_vllm_installed(rollout: Any) -> None:
+    if rollout is None or rollout.vllm is None:
+        return
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if rollout.vllm.mode == "colocate":
+            raise SpecError(
+                "rollout.vllm.mode: colocate runs vLLM inside the trainer, but vllm is not "
+                "installed in this image; install trainyard[vllm] or use mode server"
+            ) from None
+
+
+def build_reward_sources(rl: Any) -> tuple[list[Any], list[float]]:
+    """Reward functions and their weights from `rewards` (the rewards library)."""
+    if not rl.rewards:
+        return [], []
+    from trainyard.workloads.rewards import build_reward_functions
+
+    funcs, weights = build_reward_functions(rl.rewards, rl.strip_thinking)
+    return list(funcs), list(weights)
+
+
+def load_reward_model(path: str, init_kwargs: dict[str, Any]):
+    """A trained reward model (one-output sequence classifier) and its tokenizer.
+
+    A LoRA reward model (an adapter directory) is merged into its base first, so TRL
+    scores with a plain classifier.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainyard.workloads.sources import adapter_base
+
+    kwargs = {k: v for k, v in init_kwargs.items() if k in ("dtype", "trust_remote_code", "revision")}
+    if adapter_base(path) is not None:
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=kwargs.get("revision"))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer

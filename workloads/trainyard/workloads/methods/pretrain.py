@@ -1,0 +1,48 @@
+"""Continued pretraining: causal LM on raw text, TRL `SFTTrainer` on the `text` column.
+
+With packing, texts are concatenated and cut into `blockSize` blocks, and the loss
+covers every token (there is no prompt to mask).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainyard.workloads.methods.common import TrainContext
+
+
+def build_pretrain_config(spec: Any, base_args: dict[str, Any]):
+    from trl import SFTConfig
+
+    pretrain = spec.pretrain
+    packing = True if pretrain is None else pretrain.packing
+    block_size = 1024 if pretrain is None else pretrain.block_size
+    if spec.training.max_length is not None and pretrain is None:
+        block_size = spec.training.max_length
+    return SFTConfig(
+        **base_args,
+        dataset_text_field="text",
+        packing=packing,
+        # Wrapped packing cuts the token stream into full blocks, as pretraining does;
+        # bfd would keep documents whole and pad.
+        packing_strategy="wrapped",
+        max_length=block_size,
+        completion_only_loss=False,
+    )
+
+
+def build_pretrain_trainer(ctx: TrainContext):
+    from trl import SFTTrainer
+
+    config = build_pretrain_config(ctx.spec, ctx.base_args)
+    config.model_init_kwargs = ctx.model_init_kwargs
+    return SFTTrainer(
+        model=ctx.model,
+        args=config,
+        train_dataset=ctx.train_dataset,
+        eval_dataset=ctx.eval_dataset,
+        processing_class=ctx.tokenizer,
+        callbacks=ctx.callbacks,
+        peft_config=ctx.peft_config,
+        quantization_config=ctx.quantization_config,
+    )

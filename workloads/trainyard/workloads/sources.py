@@ -1,0 +1,301 @@
+"""Where models, tokenizers and datasets come from: `hf://`, `s3://`, `file://`, `builtin://`, `run://`.
+
+A source URI is resolved to something transformers or datasets can open: a local
+directory or file, or a hub id with a revision. S3 objects are downloaded once into the
+cache directory under a file lock, so the ranks of one node share a single download.
+
+>>> parse_source("hf://Qwen/Qwen2.5-0.5B@main")
+Source(scheme='hf', path='Qwen/Qwen2.5-0.5B', revision='main')
+>>> parse_source("run://sft-stage/step-200")
+Source(scheme='run', path='sft-stage/step-200', revision=None)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainyard.workloads import builtin
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+SCHEMES = ("hf", "s3", "file", "builtin", "run")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+RUN_PATTERN = re.compile(r"^(?P<run>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)(/(?P<ckpt>step-\d+|final|latest))?/?$")
+
+
+class SourceError(ValueError):
+    """A source URI that cannot be resolved; the message says which field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed source URI."""
+
+    scheme: str
+    path: str
+    revision: str | None = None
+
+
+def parse_source(uri: str, field: str = "source") -> Source:
+    """Split a source URI into scheme, path and (for `hf://`) revision."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise SourceError(
+            f"{field}: {uri!r} is not a source URI; allowed: "
+            "hf://org/name[@revision], s3://bucket/key, file://path, builtin://NAME, run://RUN[/step-N]"
+        )
+    revision = None
+    if scheme == "hf" and "@" in rest:
+        rest, revision = rest.rsplit("@", 1)
+    return Source(scheme, rest, revision)
+
+
+# --------------------------------------------------------------------------- S3
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach the object store (from `spec.storage.s3`); boto3's default chain for credentials."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+
+    @classmethod
+    def from_spec(cls, storage: Any) -> S3Settings:
+        s3 = getattr(storage, "s3", None) if storage is not None else None
+        if s3 is None:
+            return cls(endpoint=os.environ.get("AWS_ENDPOINT_URL"))
+        return cls(s3.endpoint, s3.region, getattr(s3, "addressing_style", "auto"))
+
+    def store_options(self) -> dict[str, Any]:
+        """Keyword arguments of `storage.open_store` for an s3:// URI."""
+        return {
+            "endpoint": self.endpoint,
+            "region": self.region,
+            "addressing_style": self.addressing_style,
+        }
+
+
+def cache_dir(kind: str) -> Path:
+    path = builtin.cache_root() / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock next to `path`, so only one process on the node fills it."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def download_s3(uri: str, settings: S3Settings, field: str = "source") -> Path:
+    """Download `s3://bucket/key` (every object under the prefix, or the one object) to the cache.
+
+    Returns the local directory or file. Files already present with the same size are
+    kept, so a restarted pod does not download a model again. Credentials come from the
+    storage module (mounted Secret, else boto3's default chain).
+    """
+    from trainyard.workloads.storage import open_store
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    key = key.strip("/")
+    if not bucket or not key:
+        raise SourceError(f"{field}: {uri!r} names no object; expected s3://bucket/key")
+    target = cache_dir("s3") / bucket / key
+    with _locked(target):
+        store = open_store(f"s3://{bucket}/{key}", **settings.store_options())
+        objects = store.list_objects()
+        if objects:
+            missing = {
+                name: target / name
+                for name, size in objects.items()
+                if not name.endswith("/")
+                and not ((target / name).is_file() and (target / name).stat().st_size == size)
+            }
+            store.download_files(missing)
+            return target
+        # Not a prefix: a single object, e.g. a JSONL or Parquet file.
+        parent, _, name = key.rpartition("/")
+        store = open_store(f"s3://{bucket}/{parent}", **settings.store_options())
+        if not target.is_file():
+            partial = target.with_name(target.name + ".partial")
+            try:
+                store.download_files({name: partial})
+            except Exception as error:  # botocore raises ClientError(404) for a missing key
+                raise SourceError(
+                    f"{field}: nothing found at {uri} (no object and no objects under it): {error}"
+                ) from None
+            partial.rename(target)
+    return target
+
+
+# ------------------------------------------------------------------ run://RUN
+
+
+def run_checkpoint_uri(uri: str, own_checkpoint_uri: str | None, field: str = "source") -> str:
+    """Where the checkpoint named by `run://RUN[/step-N|final|latest]` lies.
+
+    A run's checkpoints live under its `checkpoint.uri`. Runs of one pipeline share a
+    root (`…/RUN/`), so the root comes from `$TRAINYARD_RUNS_URI` when the operator or
+    the local runner sets it, otherwise from the parent of this run's own checkpoint URI.
+    Without a step the run's exported `final/` model is meant.
+    """
+    match = RUN_PATTERN.match(uri.removeprefix("run://"))
+    if not match:
+        raise SourceError(
+            f"{field}: {uri!r} is not a run reference; expected run://RUN, run://RUN/step-N, "
+            "run://RUN/final or run://RUN/latest"
+        )
+    root = os.environ.get("TRAINYARD_RUNS_URI")
+    if not root and own_checkpoint_uri:
+        root = own_checkpoint_uri.rstrip("/").rsplit("/", 1)[0]
+    if not root:
+        raise SourceError(
+            f"{field}: {uri!r} needs to know where runs keep checkpoints: set checkpoint.uri "
+            "(runs share its parent) or TRAINYARD_RUNS_URI"
+        )
+    return f"{root.rstrip('/')}/{match['run']}/{match['ckpt'] or 'final'}"
+
+
+def _resolve_run(uri: str, own_checkpoint_uri: str | None, s3: S3Settings, field: str) -> Path:
+    location = run_checkpoint_uri(uri, own_checkpoint_uri, field)
+    if location.endswith("/latest"):
+        location = _latest_checkpoint(location.removesuffix("/latest"), s3, field)
+    local = _to_local(location, s3, field)
+    if not local.exists():
+        raise SourceError(f"{field}: {uri} resolves to {location}, which does not exist")
+    return local
+
+
+def _latest_checkpoint(run_uri: str, s3: S3Settings, field: str) -> str:
+    """The newest complete checkpoint of a run, as the checkpoint store decides."""
+    from trainyard.workloads import checkpoint
+
+    found = checkpoint.find_latest_complete(run_uri, s3)
+    if found is None:
+        raise SourceError(f"{field}: {run_uri} holds no complete checkpoint")
+    return found
+
+
+def _to_local(uri: str, s3: S3Settings, field: str) -> Path:
+    if uri.startswith("s3://"):
+        return download_s3(uri, s3, field)
+    return Path(uri.removeprefix("file://"))
+
+
+# ------------------------------------------------------------------ models
+
+
+def resolve_model(
+    uri: str,
+    *,
+    revision: str | None = None,
+    storage: Any = None,
+    checkpoint_uri: str | None = None,
+    field: str = "model.source",
+) -> tuple[str, dict[str, Any]]:
+    """Turn a model or tokenizer source into `(name_or_path, from_pretrained kwargs)`.
+
+    >>> resolve_model("hf://Qwen/Qwen2.5-0.5B@v1", revision=None)
+    ('Qwen/Qwen2.5-0.5B', {'revision': 'v1'})
+    """
+    source = parse_source(uri, field)
+    s3 = S3Settings.from_spec(storage)
+    if source.scheme == "hf":
+        rev = revision or source.revision
+        return source.path, ({"revision": rev} if rev else {})
+    if source.scheme == "builtin":
+        return str(builtin.model_path(source.path)), {}
+    if source.scheme == "run":
+        return str(_resolve_run(uri, checkpoint_uri, s3, field)), {}
+    local = _to_local(uri, s3, field)
+    if not local.is_dir():
+        raise SourceError(
+            f"{field}: {uri} is not a directory; a model source must hold config.json and weights"
+        )
+    return str(local), {}
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model an adapter directory was trained on, or None for a full model."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+# ------------------------------------------------------------------ datasets
+
+
+def load_dataset_source(
+    uri: str,
+    *,
+    split: str = "train",
+    storage: Any = None,
+    field: str = "dataset.source",
+) -> Dataset:
+    """Load a dataset from a source URI: JSONL, JSON, Parquet or CSV files, a saved dataset,
+    a hub dataset id, or a built-in dataset."""
+    source = parse_source(uri, field)
+    if source.scheme == "builtin":
+        name = source.path.removeprefix("datasets/")
+        if not source.path.startswith("datasets/"):
+            raise SourceError(
+                f"{field}: {uri!r} is a built-in model name; built-in datasets are "
+                + ", ".join(f"builtin://datasets/{n}" for n in sorted(builtin.DATASETS))
+            )
+        try:
+            return builtin.build_dataset(name)
+        except ValueError as error:
+            raise SourceError(f"{field}: {error}") from None
+    if source.scheme == "hf":
+        import datasets
+
+        return datasets.load_dataset(source.path, revision=source.revision, split=split)
+    if source.scheme == "run":
+        raise SourceError(f"{field}: run:// names a model checkpoint, not a dataset")
+    local = _to_local(uri, S3Settings.from_spec(storage), field)
+    return load_local_dataset(local, field)
+
+
+def load_local_dataset(path: Path, field: str = "dataset.source") -> Dataset:
+    """A dataset from a local file, a directory of data files, or a `save_to_disk` directory."""
+    import datasets
+
+    if not path.exists():
+        raise SourceError(f"{field}: {path} does not exist")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+        kinds = {DATA_SUFFIXES[p.suffix] for p in files}
+        if len(kinds) != 1:
+            raise SourceError(
+                f"{field}: {path} must hold data files of one kind "
+                f"({', '.join(sorted(DATA_SUFFIXES))}); found {sorted(kinds) or 'none'}"
+            )
+        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+    kind = DATA_SUFFIXES.get(path.suffix)
+    if kind is None:
+        raise SourceError(
+            f"{field}: {path.name} has an unknown suffix; allowed: {', '.join(sorted(DATA_SUFFIXES))}"
+        )
+    return datasets.load_dataset(kind, data_files=str(path), split="train")

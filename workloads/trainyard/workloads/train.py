@@ -1,0 +1,481 @@
+"""The training entrypoint: `python -m trainyard.workloads.train RUN_JSON [--output DIR]`.
+
+RUN_JSON is a TrainingRun (`apiVersion/kind/metadata/spec`, camelCase, JSON or YAML):
+the operator mounts it from a ConfigMap, `trainyard run` writes it to a file. The run
+is trained with the TRL trainer of its method, in this process or as one rank under
+`torchrun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from the environment; gloo on CPU,
+NCCL on GPU, as accelerate picks).
+
+Environment:
+  TRAINYARD_OUTPUT_DIR      output directory when --output is not given (default ./trainyard-output)
+  TRAINYARD_METRICS_PORT    overrides spec.metrics.port; 0 picks a free port, "off" serves none
+  TRAINYARD_CACHE           where built-in models and S3 downloads are cached
+  TRAINYARD_RUNS_URI        root of other runs' checkpoints, for run://RUN model sources
+  TRAINYARD_VLLM_URL, TRAINYARD_VLLM_HOST, TRAINYARD_VLLM_PORT   the vLLM rollout server
+
+Output directory (rank 0 writes it): checkpoint-N/ (transformers), final/ (model or
+adapter + tokenizer), progress.json (metrics), completions.jsonl (GRPO/RLOO samples),
+result.json (method, steps, final loss, log history). Exit status: 0 trained,
+2 bad spec or source (message on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from trainyard.workloads import sources
+from trainyard.workloads.dataset_formats import (
+    DatasetFormatError,
+    prepare_dataset,
+    select_samples,
+)
+from trainyard.workloads.methods.common import (
+    Environment,
+    SpecError,
+    TrainContext,
+    check_environment,
+    detect_environment,
+    early_stopping_callbacks,
+    lora_config,
+    model_init_kwargs,
+    quantization_config,
+    training_arguments,
+)
+
+logger = logging.getLogger("trainyard.train")
+
+OUTPUT_ENV = "TRAINYARD_OUTPUT_DIR"
+METRICS_PORT_ENV = "TRAINYARD_METRICS_PORT"
+DEFAULT_OUTPUT = "trainyard-output"
+FINAL_DIR = "final"
+MERGED_DIR = "final-merged"
+RESULT_FILE = "result.json"
+PROGRESS_FILE = "progress.json"
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+class RunFileError(ValueError):
+    """The run file cannot be read or is not a valid TrainingRun."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(path: str | os.PathLike[str]):
+    """The TrainingRun in a JSON (or YAML) file, validated by the API models."""
+    from trainyard.api import InvalidResource, parse_resource
+
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise RunFileError(f"cannot read the run file {path}: {error.strerror}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise RunFileError(f"{path} is neither JSON nor YAML: {error}") from None
+    try:
+        run = parse_resource(document)
+    except InvalidResource as invalid:
+        raise RunFileError(f"{path} is not a valid TrainingRun:\n" + str(invalid)) from None
+    if type(run).__name__ != "TrainingRun":
+        raise RunFileError(f"{path} holds a {type(run).__name__}; expected kind TrainingRun")
+    return run
+
+
+@contextlib.contextmanager
+def node_lock(path: Path):
+    """An exclusive lock shared by the processes of this node (the ranks under torchrun)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def merged_adapter_path(adapter_dir: str, method: str) -> str:
+    """A LoRA checkpoint (an adapter directory from an earlier stage) merged into its base.
+
+    The next stage trains a plain model (and maybe a new adapter); the merged copy is
+    cached, so the ranks of a node merge once.
+    """
+    key = hashlib.sha256(f"{Path(adapter_dir).resolve()}:{method}".encode()).hexdigest()[:16]
+    target = sources.cache_dir("merged") / key
+    with node_lock(target.with_name(key + ".lock")):
+        if (target / "config.json").exists():
+            return str(target)
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        loader = (
+            AutoPeftModelForSequenceClassification if method == "reward" else AutoPeftModelForCausalLM
+        )
+        model = loader.from_pretrained(adapter_dir).merge_and_unload()
+        staging = target.with_name(key + ".partial")
+        model.save_pretrained(staging)
+        with contextlib.suppress(Exception):
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
+        staging.rename(target)
+    return str(target)
+
+
+def load_tokenizer(spec: Any, model_path: str, model_kwargs: dict[str, Any]):
+    """The tokenizer of `spec.tokenizer`, else of the model; pad falls back to eos."""
+    from transformers import AutoTokenizer
+
+    if spec.tokenizer is not None:
+        path, kwargs = sources.resolve_model(
+            spec.tokenizer.source,
+            revision=spec.tokenizer.revision,
+            storage=spec.storage,
+            checkpoint_uri=spec.checkpoint.uri if spec.checkpoint else None,
+            field="tokenizer.source",
+        )
+    else:
+        path, kwargs = model_path, {k: v for k, v in model_kwargs.items() if k == "revision"}
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=spec.model.trust_remote_code, **kwargs
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_datasets(spec: Any):
+    """Training and evaluation datasets in the layout of the method's trainer."""
+    data = spec.dataset
+    train = sources.load_dataset_source(data.source, split=data.split, storage=spec.storage)
+    train = select_samples(train, data.max_samples)
+    train = prepare_dataset(train, data, spec.method)
+    evaluation = None
+    if data.eval_source is not None:
+        evaluation = sources.load_dataset_source(
+            data.eval_source, split=data.split, storage=spec.storage, field="dataset.evalSource"
+        )
+        evaluation = prepare_dataset(evaluation, data, spec.method)
+    elif data.eval_split is not None:
+        parts = train.train_test_split(test_size=data.eval_split, seed=spec.training.seed)
+        train, evaluation = parts["train"], parts["test"]
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class Observers:
+    """Metrics endpoint, checkpoint sync and completion log of this process (rank 0 serves)."""
+
+    def __init__(self) -> None:
+        self.metrics = None
+        self.sync = None
+        self.completions = None
+        self.callbacks: list[Any] = []
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+
+
+def metrics_port(spec: Any) -> int | None:
+    value = os.environ.get(METRICS_PORT_ENV)
+    if value is None:
+        return spec.metrics.port
+    if value.lower() in ("off", "none", ""):
+        return None
+    return int(value)
+
+
+def build_observers(spec: Any, output_dir: Path, env: Environment) -> Observers:
+    from trainyard.workloads.metrics import CompletionLog, MetricsCallback, TrainingMetrics
+
+    observers = Observers()
+    main_process = env.rank == 0
+    if main_process:
+        observers.metrics = TrainingMetrics(progress_path=output_dir / PROGRESS_FILE)
+        port = metrics_port(spec)
+        if port is not None:
+            served = observers.metrics.serve(port)
+            logger.info("metrics on :%d/metrics", served)
+        observers.callbacks.append(MetricsCallback(observers.metrics))
+        rl = spec.online_rl
+        if rl is not None and rl.log_completions_every:
+            observers.completions = CompletionLog(
+                output_dir / COMPLETIONS_FILE, sample_every=rl.log_completions_every
+            )
+            observers.callbacks.append(CompletionLogCallback(observers.completions))
+    if spec.checkpoint is not None:
+        from trainyard.workloads.checkpoint import CheckpointSync, CheckpointSyncCallback
+
+        s3 = sources.S3Settings.from_spec(spec.storage)
+        options = s3.store_options() if spec.checkpoint.uri.startswith("s3://") else {}
+        observers.sync = CheckpointSync(
+            spec.checkpoint.uri,
+            keep_last=spec.checkpoint.keep_last,
+            on_upload=observers.metrics.record_checkpoint_upload if observers.metrics else None,
+            **options,
+        )
+        observers.callbacks.append(CheckpointSyncCallback(observers.sync))
+    return observers
+
+
+class CompletionLogCallback(TrainerCallback):
+    """Writes sampled GRPO/RLOO completions with their per-function rewards.
+
+    TRL keeps the latest generation batch in the trainer's `_logs` (what its own
+    `log_completions` prints); this callback reads it at each log on rank 0.
+    """
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.trainer = None
+        self.written = 0
+
+    def on_log(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        logs = getattr(trainer, "_logs", None)
+        if not state.is_world_process_zero or not logs or not logs.get("prompt"):
+            return control
+        rewards = {name: list(values) for name, values in logs["rewards"].items()}
+        self.written += self.log.record(
+            state.global_step, list(logs["prompt"]), list(logs["completion"]), rewards
+        )
+        return control
+
+
+def resume_checkpoint(spec: Any, observers: Observers, output_dir: Path) -> str | None:
+    """The local path of the newest complete checkpoint to resume from, or None.
+
+    One process per node downloads (under a lock); the other ranks of the same torchrun
+    launch (same parent process) reuse its download.
+    """
+    if spec.checkpoint is None or spec.checkpoint.resume != "auto" or observers.sync is None:
+        return None
+    marker = output_dir / ".resume"
+    launch = str(os.getppid()) if "LOCAL_RANK" in os.environ else str(os.getpid())
+    with node_lock(output_dir / ".resume.lock"):
+        if marker.exists():
+            recorded_launch, _, path = marker.read_text().partition("\n")
+            if recorded_launch == launch:
+                return path or None
+        found = observers.sync.resume(output_dir)
+        marker.write_text(f"{launch}\n{found or ''}")
+    return str(found) if found else None
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
+    """Resolve sources, load tokenizer and data, and collect every option for the trainer."""
+    spec = run.spec
+    check_environment(spec, env)
+    path, kwargs = sources.resolve_model(
+        spec.model.source,
+        revision=spec.model.revision,
+        storage=spec.storage,
+        checkpoint_uri=spec.checkpoint.uri if spec.checkpoint else None,
+    )
+    if sources.adapter_base(path) is not None:
+        path = merged_adapter_path(path, spec.method)
+    init_kwargs = model_init_kwargs(spec.model, env, kwargs)
+    tokenizer = load_tokenizer(spec, path, kwargs)
+    train_dataset, eval_dataset = load_datasets(spec)
+    ctx = TrainContext(
+        spec=spec,
+        model=path,
+        model_init_kwargs=init_kwargs,
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=lora_config(spec.peft, spec.method),
+        quantization_config=quantization_config(spec.model),
+        base_args=training_arguments(spec, str(output_dir), env),
+        callbacks=early_stopping_callbacks(spec),
+    )
+    rl = spec.online_rl
+    if rl is not None:
+        from trainyard.workloads.methods.online import (
+            build_reward_sources,
+            check_vllm_installed,
+            load_reward_model,
+        )
+
+        check_vllm_installed(spec.rollout)
+        funcs, weights = build_reward_sources(rl)
+        processing: list[Any] = [None] * len(funcs)
+        if rl.reward_model is not None:
+            reward_path, reward_kwargs = sources.resolve_model(
+                rl.reward_model.source,
+                revision=rl.reward_model.revision,
+                storage=spec.storage,
+                checkpoint_uri=spec.checkpoint.uri if spec.checkpoint else None,
+                field=f"{spec.method}.rewardModel.source",
+            )
+            model, reward_tokenizer = load_reward_model(
+                reward_path, {**model_init_kwargs(rl.reward_model, env, reward_kwargs)}
+            )
+            funcs.append(model)
+            weights.append(rl.reward_model_weight)
+            processing.append(reward_tokenizer)
+        ctx.reward_funcs, ctx.reward_weights = funcs, weights
+        ctx.reward_processing_classes = processing
+    return ctx
+
+
+def build_trainer(ctx: TrainContext):
+    """The TRL trainer of the run's method."""
+    method = ctx.spec.method
+    if method == "sft":
+        from trainyard.workloads.methods.sft import build_sft_trainer
+
+        return build_sft_trainer(ctx)
+    if method == "pretrain":
+        from trainyard.workloads.methods.pretrain import build_pretrain_trainer
+
+        return build_pretrain_trainer(ctx)
+    if method == "dpo":
+        from trainyard.workloads.methods.dpo import build_dpo_trainer
+
+        return build_dpo_trainer(ctx)
+    if method == "kto":
+        from trainyard.workloads.methods.kto import build_kto_trainer
+
+        return build_kto_trainer(ctx)
+    if method == "reward":
+        from trainyard.workloads.methods.reward import build_reward_trainer
+
+        return build_reward_trainer(ctx)
+    if method == "grpo":
+        from trainyard.workloads.methods.grpo import build_grpo_trainer
+
+        return build_grpo_trainer(ctx)
+    if method == "rloo":
+        from trainyard.workloads.methods.rloo import build_rloo_trainer
+
+        return build_rloo_trainer(ctx)
+    raise SpecError(f"method: {method!r} is not a training method")
+
+
+def last_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The final training loss the trainer reported (the end-of-training average if present)."""
+    for entry in reversed(log_history):
+        for key in ("train_loss", "loss"):
+            value = entry.get(key)
+            if isinstance(value, int | float):
+                return float(value)
+    return None
+
+
+def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Train `run` and save the final model/adapter under output_dir/final; returns the result."""
+    output = Path(output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    env = detect_environment()
+    spec = run.spec
+    ctx = build_context(run, output, env)
+    observers = build_observers(spec, output, env)
+    try:
+        ctx.callbacks.extend(observers.callbacks)
+        trainer = build_trainer(ctx)
+        for callback in observers.callbacks:
+            if hasattr(callback, "trainer"):
+                callback.trainer = trainer
+        resume_from = resume_checkpoint(spec, observers, output)
+        if resume_from:
+            logger.info("resuming from %s", resume_from)
+        outcome = trainer.train(resume_from_checkpoint=resume_from)
+        final = output / FINAL_DIR
+        # Every rank calls save_model: under ZeRO-3 the weights are gathered from all of them.
+        trainer.save_model(str(final))
+        result = {
+            "run": run.metadata.name,
+            "method": spec.method,
+            "globalStep": trainer.state.global_step,
+            "trainLoss": outcome.training_loss if outcome else None,
+            "lastLoss": last_loss(trainer.state.log_history),
+            "resumedFrom": resume_from,
+            "peft": spec.peft is not None,
+            "finalDir": str(final),
+            "worldSize": env.world_size,
+            "logHistory": trainer.state.log_history,
+        }
+        if trainer.is_world_process_zero():
+            if ctx.tokenizer is not None:
+                ctx.tokenizer.save_pretrained(str(final))
+            if observers.sync is not None:
+                observers.sync.export_final(final, step=trainer.state.global_step)
+                if spec.checkpoint.export_merged and spec.peft is not None:
+                    merged = output / MERGED_DIR
+                    trainer.model.merge_and_unload().save_pretrained(str(merged))
+                    ctx.tokenizer.save_pretrained(str(merged))
+                    observers.sync.export_final(
+                        merged, name="final/merged", step=trainer.state.global_step
+                    )
+            if observers.metrics is not None:
+                observers.metrics.set_phase("Succeeded")
+            (output / RESULT_FILE).write_text(json.dumps(result, indent=1, default=str))
+        return result
+    finally:
+        observers.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainyard.workloads.train",
+        description="Train a TrainingRun with TRL (one process, or one rank under torchrun).",
+    )
+    parser.add_argument("run_json", help="the TrainingRun as JSON (or YAML)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help=f"output directory (default ${OUTPUT_ENV}, else ./{DEFAULT_OUTPUT})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    output = args.output or os.environ.get(OUTPUT_ENV) or DEFAULT_OUTPUT
+    try:
+        run = load_run(args.run_json)
+        result = train(run, output)
+    except (RunFileError, SpecError, sources.SourceError, DatasetFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    loss = result.get("lastLoss")
+    summary = f"{result['method']}: {result['globalStep']} steps"
+    if loss is not None and math.isfinite(loss):
+        summary += f", loss {loss:.4f}"
+    logger.info("%s; final model in %s", summary, result["finalDir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
