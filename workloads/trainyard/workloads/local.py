@@ -1,0 +1,471 @@
+"""`trainyard run FILE`: train a TrainingRun on this machine with the pods' own workload code.
+
+The runner checks the spec (the same problem lines as `trainyard validate`), rewrites it
+for this machine (`local_spec.localize`: file:// checkpoints under the output directory,
+one node, a free metrics port), writes OUTPUT/run.json and starts
+
+    python -m trainyard.workloads.train OUTPUT/run.json --output OUTPUT
+
+as a child process — under `torchrun --standalone --nproc-per-node N` when N > 1 — in a
+process group of its own, with its output in OUTPUT/train.log. While it trains, the
+progress file the workload writes drives a progress bar; at the end a summary table is
+printed, OUTPUT/summary.json and OUTPUT/curves.png are written, and the exit code is the
+child's. Ctrl-C is forwarded to the child's process group (twice: SIGTERM, three times:
+SIGKILL), and the runner waits for it, so checkpoints are left consistent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from trainyard.api import InvalidResource, TrainingRun, parse_resource
+from trainyard.workloads.local_spec import (
+    LocalOptions,
+    OverrideError,
+    apply_overrides,
+    localize,
+)
+from trainyard.workloads.run_history import final_value, plot_curves, read_history
+
+RUN_JSON = "run.json"
+TRAIN_LOG = "train.log"
+PROGRESS_FILE = "progress.json"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+POLL_SECONDS = 0.25
+TAIL_LINES = 40
+
+
+class SpecProblem(Exception):
+    """The file cannot be run; `lines` are printed as they are, then the runner exits 1."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainyard run",
+        description=(
+            "Train a TrainingRun on this machine with the same workload code the pods run: "
+            "file:// checkpoints under the output directory, a progress bar, a summary and "
+            "a plot of the loss/reward curves."
+        ),
+    )
+    parser.add_argument("file", metavar="FILE", help="YAML file with one TrainingRun")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="training processes; N > 1 runs under torchrun --standalone (gloo on CPU)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="output directory (default: runs/NAME-YYYYmmdd-HHMMSS); "
+        "running again into the same DIR resumes from its newest checkpoint",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field as written in YAML, e.g. --set training.maxSteps=5 "
+        "(repeatable; values are YAML)",
+    )
+    parser.add_argument(
+        "--keep-storage",
+        action="store_true",
+        help="keep an s3:// checkpoint.uri instead of writing checkpoints under DIR",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="port of the workload's Prometheus /metrics (default: a free one)",
+    )
+    return parser
+
+
+def load_training_run(path: str, overrides: list[str]) -> tuple[dict[str, Any], TrainingRun]:
+    """The TrainingRun document of a file with overrides applied, checked; SpecProblem if not."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as error:
+        raise SpecProblem([f"{path}: cannot read: {error.strerror}"]) from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise SpecProblem([f"{path}: not valid YAML: {error}"]) from None
+    runs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "TrainingRun"]
+    if len(runs) != 1:
+        kinds = ", ".join(str(d.get("kind")) if isinstance(d, dict) else "?" for d in documents)
+        raise SpecProblem(
+            [f"{path}: expected exactly one TrainingRun, found {len(runs)} (documents: {kinds or 'none'})"]
+        )
+    try:
+        document = apply_overrides(runs[0], overrides)
+    except OverrideError as error:
+        raise SpecProblem([str(error)]) from None
+    try:
+        run = parse_resource(document)
+    except InvalidResource as invalid:
+        name = (document.get("metadata") or {}).get("name")
+        raise SpecProblem(
+            [f"{path} (TrainingRun/{name}): invalid"] + [f"  {p}" for p in invalid.problems]
+        ) from None
+    return document, run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def default_output_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def workload_command(run_json: Path, output_dir: Path, nproc: int) -> list[str]:
+    """The command line of the training workload, under torchrun for several processes."""
+    entry = ["-m", "trainyard.workloads.train", str(run_json), "--output", str(output_dir)]
+    if nproc <= 1:
+        return [sys.executable, *entry]
+    # `python -m torch.distributed.run` is torchrun, with this interpreter for sure.
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nproc-per-node", str(nproc), *entry,
+    ]  # fmt: skip
+
+
+@dataclass
+class ChildProcess:
+    """The workload process group, and Ctrl-C forwarding to it."""
+
+    process: subprocess.Popen
+    interrupts: int = 0
+
+    def forward_interrupt(self, signum: int, frame: Any) -> None:
+        # First Ctrl-C: SIGINT, so the trainer stops cleanly; then SIGTERM, then SIGKILL.
+        self.interrupts += 1
+        sig = {1: signal.SIGINT, 2: signal.SIGTERM}.get(self.interrupts, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+    @property
+    def exit_code(self) -> int | None:
+        code = self.process.poll()
+        if code is None:
+            return None
+        # A child killed by a signal reads as a negative code; the shell writes 128 + signal.
+        return 128 - code if code < 0 else code
+
+
+def start_workload(command: list[str], output_dir: Path) -> tuple[ChildProcess, Any]:
+    log = open(output_dir / TRAIN_LOG, "ab")  # noqa: SIM115 - closed by the caller
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group: Ctrl-C reaches it only through us
+    )
+    return ChildProcess(process), log
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Follower:
+    """Samples the progress file into a history, for curves when the workload leaves none."""
+
+    path: Path
+    latest: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def poll(self) -> dict[str, Any] | None:
+        progress = read_progress(self.path)
+        if progress is None:
+            return self.latest
+        self.latest = progress
+        step = progress.get("step")
+        sample = {"step": step}
+        for key, name in (("loss", "loss"), ("rewardMean", "reward"), ("evalLoss", "eval_loss")):
+            if progress.get(key) is not None:
+                sample[name] = progress[key]
+        if step and len(sample) > 1 and (not self.samples or self.samples[-1]["step"] != step):
+            self.samples.append(sample)
+        return progress
+
+
+def describe_progress(progress: dict[str, Any] | None) -> tuple[str, str]:
+    """(phase, stats) for the progress bar."""
+    if progress is None:
+        return "starting", ""
+    stats = []
+    if progress.get("loss") is not None:
+        stats.append(f"loss {progress['loss']:.4f}")
+    if progress.get("rewardMean") is not None:
+        stats.append(f"reward {progress['rewardMean']:.3f}")
+    if progress.get("evalLoss") is not None:
+        stats.append(f"eval_loss {progress['evalLoss']:.4f}")
+    return str(progress.get("phase") or "training").lower(), "  ".join(stats)
+
+
+def follow(child: ChildProcess, follower: Follower, console: Console, name: str) -> None:
+    """Drive the progress bar until the child exits."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[name]}[/] {task.fields[phase]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=None, name=name, phase="starting", stats="")
+        while child.exit_code is None:
+            progress = follower.poll()
+            phase, stats = describe_progress(progress)
+            total = (progress or {}).get("totalSteps")
+            bar.update(
+                task,
+                completed=(progress or {}).get("step") or 0,
+                total=total or None,
+                phase=phase if not child.interrupts else "stopping",
+                stats=stats,
+            )
+            time.sleep(POLL_SECONDS)
+        progress = follower.poll()
+        phase, stats = describe_progress(progress)
+        bar.update(task, completed=(progress or {}).get("step") or 0, phase=phase, stats=stats)
+
+
+def tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines))
+    except OSError:
+        return ""
+
+
+def local_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("file://")) if uri.startswith("file://") else None
+
+
+def checkpoint_location(uri: str) -> str:
+    """Where the newest complete checkpoint of the run lies (its final export first)."""
+    root = local_path(uri)
+    if root is None:
+        return uri
+    if (root / "final" / "manifest.json").is_file():
+        return str(root / "final")
+    steps = sorted(
+        (int(p.name.removeprefix("step-")), p)
+        for p in root.glob("step-*")
+        if p.name.removeprefix("step-").isdigit() and (p / "manifest.json").is_file()
+    )
+    return str(steps[-1][1]) if steps else f"{root} (no complete checkpoint)"
+
+
+def summarize(
+    run: TrainingRun,
+    output_dir: Path,
+    follower: Follower,
+    exit_code: int,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """The numbers the summary table shows, also written to OUTPUT/summary.json."""
+    checkpoint_uri = run.spec.checkpoint.uri if run.spec.checkpoint else None
+    history, history_source = read_history(
+        output_dir,
+        local_path(checkpoint_uri) if checkpoint_uri else None,
+        follower.samples,
+    )
+    progress = follower.latest or {}
+    end = next((e for e in reversed(history) if "train_runtime" in e), {})
+    steps = progress.get("step") or max((e.get("step", 0) for e in history), default=0)
+    train_runtime = end.get("train_runtime")
+    curves = output_dir / CURVES_FILE
+    plotted = plot_curves(history, curves, f"{run.metadata.name} ({run.spec.method})")
+    return {
+        "name": run.metadata.name,
+        "method": run.spec.method,
+        "exitCode": exit_code,
+        "steps": steps,
+        "totalSteps": progress.get("totalSteps"),
+        "finalLoss": final_value(history, "loss") or progress.get("loss"),
+        "finalReward": final_value(history, "reward") or progress.get("rewardMean"),
+        "finalEvalLoss": final_value(history, "eval_loss") or progress.get("evalLoss"),
+        "trainRuntimeSeconds": train_runtime,
+        "trainStepsPerSecond": end.get("train_steps_per_second"),
+        "wallSeconds": wall_seconds,
+        "wallStepsPerSecond": steps / wall_seconds if wall_seconds > 0 else None,
+        "checkpoint": checkpoint_location(checkpoint_uri) if checkpoint_uri else None,
+        "curves": str(curves) if plotted else None,
+        "history": history_source,
+        "log": str(output_dir / TRAIN_LOG),
+        "progress": str(output_dir / PROGRESS_FILE),
+    }
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    def number(value: Any, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
+    ok = summary["exitCode"] == 0
+    table = Table(
+        title=f"{summary['name']} ({summary['method']}): "
+        + ("[green]finished[/]" if ok else f"[red]exited {summary['exitCode']}[/]"),
+        show_header=False,
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    total = summary["totalSteps"]
+    table.add_row("steps", f"{summary['steps']}" + (f" / {total}" if total else ""))
+    table.add_row("final loss", number(summary["finalLoss"], ".4f"))
+    if summary["finalReward"] is not None:
+        table.add_row("final reward", number(summary["finalReward"], ".4f"))
+    if summary["finalEvalLoss"] is not None:
+        table.add_row("final eval loss", number(summary["finalEvalLoss"], ".4f"))
+    table.add_row(
+        "runtime",
+        f"{summary['wallSeconds']:.1f} s wall"
+        + (f", {summary['trainRuntimeSeconds']:.1f} s training" if summary["trainRuntimeSeconds"] else ""),
+    )
+    rate = summary["trainStepsPerSecond"] or summary["wallStepsPerSecond"]
+    table.add_row("steps/s", number(rate, ".2f"))
+    table.add_row("checkpoint", summary["checkpoint"] or "—")
+    table.add_row("curves", summary["curves"] or "— (nothing logged)")
+    table.add_row("log", summary["log"])
+    return table
+
+
+def run_command(argv: list[str]) -> int:
+    """`trainyard run`; returns the training process's exit code (1 for a bad spec)."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.nproc < 1:
+        console.print(f"--nproc: {args.nproc} is not allowed; allowed: 1 or more")
+        return 1
+    try:
+        document, run = load_training_run(args.file, args.overrides)
+    except SpecProblem as problem:
+        for line in problem.lines:
+            console.print(line, markup=False, highlight=False)
+        return 1
+
+    output_dir = Path(args.output) if args.output else default_output_dir(run.metadata.name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    options = LocalOptions(
+        output_dir=output_dir,
+        nproc=args.nproc,
+        metrics_port=args.metrics_port or free_port(),
+        cuda=cuda_available(),
+        keep_storage=args.keep_storage,
+    )
+    local = localize(run.to_yaml_dict(), options)
+    try:
+        # Checked again: --nproc changes the world size that the batch rules depend on.
+        run = parse_resource(local.document)
+    except InvalidResource as invalid:
+        console.print(f"{args.file} (TrainingRun/{run.metadata.name}): invalid on this machine", markup=False)
+        for problem in invalid.problems:
+            console.print(f"  {problem}", markup=False, highlight=False)
+        return 1
+    run_json = output_dir / RUN_JSON
+    run_json.write_text(json.dumps(run.to_yaml_dict(), indent=2) + "\n")
+
+    console.print(f"[bold]trainyard run[/] {run.metadata.name} ({run.spec.method}) → {output_dir}")
+    for note in local.notes:
+        console.print(f"  [dim]{note}[/]", highlight=False)
+    console.print(f"  [dim]metrics: http://127.0.0.1:{options.metrics_port}/metrics[/]")
+
+    command = workload_command(run_json, output_dir, args.nproc)
+    started = time.monotonic()
+    child, log = start_workload(command, output_dir)
+    follower = Follower(output_dir / PROGRESS_FILE)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, child.forward_interrupt) if in_main_thread else None
+    try:
+        follow(child, follower, console, run.metadata.name)
+        child.process.wait()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+        log.close()
+    exit_code = child.exit_code or 0
+    wall = time.monotonic() - started
+
+    summary = summarize(run, output_dir, follower, exit_code, wall)
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if exit_code != 0:
+        why = "interrupted" if child.interrupts else f"exited {exit_code}"
+        console.print(
+            Panel(
+                Text(tail(output_dir / TRAIN_LOG)),
+                title=Text(f"training {why}: last lines of {summary['log']}"),
+                border_style="red",
+            )
+        )
+    console.print(summary_table(summary))
+    return exit_code
+
+
+def main() -> int:
+    return run_command(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

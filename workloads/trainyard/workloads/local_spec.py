@@ -1,0 +1,206 @@
+"""What `trainyard run` changes in a TrainingRun so it runs on this machine.
+
+Pure functions: a resource document and the runner's options go in, the document the
+local workload reads comes out, with one note per change so the user sees every
+difference from the spec they wrote.
+
+>>> doc = {"spec": {"training": {"learningRate": 1e-5}}}
+>>> apply_overrides(doc, ["training.maxSteps=5", "metadata.name=quick"])["spec"]["training"]
+{'learningRate': 1e-05, 'maxSteps': 5}
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# `a.b[0].c`: mapping keys separated by dots, list indexes in brackets.
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+class OverrideError(ValueError):
+    """A `--set key=value` that cannot be applied; the message says which and why."""
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """Split `key.path=value` into path parts and a YAML-typed value.
+
+    Paths are written as in the YAML file (camelCase) and start below `spec` unless
+    they name `spec.` or `metadata.` themselves.
+
+    >>> parse_override("training.maxSteps=5")
+    (['spec', 'training', 'maxSteps'], 5)
+    >>> parse_override("grpo.rewards[0].weight=0.5")
+    (['spec', 'grpo', 'rewards', 0, 'weight'], 0.5)
+    >>> parse_override("metadata.name=quick")
+    (['metadata', 'name'], 'quick')
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise OverrideError(f"--set {text!r}: expected key=value, e.g. training.maxSteps=5")
+    parts: list[str | int] = []
+    position = 0
+    for match in _PATH_PART.finditer(key):
+        gap = key[position : match.start()]
+        if gap not in ("", "."):
+            break
+        parts.append(match[1] if match[1] is not None else int(match[2]))
+        position = match.end()
+    if position != len(key) or not parts or isinstance(parts[0], int):
+        raise OverrideError(
+            f"--set {text!r}: {key!r} is not a field path; write it as in the YAML, "
+            "e.g. training.maxSteps or grpo.rewards[0].weight"
+        )
+    if parts[0] not in ("spec", "metadata"):
+        parts.insert(0, "spec")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise OverrideError(f"--set {text!r}: the value is not valid YAML: {error}") from None
+    return parts, value
+
+
+def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the document with every `--set key=value` applied in order.
+
+    Missing mappings on the way are created; the value is checked later with the rest
+    of the spec, so a misspelt key gets the usual `unknown field; did you mean …` line.
+    """
+    result = copy.deepcopy(document)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = result
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, parts[depth + 1], text, parts[: depth + 1])
+        last = parts[-1]
+        if isinstance(last, int):
+            _check_index(node, last, text, parts[:-1])
+        elif not isinstance(node, dict):
+            raise OverrideError(f"--set {text!r}: {_dotted(parts[:-1])} is not a mapping")
+        node[last] = value
+    return result
+
+
+def _child(node: Any, part: str | int, next_part: str | int, text: str, path: list) -> Any:
+    if isinstance(part, int):
+        _check_index(node, part, text, path[:-1])
+        return node[part]
+    if not isinstance(node, dict):
+        raise OverrideError(f"--set {text!r}: {_dotted(path[:-1])} is not a mapping")
+    if node.get(part) is None:
+        if isinstance(next_part, int):
+            raise OverrideError(f"--set {text!r}: {_dotted(path)} is not a list in this spec")
+        node[part] = {}
+    return node[part]
+
+
+def _check_index(node: Any, index: int, text: str, path: list) -> None:
+    if not isinstance(node, list):
+        raise OverrideError(f"--set {text!r}: {_dotted(path)} is not a list")
+    if index >= len(node):
+        raise OverrideError(
+            f"--set {text!r}: {_dotted(path)} has {len(node)} entries; index {index} is out of range"
+        )
+
+
+def _dotted(path: list) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(document)"
+
+
+@dataclass
+class LocalOptions:
+    """How the user asked `trainyard run` to run."""
+
+    output_dir: Path
+    nproc: int = 1
+    metrics_port: int = 9400
+    cuda: bool = False
+    keep_storage: bool = False
+    """Keep s3:// checkpoint URIs as written (the S3 endpoint must be reachable from here)."""
+
+
+@dataclass
+class LocalRun:
+    """The document the local workload trains from, and what was changed and why."""
+
+    document: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def local_checkpoint_uri(output_dir: Path) -> str:
+    return f"file://{(output_dir / 'checkpoints').resolve()}"
+
+
+def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:
+    """Rewrite a valid TrainingRun document (camelCase, as `to_yaml_dict` gives it) for this machine.
+
+    - checkpoints go under OUTPUT/checkpoints when the spec has none, or names s3://
+      (a cluster's object store is rarely reachable from a laptop; `keep_storage` keeps it);
+    - one node with `nproc` processes; per-device batch sizes stay as written;
+    - the metrics endpoint listens on a free local port;
+    - without CUDA, vLLM rollouts and bitsandbytes quantization are dropped (both need a
+      GPU): generation falls back to transformers, LoRA trains on the full-precision base.
+
+    >>> run = localize(
+    ...     {"spec": {"method": "sft", "checkpoint": {"uri": "s3://ckpt/a", "everySteps": 50}}},
+    ...     LocalOptions(output_dir=Path("/tmp/out"), metrics_port=9500),
+    ... )
+    >>> run.document["spec"]["checkpoint"]
+    {'uri': 'file:///tmp/out/checkpoints', 'everySteps': 50}
+    >>> run.notes[0]
+    'checkpoint.uri: file:///tmp/out/checkpoints instead of s3://ckpt/a (pass --keep-storage to write to S3)'
+    """
+    doc = copy.deepcopy(document)
+    spec = doc.setdefault("spec", {})
+    notes: list[str] = []
+    local_uri = local_checkpoint_uri(options.output_dir)
+
+    checkpoint = spec.get("checkpoint")
+    if checkpoint is None:
+        spec["checkpoint"] = {"uri": local_uri}
+        notes.append(f"checkpoint.uri: {local_uri} (the spec sets no checkpoint)")
+    elif checkpoint["uri"].startswith("s3://") and not options.keep_storage:
+        notes.append(
+            f"checkpoint.uri: {local_uri} instead of {checkpoint['uri']} "
+            "(pass --keep-storage to write to S3)"
+        )
+        checkpoint["uri"] = local_uri
+
+    distributed = spec.setdefault("distributed", {})
+    asked = (distributed.get("nodes", 1), distributed.get("gpusPerNode", 1))
+    # gpusPerNode sets the world size the spec's rules check (nodes × max(gpusPerNode, 1)).
+    if asked[0] != 1 or max(asked[1], 1) != options.nproc:
+        distributed["nodes"] = 1
+        distributed["gpusPerNode"] = options.nproc
+        unit = ("GPU" if options.cuda else "process") + ("s" if options.nproc > 1 else "")
+        notes.append(
+            f"distributed: 1 node × {options.nproc} {unit} (--nproc), the spec asks "
+            f"{asked[0]} × {asked[1]}; per-device batch sizes are kept, so the global batch differs"
+        )
+
+    spec.setdefault("metrics", {})["port"] = options.metrics_port
+
+    if not options.cuda:
+        rollout = spec.get("rollout") or {}
+        if rollout.get("vllm") is not None:
+            del rollout["vllm"]
+            if not rollout:
+                spec.pop("rollout", None)
+            notes.append("rollout.vllm: dropped (vLLM rollouts need CUDA); generating with transformers")
+        model = spec.get("model") or {}
+        if model.get("quantization") is not None:
+            del model["quantization"]
+            notes.append(
+                "model.quantization: dropped (bitsandbytes needs CUDA); LoRA trains on the "
+                "full-precision base"
+            )
+    return LocalRun(document=doc, notes=notes)
