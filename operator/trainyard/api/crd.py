@@ -109,6 +109,10 @@ def render_crd(kind: Kind) -> dict[str, Any]:
     # The operator's own bookkeeping (kopf) and fields added by newer operators survive
     # in status; everything users write in spec is checked.
     properties["status"]["x-kubernetes-preserve-unknown-fields"] = True
+    # The status models allow extra fields (`additionalProperties: true`), but a
+    # structural schema forbids additionalProperties beside properties; preserving
+    # unknown fields is how a CRD says the same thing.
+    properties["status"].pop("additionalProperties", None)
     if kind.model is TrainingRun:
         _add_training_run_rules(schema)
     return {
