@@ -232,6 +232,12 @@ def code_execution_reward(
         for i, text in enumerate(texts)
     ]
     results = score_programs(jobs, default_workers() if workers is None else workers)
+    log_metric = columns.get("log_metric")
+    if callable(log_metric) and results:
+        # Which stage fails is the signal a code-RL run is read by (compiles? passes tests?).
+        for stage in stage_list:
+            passed = sum(1 for r in results for name, ok, _ in r.stages if name == stage.name and ok)
+            log_metric(f"{stage.name}/pass_rate", passed / len(results))
     scores = []
     for text, result in zip(texts, results, strict=True):
         score = result.score

@@ -144,9 +144,12 @@ def _check_signature(function: Callable, reward: str, reference: str) -> None:
         )
 
 
-def bind_reward(spec: RewardSpecLike, strip_thinking: bool) -> NamedReward:
+def bind_reward(
+    spec: RewardSpecLike, strip_thinking: bool, workers: int | None = None
+) -> NamedReward:
     """One spec as a TRL reward function; checks what can be checked before training
-    (arguments, the sandbox, the embedding model, the user's import)."""
+    (arguments, the sandbox, the embedding model, the user's import). `workers` is the
+    pool size of a code_execution reward whose args leave it out."""
     if (spec.builtin is None) == (spec.python is None):
         raise ValueError(f"reward {spec.name!r}: set exactly one of builtin or python")
     if spec.python is not None:
@@ -161,6 +164,8 @@ def bind_reward(spec: RewardSpecLike, strip_thinking: bool) -> NamedReward:
         kwargs["encoder"] = load_sentence_encoder(kwargs["model_path"])
     if spec.builtin == "code_execution":
         require_isolation(kwargs["isolation"])
+        if kwargs["workers"] is None:
+            kwargs["workers"] = workers
         if kwargs["isolation"] == "strict":
             kwargs["python_executable"] = sandbox_python(kwargs["python_executable"])
     return NamedReward(
@@ -169,9 +174,10 @@ def bind_reward(spec: RewardSpecLike, strip_thinking: bool) -> NamedReward:
 
 
 def build_reward_functions(
-    rewards: Sequence[RewardSpecLike], strip_thinking: bool = False
+    rewards: Sequence[RewardSpecLike], strip_thinking: bool = False, workers: int | None = None
 ) -> tuple[list[NamedReward], list[float]]:
-    """TRL-ready reward functions (`reward_funcs`) and their weights (`reward_weights`).
+    """TRL-ready reward functions (`reward_funcs`) and their weights (`reward_weights`);
+    `workers` (the spec's rewardWorkers) sizes code-execution pools whose args leave it out.
 
     >>> from types import SimpleNamespace as Spec
     >>> functions, weights = build_reward_functions([
@@ -187,7 +193,7 @@ def build_reward_functions(
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"reward names must be unique; repeated: {', '.join(repeated)}")
-    functions = [bind_reward(spec, strip_thinking) for spec in rewards]
+    functions = [bind_reward(spec, strip_thinking, workers) for spec in rewards]
     return functions, [float(spec.weight) for spec in rewards]
 
 

@@ -41,7 +41,7 @@ def redundancy_penalty(
                 repeats += 1
             exact.add(key)
             seen.append(tokens)
-        scores.append(-round(repeats / len(items), 6) if items else 0.0)
+        scores.append(-round(repeats / len(items), 6) if repeats else 0.0)
     return scores
 
 
