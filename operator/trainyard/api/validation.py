@@ -82,6 +82,9 @@ def describe_errors(
 ) -> list[tuple[str, str]]:
     """(field path, message) for each pydantic error, paths as written in YAML."""
     described: list[tuple[str, str]] = []
+    # A value that fits no branch of a union (int | str) fails once per branch; say it
+    # once: "must be a valid integer or a valid string; got [1]".
+    union_misses: dict[str, int] = {}
     for error in errors:
         loc = [part for part in error["loc"] if not _is_union_tag(part)]
         path = _join(prefix, _format_loc(loc))
@@ -89,7 +92,18 @@ def describe_errors(
         if "problems" in ctx:
             described.extend((_join(path, sub), msg) for sub, msg in ctx["problems"])
             continue
-        described.append((path or "(document)", _message(model, loc, error)))
+        path = path or "(document)"
+        if len(loc) < len(error["loc"]) and error["type"].endswith("_type"):
+            expected = error["msg"].removeprefix("Input should be ").split(",")[0]
+            if path in union_misses:
+                at = union_misses[path]
+                head, _, got = described[at][1].partition("; got ")
+                described[at] = (path, f"{head} or {expected}; got {got}")
+                continue
+            union_misses[path] = len(described)
+            described.append((path, f"must be {expected}; got {error.get('input')!r}"))
+            continue
+        described.append((path, _message(model, loc, error)))
     return described
 
 
