@@ -1,0 +1,195 @@
+"""Glue between kopf and the pure reconcile: gather what is observed, plan, apply, count.
+
+Children and pods are read from kopf indexes (kept current by watch streams), not
+listed per reconcile, so a converged run costs no API request at all. Reconciles of
+one run are serialized (create handlers and timers may fire together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from trainyard.operator import k8s
+from trainyard.operator.builders.names import run_label_value, worker_job_name, workers_service_name
+from trainyard.operator.metrics_client import MetricsClient, metrics_url
+from trainyard.operator.observability import OperatorMetrics
+from trainyard.operator.progress import MetricsSample
+from trainyard.operator.reconcile import Observed, Plan, reconcile
+from trainyard.operator.settings import OperatorConfig
+from trainyard.operator.status import TERMINAL_PHASES
+
+logger = logging.getLogger("trainyard.operator")
+
+# kopf index ids (they become handler keyword arguments) → the kind they hold
+INDEXES: dict[str, str] = {
+    "configmaps_by_run": "ConfigMap",
+    "services_by_run": "Service",
+    "jobs_by_run": "Job",
+    "deployments_by_run": "Deployment",
+    "pods_by_run": "Pod",
+}
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def index_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a child reconcile reads: identity, owners, labels and status."""
+    meta = body.get("metadata") or {}
+    entry = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": kind,
+        "metadata": {
+            k: copy.deepcopy(meta[k])
+            for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "deletionTimestamp")
+            if k in meta
+        },
+    }
+    if "status" in body:
+        entry["status"] = copy.deepcopy(dict(body["status"]))
+    return entry
+
+
+@dataclass
+class Controller:
+    """Per-process state: the API client, locks, and the bodies this operator just wrote."""
+
+    config: OperatorConfig
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    connection: Any = None
+    _client: k8s.KubeClient | None = None
+    _metrics_client: MetricsClient | None = None
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # uid → (resourceVersion the write was based on, the body the write returned)
+    _written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def set_connection(self, connection: Any) -> None:
+        """The credentials kopf logged in with; the client is rebuilt on the next call."""
+        self.connection = connection
+        if self._client is not None:
+            old, self._client = self._client, None
+            asyncio.get_running_loop().create_task(old.close())
+
+    @property
+    def client(self) -> k8s.KubeClient:
+        if self._client is None:
+            if self.connection is None:
+                raise RuntimeError("no Kubernetes connection yet: the kopf login handler has not run")
+            self._client = k8s.KubeClient(self.connection, self.config.api_settings(), self.metrics.record_api_error)
+        return self._client
+
+    @property
+    def metrics_client(self) -> MetricsClient:
+        if self._metrics_client is None:
+            self._metrics_client = MetricsClient(self.config.run_metrics_timeout)
+        return self._metrics_client
+
+    async def close(self) -> None:
+        for closable in (self._client, self._metrics_client):
+            if closable is not None:
+                await closable.close()
+        self._client = self._metrics_client = None
+
+    def forget(self, uid: str) -> None:
+        self._locks.pop(uid, None)
+        self._written.pop(uid, None)
+        self.metrics.record_phase(uid, None)
+
+    def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
+        """kopf may hand over a body older than this operator's own last status write."""
+        uid = body["metadata"]["uid"]
+        written = self._written.get(uid)
+        if written is not None:
+            based_on, result = written
+            if body["metadata"].get("resourceVersion") == based_on:
+                return {**body, "status": result.get("status"), "metadata": {**body["metadata"], "resourceVersion": result["metadata"]["resourceVersion"]}}
+            self._written.pop(uid, None)
+        return body
+
+    async def reconcile(self, body: Mapping[str, Any], indexes: Mapping[str, Any]) -> Plan:
+        """Reconcile one run; raises k8s.ApiError (Conflict included) for kopf to retry."""
+        raw = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": copy.deepcopy(dict(body["metadata"])), "spec": copy.deepcopy(dict(body.get("spec") or {}))}
+        if body.get("status") is not None:
+            raw["status"] = copy.deepcopy(dict(body["status"]))
+        uid = raw["metadata"]["uid"]
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        started = time.perf_counter()
+        async with lock:
+            try:
+                plan = await self._reconcile_locked(raw, indexes)
+            except k8s.Conflict:
+                self.metrics.reconciles.labels(result="conflict").inc()
+                raise
+            except Exception:
+                self.metrics.reconciles.labels(result="error").inc()
+                raise
+            finally:
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        result = "converged" if plan.is_empty else ("invalid" if plan.status.get("phase") == "Invalid" else "changed")
+        self.metrics.reconciles.labels(result=result).inc()
+        return plan
+
+    async def _reconcile_locked(self, raw: dict[str, Any], indexes: Mapping[str, Any]) -> Plan:
+        raw = self._freshest(raw)
+        meta = raw["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        key = (namespace, run_label_value(name))
+        children = [c for index_id, kind in INDEXES.items() if kind != "Pod" for c in _entries(indexes.get(index_id), key)]
+        pods = list(_entries(indexes.get("pods_by_run"), key))
+        now = datetime.now(UTC)
+        sample = await self._read_metrics(raw, children, pods)
+        plan = reconcile(Observed(run=raw, children=children, pods=pods, metrics=sample, now=now, image=self.config.default_image))
+        if plan.is_empty:
+            self.metrics.record_phase(uid, (raw.get("status") or {}).get("phase"))
+            return plan
+        applied = await k8s.apply_plan(self.client, plan, namespace=namespace, name=name, resource_version=meta.get("resourceVersion"))
+        if plan.status_patch is not None and applied.status is not None and applied.resource_version:
+            result = {"status": applied.status, "metadata": {"resourceVersion": applied.resource_version}}
+            self._written[uid] = (meta.get("resourceVersion", ""), result)
+        if plan.restart_reason is not None:
+            self.metrics.restarts.labels(reason=plan.restart_reason).inc()
+            logger.info("run %s/%s: gang restart (%s)", namespace, name, plan.restart_reason)
+        self.metrics.record_phase(uid, plan.status.get("phase"))
+        return plan
+
+    async def _read_metrics(self, raw: dict[str, Any], children: list[dict[str, Any]], pods: list[dict[str, Any]]) -> MetricsSample | None:
+        """Rank 0's metrics when the current attempt's rank 0 is running; else None."""
+        status = raw.get("status") or {}
+        if status.get("phase") in TERMINAL_PHASES:
+            return None
+        name = raw["metadata"]["name"]
+        job_name = worker_job_name(name, int(status.get("restartAttempt") or 0))
+        job = next((c for c in children if c["kind"] == "Job" and c["metadata"]["name"] == job_name), None)
+        if job is None:
+            return None
+        rank0 = next(
+            (
+                p for p in pods
+                if any(ref.get("uid") == job["metadata"].get("uid") for ref in p["metadata"].get("ownerReferences") or [])
+                and "0" in ((p["metadata"].get("labels") or {}).get(COMPLETION_INDEX), (p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX))
+                and (p.get("status") or {}).get("phase") == "Running"
+            ),
+            None,
+        )
+        if rank0 is None:
+            return None
+        port = int(((raw.get("spec") or {}).get("metrics") or {}).get("port") or 9400)
+        url = metrics_url(
+            self.config.run_metrics_url, run=name, namespace=raw["metadata"]["namespace"], job=job_name,
+            service=workers_service_name(name), port=port, pod_ip=(rank0.get("status") or {}).get("podIP"),
+        )
+        return await self.metrics_client.fetch(url)
+
+
+def _entries(index: Any, key: tuple[str, str]) -> Iterable[dict[str, Any]]:
+    if index is None:
+        return ()
+    try:
+        return list(index[key])
+    except KeyError:
+        return ()

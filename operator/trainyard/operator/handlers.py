@@ -1,0 +1,68 @@
+"""kopf handlers: decorators only. Every cause ends in the one `Controller.reconcile`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from trainyard.api.base import GROUP, VERSION
+from trainyard.operator import k8s
+from trainyard.operator.builders.labels import RUN_LABEL
+from trainyard.operator.controller import INDEXES, Controller, index_entry
+
+RUNS = (GROUP, VERSION, "trainingruns")
+CHILD_SELECTORS: dict[str, tuple[str, ...]] = {
+    "configmaps_by_run": ("v1", "configmaps"),
+    "services_by_run": ("v1", "services"),
+    "jobs_by_run": ("batch", "v1", "jobs"),
+    "deployments_by_run": ("apps", "v1", "deployments"),
+    "pods_by_run": ("v1", "pods"),
+}
+
+
+def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+    """Register the operator's handlers into `registry`, all bound to `controller`."""
+    config = controller.config
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if config.api_server:
+            info = kopf.ConnectionInfo(server=config.api_server, insecure=True, default_namespace="default")
+        else:
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        if info is not None:
+            controller.set_connection(info)
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await controller.close()
+
+    for index_id, selector in CHILD_SELECTORS.items():
+        kind = INDEXES[index_id]
+
+        def index_child(namespace: str, labels: dict[str, str], body: kopf.Body, _kind: str = kind, **_: Any) -> dict[Any, Any]:
+            return {(namespace, labels[RUN_LABEL]): index_entry(_kind, body)}
+
+        kopf.index(*selector, id=index_id, labels={RUN_LABEL: kopf.PRESENT}, registry=registry)(index_child)
+
+    async def reconcile_now(body: kopf.Body, **kwargs: Any) -> None:
+        try:
+            await controller.reconcile(body, {k: kwargs.get(k) for k in INDEXES})
+        except k8s.ApiError as error:
+            raise kopf.TemporaryError(str(error), delay=1.0) from error
+
+    for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        cause(*RUNS, id=f"reconcile-on-{cause.__name__}", registry=registry)(reconcile_now)
+
+    @kopf.timer(*RUNS, id="resync", interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry)
+    async def resync(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
+        try:
+            await controller.reconcile(body, {k: kwargs.get(k) for k in INDEXES})
+        except k8s.ApiError as error:
+            logger.info("resync deferred to the next tick: %s", error)  # the next tick reconciles again
+
+    @kopf.on.delete(*RUNS, id="forget", optional=True, registry=registry)
+    def forget(uid: str, **_: Any) -> None:
+        controller.forget(uid)  # children go with their owner references

@@ -1,0 +1,260 @@
+"""The only module that talks to the Kubernetes API (over aiohttp, with kopf's credentials).
+
+Every write is idempotent: creating a child that exists is fine (409 AlreadyExists),
+deleting one that is gone is fine (404), and the status is patched only when it
+changed, with the resourceVersion the plan was computed from (409 Conflict means the
+run moved on meanwhile; the caller reconciles again). Throttling and transient server
+errors (429, 5xx, dropped connections) are retried with backoff, honouring
+Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from trainyard.api.base import API_VERSION
+from trainyard.operator.reconcile import ChildRef, Plan
+
+logger = logging.getLogger("trainyard.operator.k8s")
+
+# kind → (URL prefix, plural): the children the operator makes and the run itself.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Service": ("/api/v1", "services"),
+    "Pod": ("/api/v1", "pods"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "TrainingRun": (f"/apis/{API_VERSION}", "trainingruns"),
+}
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class ApiError(Exception):
+    """A Kubernetes API answer that is neither success nor an idempotent no-op."""
+
+    def __init__(self, verb: str, path: str, status: int, reason: str, message: str):
+        super().__init__(f"{verb} {path}: {status} {reason}: {message}")
+        self.verb, self.path, self.status, self.reason, self.message = verb, path, status, reason, message
+
+
+class Conflict(ApiError):
+    """The object changed since it was read (optimistic concurrency)."""
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Timeouts and the retry schedule of one client."""
+
+    request_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    backoffs: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+    max_retry_after: float = 10.0
+
+
+def collection_path(kind: str, namespace: str) -> str:
+    prefix, plural = RESOURCES[kind]
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
+def object_path(kind: str, namespace: str, name: str) -> str:
+    return f"{collection_path(kind, namespace)}/{name}"
+
+
+def _ssl_context(connection: Any) -> ssl.SSLContext | bool:
+    if getattr(connection, "insecure", False):
+        return False
+    context = ssl.create_default_context()
+    ca_path, ca_data = getattr(connection, "ca_path", None), getattr(connection, "ca_data", None)
+    if ca_path:
+        context.load_verify_locations(cafile=ca_path)
+    elif ca_data:
+        data = ca_data.decode() if isinstance(ca_data, bytes) else ca_data
+        if "BEGIN CERTIFICATE" not in data:
+            data = base64.b64decode(data).decode()
+        context.load_verify_locations(cadata=data)
+    cert_path, key_path = getattr(connection, "certificate_path", None), getattr(connection, "private_key_path", None)
+    cert_data, key_data = getattr(connection, "certificate_data", None), getattr(connection, "private_key_data", None)
+    if cert_data and key_data:
+        # ssl loads client certificates from files only.
+        with tempfile.NamedTemporaryFile("wb", delete=False) as cert, tempfile.NamedTemporaryFile("wb", delete=False) as key:
+            for handle, blob in ((cert, cert_data), (key, key_data)):
+                raw = blob.encode() if isinstance(blob, str) else blob
+                handle.write(raw if b"BEGIN" in raw else base64.b64decode(raw))
+        cert_path, key_path = cert.name, key.name
+    if cert_path and key_path:
+        context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def _auth_headers(connection: Any) -> dict[str, str]:
+    token = getattr(connection, "token", None)
+    if token:
+        return {"Authorization": f"{getattr(connection, 'scheme', None) or 'Bearer'} {token}"}
+    username, password = getattr(connection, "username", None), getattr(connection, "password", None)
+    if username and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+    return {}
+
+
+class KubeClient:
+    """A small async Kubernetes client for the operator's writes and reads.
+
+    `connection` is a `kopf.ConnectionInfo` (server, CA, token or client certificate),
+    the same credentials kopf itself uses.
+    """
+
+    def __init__(
+        self,
+        connection: Any,
+        settings: ApiSettings | None = None,
+        on_api_error: Callable[[str, int], None] | None = None,
+    ):
+        self.server = connection.server.rstrip("/")
+        self.settings = settings or ApiSettings()
+        self.on_api_error = on_api_error
+        self._ssl = _ssl_context(connection)
+        self._headers = _auth_headers(connection)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KubeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout, connect=self.settings.connect_timeout)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=timeout, connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        accept: Iterable[int] = (),
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call with retries; returns (status, body) for success or an accepted status."""
+        delays = list(self.settings.backoffs)
+        while True:
+            try:
+                async with self._client().request(
+                    method, self.server + path, json=json, params=params,
+                    headers={"Content-Type": content_type} if json is not None else None,
+                ) as response:
+                    status = response.status
+                    body = await response.json(content_type=None) if response.content_length != 0 else {}
+                    retry_after = response.headers.get("Retry-After")
+            except (TimeoutError, aiohttp.ClientConnectionError) as error:
+                if not delays:
+                    raise ApiError(verb, path, 0, type(error).__name__, str(error)) from error
+                self._count_error(verb, 0)
+                await asyncio.sleep(delays.pop(0))
+                continue
+            body = body if isinstance(body, dict) else {}
+            if status < 300 or status in accept:
+                return status, body
+            self._count_error(verb, status)
+            if status in RETRIED_STATUSES and delays:
+                delay = delays.pop(0)
+                if retry_after and retry_after.isdigit():
+                    delay = max(delay, min(float(retry_after), self.settings.max_retry_after))
+                logger.debug("%s %s: %s, retrying in %.1fs", verb, path, status, delay)
+                await asyncio.sleep(delay)
+                continue
+            error_class = Conflict if status == 409 else ApiError
+            raise error_class(verb, path, status, body.get("reason", ""), body.get("message", ""))
+
+    def _count_error(self, verb: str, status: int) -> None:
+        if self.on_api_error is not None:
+            self.on_api_error(verb, status)
+
+    async def create(self, manifest: dict[str, Any], namespace: str) -> bool:
+        """Create unless it exists; True when this call created it."""
+        status, _ = await self.request(
+            "create", "POST", collection_path(manifest["kind"], namespace), json=manifest, accept=(409,)
+        )
+        return status != 409
+
+    async def delete(self, ref: ChildRef, namespace: str) -> bool:
+        """Delete (dependents in the background) unless gone; True when this call deleted it."""
+        status, _ = await self.request(
+            "delete", "DELETE", object_path(ref.kind, namespace, ref.name),
+            json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            accept=(404,),
+        )
+        return status != 404
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any], resource_version: str | None) -> dict[str, Any]:
+        """Merge-patch the status subresource; Conflict when the object moved past `resource_version`."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        _, result = await self.request(
+            "patch", "PATCH", object_path(kind, namespace, name) + "/status",
+            json=body, content_type="application/merge-patch+json",
+        )
+        return result
+
+    async def list(self, kind: str, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        _, body = await self.request("list", "GET", collection_path(kind, namespace), params=params)
+        kind_items = body.get("items") or []
+        for item in kind_items:  # lists leave kind/apiVersion out of their items
+            item.setdefault("kind", kind)
+        return kind_items
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, body = await self.request("get", "GET", object_path(kind, namespace, name), accept=(404,))
+        return None if status == 404 else body
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one plan did."""
+
+    status: dict[str, Any] | None
+    resource_version: str | None
+    deleted: int
+    created: int
+
+
+async def apply_plan(client: KubeClient, plan: Plan, *, namespace: str, name: str, resource_version: str | None) -> Applied:
+    """Carry out a plan: status first, then deletes, then creates (see reconcile.py)."""
+    new_body = None
+    if plan.status_patch is not None:
+        new_body = await client.patch_status("TrainingRun", namespace, name, plan.status_patch, resource_version)
+    deleted = sum(await asyncio.gather(*(client.delete(ref, namespace) for ref in plan.deletes)))
+    # The Job goes last: its pods mount the ConfigMap and resolve each other through the Service.
+    first = [m for m in plan.creates if m.get("kind") != "Job"]
+    last = [m for m in plan.creates if m.get("kind") == "Job"]
+    created = 0
+    for batch in (first, last):
+        created += sum(await asyncio.gather(*(client.create(m, namespace) for m in batch)))
+    return Applied(
+        new_body.get("status") if new_body else None,
+        (new_body or {}).get("metadata", {}).get("resourceVersion"),
+        deleted,
+        created,
+    )

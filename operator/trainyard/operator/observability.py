@@ -1,0 +1,57 @@
+"""The operator's own Prometheus metrics, served on /metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from trainyard.operator.status import PHASES
+
+
+@dataclass
+class OperatorMetrics:
+    """Reconciles by result, their duration, runs by phase, restarts by reason, API errors."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.reconciles = Counter(
+            "trainyard_operator_reconciles", "Reconciles by result (converged, changed, invalid, conflict, error).",
+            ["result"], registry=self.registry,
+        )
+        self.reconcile_seconds = Histogram(
+            "trainyard_operator_reconcile_duration_seconds", "Seconds one reconcile took, API calls included.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry,
+        )
+        self.runs = Gauge("trainyard_operator_runs", "TrainingRuns by phase.", ["phase"], registry=self.registry)
+        self.restarts = Counter(
+            "trainyard_operator_restarts", "Gang restarts by reason.", ["reason"], registry=self.registry
+        )
+        self.api_errors = Counter(
+            "trainyard_operator_api_errors", "Kubernetes API answers that were errors, by verb and HTTP status (0: no answer).",
+            ["verb", "code"], registry=self.registry,
+        )
+        self._phases: dict[str, str] = {}
+        for phase in PHASES:
+            self.runs.labels(phase=phase).set(0)
+
+    def record_phase(self, uid: str, phase: str | None) -> None:
+        """Keep the runs-by-phase gauge true; None forgets a deleted run."""
+        if phase is None:
+            self._phases.pop(uid, None)
+        else:
+            self._phases[uid] = phase
+        counts = dict.fromkeys(PHASES, 0)
+        for value in self._phases.values():
+            counts[value] = counts.get(value, 0) + 1
+        for name, count in counts.items():
+            self.runs.labels(phase=name).set(count)
+
+    def record_api_error(self, verb: str, code: int) -> None:
+        self.api_errors.labels(verb=verb, code=str(code)).inc()
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve /metrics from a background thread; returns the port (0 picks one)."""
+        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return server.server_port

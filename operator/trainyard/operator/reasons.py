@@ -1,0 +1,40 @@
+"""Condition reasons: one CamelCase word each, the only place they are spelled.
+
+Conditions follow the Kubernetes API conventions; `kubectl describe` shows these
+words, dashboards group by them, tests compare against these constants.
+"""
+
+# Valid
+SPEC_VALID = "SpecValid"
+INVALID_SPEC = "InvalidSpec"
+
+# Running / progress
+WAITING_FOR_PODS = "WaitingForPods"
+PODS_RUNNING = "PodsRunning"
+PROGRESSING = "Progressing"
+NO_PROGRESS = "NoProgress"
+
+# Restarts: why the gang was started again
+RESTARTING = "Restarting"
+PREEMPTED = "Preempted"
+EVICTED = "Evicted"
+NODE_LOST = "NodeLost"
+OOM_KILLED = "OOMKilled"
+NON_ZERO_EXIT = "NonZeroExit"
+POD_FAILED = "PodFailed"
+JOB_FAILED = "JobFailed"
+STALLED = "Stalled"
+
+# Finished
+JOB_COMPLETED = "JobCompleted"
+RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+NOT_FINISHED = "NotFinished"
+
+# Suspend
+SUSPENDED_BY_SPEC = "SuspendedBySpec"
+RESUMED = "Resumed"
+NOT_SUSPENDED = "NotSuspended"
+
+# Clean-up
+TTL_EXPIRED = "TTLExpired"

@@ -1,0 +1,341 @@
+"""Reconcile one TrainingRun: observed state in, a plan and the new status out.
+
+Pure and level-triggered: the same observation always gives the same plan, a run
+whose children all exist gets an empty plan, and a finished run stays finished.
+The I/O layer (`k8s.py`) carries the plan out in this order: status first (so a
+restart counter is recorded before the restart happens and a crash in between can
+never restart twice for free), then deletes, then creates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from trainyard.api import parse_resource, validate_resource
+from trainyard.api.training_run import TrainingRun
+from trainyard.operator import failure_policy, reasons, stall, suspend, ttl
+from trainyard.operator.builders import UnrenderableRun, render_children
+from trainyard.operator.builders.labels import ATTEMPT_LABEL
+from trainyard.operator.builders.names import worker_job_name
+from trainyard.operator.progress import MetricsSample, next_progress
+from trainyard.operator.status import (
+    TERMINAL_PHASES,
+    find_condition,
+    format_time,
+    own_status,
+    parse_time,
+    set_condition,
+    status_patch,
+)
+
+# What a user may write in metadata; the API server adds the rest.
+USER_METADATA = ("name", "namespace", "labels", "annotations")
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    """A child to delete."""
+
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything reconcile looks at, read by the I/O layer."""
+
+    run: dict[str, Any]
+    children: list[dict[str, Any]] = field(default_factory=list)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    metrics: MetricsSample | None = None
+    now: datetime | None = None
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to write. Empty when the run has converged."""
+
+    status_patch: dict[str, Any] | None = None
+    deletes: tuple[ChildRef, ...] = ()
+    creates: tuple[dict[str, Any], ...] = ()
+    status: dict[str, Any] = field(default_factory=dict)
+    restart_reason: str | None = None
+    requeue_after: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.status_patch is None and not self.deletes and not self.creates
+
+
+def user_document(body: dict[str, Any]) -> dict[str, Any]:
+    """The resource as its author wrote it: no status, no server-set metadata."""
+    meta = body.get("metadata") or {}
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items()
+        if not k.startswith(("kopf.zalando.org/", "kubectl.kubernetes.io/"))
+        and not k.startswith("trainyard.dev/kopf")
+    }
+    metadata = {k: meta[k] for k in USER_METADATA if k in meta and k != "annotations"}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": metadata,
+        "spec": body.get("spec"),
+    }
+
+
+def _ref(obj: dict[str, Any]) -> ChildRef:
+    return ChildRef(obj.get("apiVersion", ""), obj.get("kind", ""), obj["metadata"]["name"])
+
+
+def _is_owned(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _attempt_pods(pods: list[dict[str, Any]], job: dict[str, Any] | None, attempt: int) -> list[dict[str, Any]]:
+    """Pods of this attempt's Job (by owner, or by the attempt label when owners are absent)."""
+    if job is None:
+        return []
+    uid = job["metadata"].get("uid")
+    return [
+        p for p in pods
+        if (uid and _is_owned(p, uid))
+        or (p.get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
+        and not p.get("metadata", {}).get("ownerReferences")
+    ]
+
+
+def _running_pods(pods: list[dict[str, Any]]) -> int:
+    return sum(
+        1 for p in pods
+        if p.get("status", {}).get("phase") == "Running" and not p.get("metadata", {}).get("deletionTimestamp")
+    )
+
+
+class _Status:
+    """The status being computed, with the generation and clock every condition needs."""
+
+    def __init__(self, old: dict[str, Any] | None, generation: int | None, now: datetime):
+        self.data = own_status(old)
+        self.generation = generation
+        self.now = now
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.data["conditions"] = set_condition(
+            self.data.get("conditions"), type_, status, reason, message,
+            now=self.now, generation=self.generation,
+        )
+
+    def finish(self, phase: str, message: str) -> None:
+        self.data["phase"] = phase
+        self.data["message"] = message
+        self.data.setdefault("completionTime", format_time(self.now))
+
+
+def reconcile(observed: Observed) -> Plan:
+    """The plan that moves the run toward its spec, and the status that tells the truth."""
+    body = observed.run
+    meta = body.get("metadata") or {}
+    now = observed.now or datetime.now().astimezone()
+    status = _Status(body.get("status"), meta.get("generation"), now)
+    old_status = body.get("status")
+
+    document = user_document(body)
+    problems = validate_resource(document)
+    if problems:
+        return _invalid(status, old_status, problems)
+    run = parse_resource(document)
+    assert isinstance(run, TrainingRun)
+    try:
+        return _reconcile_valid(observed, run, status, now)
+    except UnrenderableRun as error:
+        # A spec the API accepts but the builders cannot run is just as invalid.
+        return _invalid(_Status(old_status, meta.get("generation"), now), old_status, [str(error)])
+
+
+def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now: datetime) -> Plan:
+    spec = run.spec
+    meta = observed.run.get("metadata") or {}
+    old_status = observed.run.get("status")
+    uid = meta.get("uid", "")
+    status.condition("Valid", True, reasons.SPEC_VALID, "the spec is valid")
+    status.data["observedGeneration"] = meta.get("generation")
+
+    ours = [c for c in observed.children if _is_owned(c, uid)]
+    pods = observed.pods
+
+    if status.data.get("phase") in TERMINAL_PHASES:
+        return _finished(status, old_status, spec, ours, now)
+
+    attempt = int(status.data.get("restartAttempt") or 0)
+    transition = suspend.suspend_transition(suspend=spec.suspend, conditions=status.data.get("conditions"))
+    if transition in ("suspend", "stay-suspended"):
+        return _suspended(status, old_status, run, ours, uid, attempt, observed.image)
+    if transition == "resume":
+        attempt += 1
+        status.condition("Suspended", False, reasons.RESUMED, "resumed from the latest checkpoint")
+    status.data["restartAttempt"] = attempt
+    status.data.setdefault("restarts", 0)
+    status.data.setdefault("preemptions", 0)
+
+    job_name = worker_job_name(run.metadata.name, attempt)
+    job = next((c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] == job_name), None)
+    attempt_pods = _attempt_pods(pods, job, attempt)
+    stale_jobs = [c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] != job_name]
+    deletes = [_ref(j) for j in stale_jobs]
+
+    if failure_policy.job_condition(job, "Complete") is not None:
+        status.condition("Running", False, reasons.JOB_COMPLETED, "all workers finished")
+        status.condition("Succeeded", True, reasons.JOB_COMPLETED, f"job {job_name} completed")
+        status.finish("Succeeded", "training finished")
+        _take_progress(status, observed.metrics, spec, now)
+        deletes += [_ref(c) for c in ours if c.get("kind") == "Deployment"]  # free the rollout GPUs
+        return _plan(status, old_status, deletes, [])
+
+    restart_reason = None
+    disruption = failure_policy.classify_attempt(job, attempt_pods)
+    if disruption is None:
+        _take_progress(status, observed.metrics, spec, now)
+        stalled = _stall_message(status, spec, now, job)
+        if stalled is not None and spec.run_policy.restart_on_stall:
+            disruption = failure_policy.Disruption("failure", reasons.STALLED, stalled)
+
+    if disruption is not None:
+        decision = failure_policy.decide(
+            disruption,
+            restarts=int(status.data.get("restarts") or 0),
+            preemptions=int(status.data.get("preemptions") or 0),
+            max_restarts=spec.run_policy.max_restarts,
+        )
+        status.data["restarts"], status.data["preemptions"] = decision.restarts, decision.preemptions
+        if not decision.restart:
+            status.condition("Running", False, decision.reason, decision.message)
+            status.condition("Failed", True, decision.reason, decision.message)
+            status.finish("Failed", decision.message)
+            deletes += [_ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes]
+            return _plan(status, old_status, deletes, [])
+        if job is not None:
+            deletes.append(_ref(job))
+        attempt += 1
+        status.data["restartAttempt"] = attempt
+        restart_reason = decision.reason
+        checkpoint = (status.data.get("checkpoints") or {}).get("latestStep")
+        origin = f"checkpoint step {checkpoint}" if checkpoint is not None else "the start (no complete checkpoint yet)"
+        status.condition("Running", False, decision.reason, f"{decision.message}; restarting the gang from {origin}")
+        status.data["phase"] = "Restarting"
+        status.data["message"] = f"{decision.reason}: restarting from {origin}"
+        status.condition("Stalled", False, reasons.RESTARTING, "a new attempt started")
+        job, attempt_pods = None, []
+
+    desired = render_children(run, uid=uid, image=observed.image, restart_attempt=attempt, suspend=False)
+    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
+    deleted = {(d.kind, d.name) for d in deletes}
+    creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing - deleted]
+
+    if restart_reason is None:
+        _observe_running(status, spec, attempt_pods, job, now)
+    plan = _plan(status, old_status, deletes, creates)
+    return Plan(plan.status_patch, plan.deletes, plan.creates, plan.status, restart_reason, plan.requeue_after)
+
+
+def _observe_running(status: _Status, spec: Any, pods: list[dict[str, Any]], job: dict[str, Any] | None, now: datetime) -> None:
+    nodes = spec.distributed.nodes
+    running = _running_pods(pods)
+    if job is not None and running >= nodes:
+        status.data["phase"] = "Running"
+        status.data["message"] = f"{running} of {nodes} workers running"
+        status.data.setdefault("startTime", format_time(now))
+        status.condition("Running", True, reasons.PODS_RUNNING, status.data["message"])
+        return
+    if status.data.get("phase") != "Restarting":
+        status.data["phase"] = "Pending"
+    waiting = f"waiting for workers: {running} of {nodes} running"
+    status.data["message"] = waiting
+    previous = find_condition(status.data.get("conditions"), "Running")
+    if previous is None or previous.get("status") == "True" or previous.get("reason") in (reasons.PODS_RUNNING, reasons.WAITING_FOR_PODS):
+        status.condition("Running", False, reasons.WAITING_FOR_PODS, waiting)
+
+
+def _take_progress(status: _Status, sample: MetricsSample | None, spec: Any, now: datetime) -> None:
+    progress = next_progress(status.data.get("progress"), sample, now)
+    if progress is not None:
+        status.data["progress"] = progress
+    if sample is not None and sample.checkpoint_step is not None and spec.checkpoint is not None:
+        status.data["checkpoints"] = {
+            "latestStep": sample.checkpoint_step,
+            "latestUri": f"{spec.checkpoint.uri.rstrip('/')}/step-{sample.checkpoint_step}",
+        }
+
+
+def _stall_message(status: _Status, spec: Any, now: datetime, job: dict[str, Any] | None) -> str | None:
+    """Set the Stalled condition; the message when the run is stalled."""
+    timeout = spec.run_policy.stall_timeout_seconds
+    running = find_condition(status.data.get("conditions"), "Running")
+    if timeout is None or job is None or running is None or running.get("status") != "True":
+        return None
+    check = stall.check_stall(
+        last_progress=parse_time((status.data.get("progress") or {}).get("updatedAt")),
+        running_since=parse_time(running.get("lastTransitionTime")),
+        now=now,
+        timeout_seconds=timeout,
+    )
+    if check.stalled:
+        message = f"the step has not moved for {int(check.idle_seconds)}s (runPolicy.stallTimeoutSeconds={timeout})"
+        status.condition("Stalled", True, reasons.NO_PROGRESS, message)
+        return message
+    if find_condition(status.data.get("conditions"), "Stalled") is not None:
+        status.condition("Stalled", False, reasons.PROGRESSING, "the step is moving")
+    return None
+
+
+def _invalid(status: _Status, old_status: dict[str, Any] | None, problems: list[str]) -> Plan:
+    message = "; ".join(problems)
+    status.condition("Valid", False, reasons.INVALID_SPEC, message)
+    status.data["phase"] = "Invalid"
+    status.data["message"] = f"fix the spec: {message}"
+    status.data["observedGeneration"] = status.generation
+    return _plan(status, old_status, [], [])
+
+
+def _finished(status: _Status, old_status: dict[str, Any] | None, spec: Any, ours: list[dict[str, Any]], now: datetime) -> Plan:
+    completion = parse_time(status.data.get("completionTime"))
+    ttl_seconds = spec.run_policy.ttl_seconds_after_finished
+    if ttl.is_cleanup_due(completion_time=completion, ttl_seconds=ttl_seconds, now=now):
+        deletes = [_ref(c) for c in ours if c.get("kind") != "ConfigMap"]
+        if deletes:
+            status.condition("CleanedUp", True, reasons.TTL_EXPIRED, f"children deleted {ttl_seconds}s after the run finished")
+        return _plan(status, old_status, deletes, [])
+    plan = _plan(status, old_status, [], [])
+    left = ttl.seconds_until_cleanup(completion_time=completion, ttl_seconds=ttl_seconds, now=now)
+    return Plan(plan.status_patch, (), (), plan.status, None, left)
+
+
+def _suspended(status: _Status, old_status: dict[str, Any] | None, run: TrainingRun, ours: list[dict[str, Any]], uid: str, attempt: int, image: str | None) -> Plan:
+    deletes = [_ref(c) for c in ours if not suspend.kept_while_suspended(c)]
+    status.data["restartAttempt"] = attempt
+    status.data["phase"] = "Suspended"
+    status.data["message"] = "suspended by spec.suspend; set it to false to resume from the latest checkpoint"
+    status.condition("Suspended", True, reasons.SUSPENDED_BY_SPEC, status.data["message"])
+    status.condition("Running", False, reasons.SUSPENDED_BY_SPEC, "suspended")
+    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
+    kept = [
+        m for m in render_children(run, uid=uid, image=image, restart_attempt=attempt, suspend=True)
+        if suspend.kept_while_suspended(m)
+    ]
+    creates = [m for m in kept if (m["kind"], m["metadata"]["name"]) not in existing]
+    return _plan(status, old_status, deletes, creates)
+
+
+def _plan(status: _Status, old_status: dict[str, Any] | None, deletes: list[ChildRef], creates: list[dict[str, Any]]) -> Plan:
+    return Plan(
+        status_patch=status_patch(old_status, status.data),
+        deletes=tuple(dict.fromkeys(deletes)),
+        creates=tuple(creates),
+        status=status.data,
+    )
