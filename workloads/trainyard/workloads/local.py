@@ -135,7 +135,9 @@ def load_training_run(path: str, overrides: list[str]) -> tuple[dict[str, Any], 
     if len(runs) != 1:
         kinds = ", ".join(str(d.get("kind")) if isinstance(d, dict) else "?" for d in documents)
         raise SpecProblem(
-            [f"{path}: expected exactly one TrainingRun, found {len(runs)} (documents: {kinds or 'none'})"]
+            [
+                f"{path}: expected exactly one TrainingRun, found {len(runs)} (documents: {kinds or 'none'})"
+            ]
         )
     try:
         document = apply_overrides(runs[0], overrides)
@@ -382,7 +384,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row(
         "runtime",
         f"{summary['wallSeconds']:.1f} s wall"
-        + (f", {summary['trainRuntimeSeconds']:.1f} s training" if summary["trainRuntimeSeconds"] else ""),
+        + (
+            f", {summary['trainRuntimeSeconds']:.1f} s training"
+            if summary["trainRuntimeSeconds"]
+            else ""
+        ),
     )
     rate = summary["trainStepsPerSecond"] or summary["wallStepsPerSecond"]
     table.add_row("steps/s", number(rate, ".2f"))
@@ -397,17 +403,16 @@ def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     if args.nproc < 1:
-        console.print(f"--nproc: {args.nproc} is not allowed; allowed: 1 or more")
+        print(f"--nproc: {args.nproc} is not allowed; allowed: 1 or more")
         return 1
     try:
         document, run = load_training_run(args.file, args.overrides)
     except SpecProblem as problem:
         for line in problem.lines:
-            console.print(line, markup=False, highlight=False)
+            print(line)  # plain, unwrapped: the same lines as `trainyard validate`
         return 1
 
     output_dir = Path(args.output) if args.output else default_output_dir(run.metadata.name)
-    output_dir.mkdir(parents=True, exist_ok=True)
     options = LocalOptions(
         output_dir=output_dir,
         nproc=args.nproc,
@@ -420,16 +425,17 @@ def run_command(argv: list[str]) -> int:
         # Checked again: --nproc changes the world size that the batch rules depend on.
         run = parse_resource(local.document)
     except InvalidResource as invalid:
-        console.print(f"{args.file} (TrainingRun/{run.metadata.name}): invalid on this machine", markup=False)
+        print(f"{args.file} (TrainingRun/{run.metadata.name}): invalid on this machine")
         for problem in invalid.problems:
-            console.print(f"  {problem}", markup=False, highlight=False)
+            print(f"  {problem}")
         return 1
+    output_dir.mkdir(parents=True, exist_ok=True)
     run_json = output_dir / RUN_JSON
     run_json.write_text(json.dumps(run.to_yaml_dict(), indent=2) + "\n")
 
     console.print(f"[bold]trainyard run[/] {run.metadata.name} ({run.spec.method}) → {output_dir}")
     for note in local.notes:
-        console.print(f"  [dim]{note}[/]", highlight=False)
+        console.print(f"  [dim]{note}[/]", highlight=False, soft_wrap=True)
     console.print(f"  [dim]metrics: http://127.0.0.1:{options.metrics_port}/metrics[/]")
 
     command = workload_command(run_json, output_dir, args.nproc)
@@ -450,12 +456,18 @@ def run_command(argv: list[str]) -> int:
 
     summary = summarize(run, output_dir, follower, exit_code, wall)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    if exit_code != 0:
-        why = "interrupted" if child.interrupts else f"exited {exit_code}"
+    if child.interrupts:
+        # The traceback of a KeyboardInterrupt says nothing the user does not know.
+        console.print(
+            f"interrupted at step {summary['steps']}; `trainyard run {args.file} --output "
+            f"{output_dir}` resumes from the newest complete checkpoint",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+    elif exit_code != 0:
         console.print(
             Panel(
                 Text(tail(output_dir / TRAIN_LOG)),
-                title=Text(f"training {why}: last lines of {summary['log']}"),
+                title=Text(f"training exited {exit_code}: last lines of {summary['log']}"),
                 border_style="red",
             )
         )

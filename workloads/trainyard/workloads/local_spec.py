@@ -181,7 +181,11 @@ def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:
     if asked[0] != 1 or max(asked[1], 1) != options.nproc:
         distributed["nodes"] = 1
         distributed["gpusPerNode"] = options.nproc
-        unit = ("GPU" if options.cuda else "process") + ("s" if options.nproc > 1 else "")
+        unit = (
+            ("GPUs" if options.cuda else "processes")
+            if options.nproc > 1
+            else ("GPU" if options.cuda else "process")
+        )
         notes.append(
             f"distributed: 1 node × {options.nproc} {unit} (--nproc), the spec asks "
             f"{asked[0]} × {asked[1]}; per-device batch sizes are kept, so the global batch differs"
@@ -195,7 +199,9 @@ def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:
             del rollout["vllm"]
             if not rollout:
                 spec.pop("rollout", None)
-            notes.append("rollout.vllm: dropped (vLLM rollouts need CUDA); generating with transformers")
+            notes.append(
+                "rollout.vllm: dropped (vLLM rollouts need CUDA); generating with transformers"
+            )
         model = spec.get("model") or {}
         if model.get("quantization") is not None:
             del model["quantization"]

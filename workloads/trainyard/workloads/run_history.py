@@ -98,7 +98,11 @@ def plot_curves(history: list[dict], path: Path, title: str) -> bool:
     panels = [
         (label, curves)
         for label, keys in (("loss", LOSS_KEYS), ("reward", REWARD_KEYS))
-        if (curves := [(name, *series(history, key)) for key, name in keys if series(history, key)[0]])
+        if (
+            curves := [
+                (name, *series(history, key)) for key, name in keys if series(history, key)[0]
+            ]
+        )
     ]
     if not panels:
         return False
@@ -112,7 +116,9 @@ def plot_curves(history: list[dict], path: Path, title: str) -> bool:
     )
     for ax, (label, curves) in zip(axes[:, 0], panels, strict=True):
         for name, steps, values in curves:
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+            ax.plot(
+                steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name
+            )
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best")
