@@ -9,7 +9,7 @@ Nothing is downloaded. A model is built once and kept in the cache directory
 >>> sorted(DATASETS)
 ['alpaca', 'chat', 'preference', 'prompts', 'text', 'unpaired-preference']
 >>> build_dataset_rows("preference")[0]["prompt"]
-'What is 1 + 5?'
+'What is 8 + 7?'
 """
 
 from __future__ import annotations

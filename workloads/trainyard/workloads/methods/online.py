@@ -93,7 +93,7 @@ def build_reward_sources(rl: Any) -> tuple[list[Any], list[float]]:
         return [], []
     from trainyard.workloads.rewards import build_reward_functions
 
-    funcs, weights = build_reward_functions(rl.rewards, rl.strip_thinking)
+    funcs, weights = build_reward_functions(rl.rewards, rl.strip_thinking, workers=rl.reward_workers)
     return list(funcs), list(weights)
 
 

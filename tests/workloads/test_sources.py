@@ -1,0 +1,201 @@
+"""Model, tokenizer and dataset sources: hf://, s3:// (moto over HTTP), file://, builtin://, run://."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainyard.api.common import S3Storage, Storage
+from trainyard.workloads import builtin, sources
+from trainyard.workloads.sources import Source, SourceError
+
+
+@pytest.fixture(autouse=True)
+def trainyard_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_CACHE", str(tmp_path_factory.getbasetemp() / "trainyard-cache"))
+    monkeypatch.delenv("TRAINYARD_RUNS_URI", raising=False)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A cache of its own, so downloads in one test never satisfy another's."""
+    monkeypatch.setenv("TRAINYARD_CACHE", str(tmp_path / "cache"))
+    # Built-in models still come from the shared session cache path.
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("hf://Qwen/Qwen2.5-0.5B", Source("hf", "Qwen/Qwen2.5-0.5B")),
+        ("hf://Qwen/Qwen2.5-0.5B@v1.0", Source("hf", "Qwen/Qwen2.5-0.5B", "v1.0")),
+        ("s3://models/qwen/step-5", Source("s3", "models/qwen/step-5")),
+        ("file:///data/model", Source("file", "/data/model")),
+        ("builtin://datasets/chat", Source("builtin", "datasets/chat")),
+        ("run://sft-stage/step-200", Source("run", "sft-stage/step-200")),
+    ],
+)
+def test_parse_source(uri, expected):
+    assert sources.parse_source(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/model", "Qwen/Qwen2.5", "hf://", "http://x/y"])
+def test_unknown_sources_say_what_is_allowed(uri):
+    with pytest.raises(SourceError, match=r"model\.source: .* allowed: hf://org/name\[@revision\]"):
+        sources.parse_source(uri, "model.source")
+
+
+def test_hub_models_keep_their_id_and_revision():
+    assert sources.resolve_model("hf://org/name@abc") == ("org/name", {"revision": "abc"})
+    # model.revision wins over an @revision in the source.
+    assert sources.resolve_model("hf://org/name@abc", revision="main") == (
+        "org/name",
+        {"revision": "main"},
+    )
+    assert sources.resolve_model("hf://org/name") == ("org/name", {})
+
+
+def test_builtin_and_file_models_resolve_to_directories(tmp_path):
+    path, kwargs = sources.resolve_model("builtin://tiny-llama")
+    assert (Path(path) / "config.json").is_file() and kwargs == {}
+    assert sources.resolve_model(f"file://{path}") == (path, {})
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(SourceError, match="model.source: .* is not a directory"):
+        sources.resolve_model(f"file://{tmp_path / 'weights.bin'}")
+
+
+def upload_tree(endpoint: str, bucket: str, prefix: str, directory: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for file in directory.rglob("*"):
+        if file.is_file():
+            client.upload_file(str(file), bucket, f"{prefix}/{file.relative_to(directory)}")
+
+
+def test_s3_model_prefix_is_downloaded_once_and_loads(s3_endpoint, s3_bucket, fresh_cache):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = builtin.model_path("tiny-qwen2")
+    upload_tree(s3_endpoint, s3_bucket, "models/tiny", model_dir)
+    storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
+
+    path, _ = sources.resolve_model(f"s3://{s3_bucket}/models/tiny", storage=storage)
+    local = Path(path)
+    assert local.is_relative_to(fresh_cache)
+    assert sorted(p.name for p in local.iterdir() if not p.name.endswith(".lock")) == sorted(
+        p.name for p in model_dir.iterdir()
+    )
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "qwen2"
+
+    stamp = (local / "model.safetensors").stat().st_mtime_ns
+    assert sources.resolve_model(f"s3://{s3_bucket}/models/tiny/", storage=storage)[0] == path
+    assert (local / "model.safetensors").stat().st_mtime_ns == stamp  # not downloaded again
+
+
+def test_s3_single_jsonl_object_is_a_dataset(s3_endpoint, s3_bucket, fresh_cache, tmp_path):
+    import boto3
+
+    rows = builtin.build_dataset_rows("preference")[:5]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket=s3_bucket, Key="data/pairs.jsonl", Body=data
+    )
+    storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
+    dataset = sources.load_dataset_source(f"s3://{s3_bucket}/data/pairs.jsonl", storage=storage)
+    assert dataset.to_list() == rows
+
+
+def test_missing_s3_object_is_a_clear_error(s3_endpoint, s3_bucket, fresh_cache):
+    storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
+    with pytest.raises(SourceError, match=r"dataset.source: nothing found at s3://"):
+        sources.load_dataset_source(f"s3://{s3_bucket}/nope.jsonl", storage=storage)
+
+
+def test_local_dataset_files(tmp_path):
+    from datasets import Dataset
+
+    rows = builtin.build_dataset_rows("alpaca")[:6]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parquet = tmp_path / "parquet" / "part-0.parquet"
+    parquet.parent.mkdir()
+    Dataset.from_list(rows).to_parquet(str(parquet))
+    saved = tmp_path / "saved"
+    Dataset.from_list(rows).save_to_disk(str(saved))
+
+    for uri in (f"file://{jsonl}", f"file://{parquet}", f"file://{parquet.parent}", f"file://{saved}"):
+        assert sources.load_dataset_source(uri).to_list() == rows, uri
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.jsonl", "does not exist"),
+        (lambda d: (d / "data.txt").write_text("x") and d / "data.txt", "unknown suffix"),
+        (lambda d: d, "must hold data files of one kind"),
+    ],
+)
+def test_bad_local_datasets_are_clear_errors(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(SourceError, match=f"dataset.source: .*{message}"):
+        sources.load_dataset_source(f"file://{path}")
+
+
+def test_builtin_dataset_names_are_checked():
+    assert sources.load_dataset_source("builtin://datasets/text").num_rows > 0
+    with pytest.raises(SourceError, match="builtin://datasets/chat"):
+        sources.load_dataset_source("builtin://tiny-qwen2")
+    with pytest.raises(SourceError, match="unknown built-in dataset 'nope'"):
+        sources.load_dataset_source("builtin://datasets/nope")
+
+
+@pytest.mark.parametrize(
+    ("uri", "own", "env", "expected"),
+    [
+        ("run://sft", "s3://ckpt/runs/dpo", None, "s3://ckpt/runs/sft/final"),
+        ("run://sft/step-200", "s3://ckpt/runs/dpo/", None, "s3://ckpt/runs/sft/step-200"),
+        ("run://sft/latest", None, "file:///data/runs", "file:///data/runs/sft/latest"),
+        ("run://sft/final", "s3://a/b", "s3://ckpt/runs", "s3://ckpt/runs/sft/final"),
+    ],
+)
+def test_run_references_resolve_under_the_runs_root(uri, own, env, expected, monkeypatch):
+    if env:
+        monkeypatch.setenv("TRAINYARD_RUNS_URI", env)
+    assert sources.run_checkpoint_uri(uri, own) == expected
+
+
+def test_run_reference_without_a_root_or_with_a_bad_step_is_an_error():
+    with pytest.raises(SourceError, match="set checkpoint.uri"):
+        sources.run_checkpoint_uri("run://sft", None)
+    with pytest.raises(SourceError, match="run://RUN/step-N"):
+        sources.run_checkpoint_uri("run://sft/step-x", "s3://a/b")
+
+
+def test_run_latest_takes_the_newest_complete_checkpoint(tmp_path):
+    """run://RUN/latest goes through the checkpoint store: a step without a manifest is skipped."""
+    from trainyard.workloads.checkpoint import CheckpointSync
+
+    model_dir = builtin.model_path("tiny-qwen2")
+    runs = tmp_path / "runs"
+    sync = CheckpointSync(f"file://{runs}/sft")
+    sync.submit(model_dir, 4)
+    sync.close()
+    # An upload that never finished: files but no manifest.
+    (runs / "sft" / "step-9").mkdir()
+    (runs / "sft" / "step-9" / "config.json").write_text("{}")
+
+    path, _ = sources.resolve_model("run://sft/latest", checkpoint_uri=f"file://{runs}/dpo")
+    assert Path(path) == runs / "sft" / "step-4"
+    assert (Path(path) / "model.safetensors").is_file()
+    with pytest.raises(SourceError, match=r"run://sft/step-7 resolves to .*does not exist"):
+        sources.resolve_model("run://sft/step-7", checkpoint_uri=f"file://{runs}/dpo")
+
+
+def test_adapter_directories_name_their_base(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m"}))
+    assert sources.adapter_base(str(tmp_path)) == "/m"
+    assert sources.adapter_base(str(builtin.model_path("tiny-qwen2"))) is None
