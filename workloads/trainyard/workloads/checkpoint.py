@@ -226,7 +226,8 @@ class CheckpointSync:
     `uri` is `s3://bucket/prefix` or `file://path` (or an already opened store);
     store_options are `open_store`'s S3 settings (endpoint, region, addressing_style,
     credentials_dir, max_concurrency). `on_upload` is called from the worker thread
-    with every UploadResult, failed ones included (metrics hook).
+    with every UploadResult, failed ones included (metrics hook). Upload threads run
+    `upload_niceness` steps nicer than training, so they take idle CPU, not the step's.
     """
 
     def __init__(
@@ -235,6 +236,7 @@ class CheckpointSync:
         *,
         keep_last: int | None = None,
         on_upload: Callable[[UploadResult], None] | None = None,
+        upload_niceness: int = 10,
         **store_options,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -244,7 +246,12 @@ class CheckpointSync:
         self.on_upload = on_upload
         # One worker: saves upload in order and never two at once, so `latest` only
         # moves forward and retention never races an upload.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync")
+        self._worker = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="ckpt-sync",
+            initializer=lower_thread_priority,
+            initargs=(upload_niceness,),
+        )
         self._pending: list[concurrent.futures.Future] = []
         self._lock = threading.Lock()
         self.results: list[UploadResult] = []
@@ -365,6 +372,22 @@ class CheckpointSync:
             logger.info("resuming from %s/%s (downloaded to %s)", self.store.uri, name, target)
             return target
         return None
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Make the calling thread nicer; threads it starts (boto3's transfer pool) inherit it.
+
+    Linux keeps a nice value per thread, so training threads are not affected.
+    """
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+        )
+    except OSError as error:  # some sandboxes forbid it; uploads still work
+        logger.debug("could not lower checkpoint upload priority: %s", error)
 
 
 def snapshot_directory(directory: Path) -> Path:
