@@ -21,6 +21,8 @@ import yaml
 
 # `a.b[0].c`: mapping keys separated by dots, list indexes in brackets.
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+# YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); on a command line it is a number.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class OverrideError(ValueError):
@@ -35,6 +37,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
 
     >>> parse_override("training.maxSteps=5")
     (['spec', 'training', 'maxSteps'], 5)
+    >>> parse_override("training.learningRate=1e-4")
+    (['spec', 'training', 'learningRate'], 0.0001)
     >>> parse_override("grpo.rewards[0].weight=0.5")
     (['spec', 'grpo', 'rewards', 0, 'weight'], 0.5)
     >>> parse_override("metadata.name=quick")
@@ -63,6 +67,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise OverrideError(f"--set {text!r}: the value is not valid YAML: {error}") from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
     return parts, value
 
 

@@ -95,15 +95,12 @@ def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot_curves(history: list[dict], path: Path, title: str) -> bool:
     """Write the loss (and reward, when logged) curves to a PNG; False when nothing was logged."""
-    panels = [
-        (label, curves)
-        for label, keys in (("loss", LOSS_KEYS), ("reward", REWARD_KEYS))
-        if (
-            curves := [
-                (name, *series(history, key)) for key, name in keys if series(history, key)[0]
-            ]
-        )
-    ]
+    panels = []
+    for label, keys in (("loss", LOSS_KEYS), ("reward", REWARD_KEYS)):
+        curves = [(name, *series(history, key)) for key, name in keys]
+        curves = [curve for curve in curves if curve[1]]
+        if curves:
+            panels.append((label, curves))
     if not panels:
         return False
     import matplotlib
