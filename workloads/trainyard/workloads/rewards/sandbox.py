@@ -220,16 +220,18 @@ def _executable_by_others(path: str) -> bool:
 def sandbox_python(preferred: str | None = None) -> str:
     """An interpreter a sandbox uid may execute: `preferred`, then this interpreter, then
     python3 on the sandbox PATH (a pyenv or venv under /root is not reachable for it)."""
-    candidates = [preferred] if preferred else [sys.executable]
+    if preferred:
+        if _executable_by_others(preferred):
+            return preferred
+        raise SandboxUnavailable(
+            f"pythonExecutable {preferred!r} is not executable by other users (the file and "
+            "every directory on its path need o+x), so a sandbox uid cannot run it"
+        )
+    candidates = [sys.executable]
     candidates += [shutil.which(name, path=_SANDBOX_PATH) or "" for name in ("python3", "python")]
     for candidate in candidates:
         if candidate and _executable_by_others(candidate):
             return candidate
-    if preferred:
-        raise SandboxUnavailable(
-            f"pythonExecutable {preferred!r} is not executable by other users (every directory "
-            "on its path needs o+x), so a sandbox uid cannot run it"
-        )
     raise SandboxUnavailable(
         f"no Python interpreter that a sandbox uid may execute: {sys.executable} is not "
         f"world-executable and there is no python3 on {_SANDBOX_PATH}; set pythonExecutable"
