@@ -481,7 +481,7 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
             k: v for k, v in current.items() if k not in ("metadata", "status")
         }
         meta["generation"] = old_meta.get("generation", 1) + (1 if spec_changed else 0)
-        if new == {**current, "metadata": {**meta, "resourceVersion": old_meta["resourceVersion"]}}:
+        if {**new, "metadata": {**meta, "resourceVersion": old_meta["resourceVersion"]}} == current:
             return current  # a no-op write does not bump the version (as the API server does)
         meta["resourceVersion"] = str(self._next_rv())
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):

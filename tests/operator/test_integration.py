@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from operator_fakes import CONFIGMAPS, JOBS, NAMESPACE, PODS, RUNS, SERVICES, eventually, training_run
+from operator_fakes import (
+    CONFIGMAPS,
+    JOBS,
+    NAMESPACE,
+    PODS,
+    RUNS,
+    SERVICES,
+    eventually,
+    training_run,
+)
 
 from trainyard.operator import reasons
 
@@ -40,3 +51,124 @@ async def test_run_goes_from_created_to_succeeded_with_progress(api, kubelet, st
         assert status["completionTime"] and status["startTime"]
         assert kubelet.condition("demo", "Succeeded")["status"] == "True"
         assert len(api.objects(PODS, NAMESPACE)) == 2
+
+
+async def _running(api, kubelet, name, attempt=0):
+    job = await eventually(lambda: next((j for j in kubelet.jobs(name) if j["metadata"]["name"] == f"{name}-attempt-{attempt}"), None))
+    pods = await kubelet.start_pods(job)
+    await eventually(lambda: kubelet.status(name).get("phase") == "Running")
+    return job, pods
+
+
+async def test_failed_worker_restarts_the_whole_gang_from_the_checkpoint(api, kubelet, start_operator, rank0_metrics):
+    async with start_operator() as metrics:
+        await api.put_object(RUNS, training_run("crash", metrics={"port": rank0_metrics.port}))
+        rank0_metrics.values = {"trainyard_step": 30, "trainyard_checkpoint_last_step": 20}
+        job, pods = await _running(api, kubelet, "crash")
+        await eventually(lambda: kubelet.status("crash").get("checkpoints"))
+
+        await kubelet.fail_pod(pods[1], reason="OOMKilled", exit_code=137)
+        new_job = await eventually(lambda: api.get(JOBS, NAMESPACE, "crash-attempt-1"))
+        await eventually(lambda: api.get(JOBS, NAMESPACE, "crash-attempt-0") is None)
+        assert not kubelet.pods(job), "the old attempt's pods go with their Job"
+        status = kubelet.status("crash")
+        assert (status["restarts"], status["preemptions"], status["restartAttempt"]) == (1, 0, 1)
+        assert status["phase"] == "Restarting"
+        running = kubelet.condition("crash", "Running")
+        assert running["reason"] == reasons.OOM_KILLED and "checkpoint step 20" in running["message"]
+
+        await kubelet.start_pods(new_job)
+        await eventually(lambda: kubelet.status("crash").get("phase") == "Running")
+        assert [j["metadata"]["name"] for j in kubelet.jobs("crash")] == ["crash-attempt-1"]
+        assert metrics.restarts.labels(reason=reasons.OOM_KILLED)._value.get() == 1
+
+
+async def test_preemption_restarts_without_using_the_budget(api, kubelet, start_operator):
+    async with start_operator():
+        await api.put_object(RUNS, training_run("preempted", runPolicy={"maxRestarts": 0}))
+        job, pods = await _running(api, kubelet, "preempted")
+        await kubelet.fail_pod(pods[0], reason="Error", exit_code=137, disruption="PreemptionByScheduler")
+        await eventually(lambda: api.get(JOBS, NAMESPACE, "preempted-attempt-1"))
+        status = kubelet.status("preempted")
+        assert (status["restarts"], status["preemptions"]) == (0, 1)
+        assert kubelet.condition("preempted", "Running")["reason"] == reasons.PREEMPTED
+        assert kubelet.condition("preempted", "Failed") is None
+
+
+async def test_exhausted_restart_budget_fails_the_run_and_frees_the_gpus(api, kubelet, start_operator):
+    async with start_operator():
+        await api.put_object(RUNS, training_run("doomed", runPolicy={"maxRestarts": 1}))
+        _, pods = await _running(api, kubelet, "doomed", attempt=0)
+        await kubelet.fail_pod(pods[0], exit_code=1)
+        _, pods = await _running(api, kubelet, "doomed", attempt=1)
+        await kubelet.fail_pod(pods[1], exit_code=3)
+        await eventually(lambda: kubelet.status("doomed").get("phase") == "Failed")
+        failed = kubelet.condition("doomed", "Failed")
+        assert failed["reason"] == reasons.RESTART_BUDGET_EXHAUSTED
+        assert "exited with code 3" in failed["message"] and "maxRestarts=1" in failed["message"]
+        await eventually(lambda: not kubelet.jobs("doomed"))
+        # terminal stays terminal: nothing is recreated on later resyncs
+        await asyncio.sleep(0.6)
+        assert not kubelet.jobs("doomed") and kubelet.status("doomed")["phase"] == "Failed"
+
+
+async def test_suspend_deletes_the_pods_and_resume_starts_a_new_attempt(api, kubelet, start_operator):
+    async with start_operator():
+        await api.put_object(RUNS, training_run("pausable"))
+        job, _ = await _running(api, kubelet, "pausable")
+        await api.patch_object(RUNS, NAMESPACE, "pausable", {"spec": {"suspend": True}})
+        await eventually(lambda: kubelet.status("pausable").get("phase") == "Suspended")
+        await eventually(lambda: not kubelet.jobs("pausable"))
+        assert not kubelet.pods(job)
+        assert api.get(CONFIGMAPS, NAMESPACE, "pausable-config") is not None
+        assert kubelet.condition("pausable", "Suspended")["status"] == "True"
+
+        await api.patch_object(RUNS, NAMESPACE, "pausable", {"spec": {"suspend": False}})
+        await eventually(lambda: api.get(JOBS, NAMESPACE, "pausable-attempt-1"))
+        status = kubelet.status("pausable")
+        assert (status["restarts"], status["preemptions"]) == (0, 0)
+        assert kubelet.condition("pausable", "Suspended")["reason"] == reasons.RESUMED
+
+
+async def test_invalid_spec_gets_the_validate_message_and_no_children(api, kubelet, start_operator):
+    from trainyard.api import validate_resource
+
+    bad = training_run("broken", method="grpo")  # grpo without rewards
+    bad["spec"]["training"] = {"learningRate": -1}
+    expected = validate_resource(bad)
+    assert expected, "the fixture must be invalid"
+    async with start_operator():
+        await api.put_object(RUNS, bad)
+        await eventually(lambda: kubelet.status("broken").get("phase") == "Invalid")
+        valid = kubelet.condition("broken", "Valid")
+        assert valid["status"] == "False" and valid["reason"] == reasons.INVALID_SPEC
+        assert valid["message"] == "; ".join(expected)
+        # kopf records the handled spec once; after that nothing may be written again
+        await eventually(lambda: "trainyard.dev/last-handled-configuration" in kubelet.run("broken")["metadata"].get("annotations", {}))
+        mark = len(api.records)
+        await asyncio.sleep(1.0)  # five resyncs: no retry storm, no writes
+        assert api.writes(since=mark) == []
+        assert not kubelet.jobs("broken") and api.get(CONFIGMAPS, NAMESPACE, "broken-config") is None
+
+
+async def test_deleting_the_run_deletes_its_children(api, kubelet, start_operator):
+    async with start_operator():
+        await api.put_object(RUNS, training_run("short-lived"))
+        job, _ = await _running(api, kubelet, "short-lived")
+        await api.delete_object(RUNS, NAMESPACE, "short-lived")
+        assert api.get(RUNS, NAMESPACE, "short-lived") is None
+        assert not kubelet.jobs("short-lived") and not kubelet.pods(job)
+        assert api.objects(CONFIGMAPS, NAMESPACE, "trainyard.dev/run=short-lived") == []
+        assert api.objects(SERVICES, NAMESPACE, "trainyard.dev/run=short-lived") == []
+
+
+async def test_finished_run_children_are_cleaned_up_after_the_ttl(api, kubelet, start_operator):
+    async with start_operator():
+        await api.put_object(RUNS, training_run("tidy", runPolicy={"ttlSecondsAfterFinished": 1}))
+        job, _ = await _running(api, kubelet, "tidy")
+        await kubelet.complete_job(job)
+        await eventually(lambda: kubelet.status("tidy").get("phase") == "Succeeded")
+        assert kubelet.jobs("tidy"), "children stay until the TTL passes"
+        await eventually(lambda: not kubelet.jobs("tidy") and not api.objects(SERVICES, NAMESPACE, "trainyard.dev/run=tidy"), timeout=5)
+        assert kubelet.status("tidy")["phase"] == "Succeeded"
+        assert kubelet.condition("tidy", "CleanedUp")["reason"] == reasons.TTL_EXPIRED

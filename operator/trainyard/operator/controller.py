@@ -8,6 +8,7 @@ one run are serialized (create handlers and timers may fire together).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -35,7 +36,22 @@ INDEXES: dict[str, str] = {
     "deployments_by_run": "Deployment",
     "pods_by_run": "Pod",
 }
+RUNS_INDEX = "runs_by_uid"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+RESYNC_CONCURRENCY = 8
+
+
+def run_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of a run's body, as the resync loop keeps it."""
+    snapshot = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": copy.deepcopy(dict(body["metadata"])),
+        "spec": copy.deepcopy(dict(body.get("spec") or {})),
+    }
+    if body.get("status") is not None:
+        snapshot["status"] = copy.deepcopy(dict(body["status"]))
+    return snapshot
 
 
 def index_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,6 +83,27 @@ class Controller:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # uid → (resourceVersion the write was based on, the body the write returned)
     _written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    _resync: asyncio.Task[None] | None = None
+
+    def start_resync(self, indexes: Mapping[str, Any]) -> None:
+        """Reconcile every run every `resync_seconds` (progress, stalls, TTL, missed events)."""
+        if self._resync is None:
+            self._resync = asyncio.get_running_loop().create_task(self._resync_forever(indexes))
+
+    async def _resync_forever(self, indexes: Mapping[str, Any]) -> None:
+        limit = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+        async def resync_one(body: dict[str, Any]) -> None:
+            async with limit:
+                try:
+                    await self.reconcile(body, indexes)
+                except Exception as error:  # one run's trouble must not stop the others
+                    logger.info("resync of %s/%s deferred: %s", body["metadata"].get("namespace"), body["metadata"].get("name"), error)
+
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            runs = [body for store in list((indexes.get(RUNS_INDEX) or {}).values()) for body in list(store)]
+            await asyncio.gather(*(resync_one(body) for body in runs))
 
     def set_connection(self, connection: Any) -> None:
         """The credentials kopf logged in with; the client is rebuilt on the next call."""
@@ -90,6 +127,11 @@ class Controller:
         return self._metrics_client
 
     async def close(self) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resync
+            self._resync = None
         for closable in (self._client, self._metrics_client):
             if closable is not None:
                 await closable.close()
@@ -113,9 +155,7 @@ class Controller:
 
     async def reconcile(self, body: Mapping[str, Any], indexes: Mapping[str, Any]) -> Plan:
         """Reconcile one run; raises k8s.ApiError (Conflict included) for kopf to retry."""
-        raw = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": copy.deepcopy(dict(body["metadata"])), "spec": copy.deepcopy(dict(body.get("spec") or {}))}
-        if body.get("status") is not None:
-            raw["status"] = copy.deepcopy(dict(body["status"]))
+        raw = run_snapshot(body)
         uid = raw["metadata"]["uid"]
         lock = self._locks.setdefault(uid, asyncio.Lock())
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""kopf handlers: decorators only. Every cause ends in the one `Controller.reconcile`."""
+"""kopf handlers: decorators only. Every cause (create, update, resume, resync) ends in `Controller.reconcile`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import kopf
 from trainyard.api.base import GROUP, VERSION
 from trainyard.operator import k8s
 from trainyard.operator.builders.labels import RUN_LABEL
-from trainyard.operator.controller import INDEXES, Controller, index_entry
+from trainyard.operator.controller import INDEXES, RUNS_INDEX, Controller, index_entry, run_snapshot
 
 RUNS = (GROUP, VERSION, "trainingruns")
 CHILD_SELECTORS: dict[str, tuple[str, ...]] = {
@@ -26,7 +26,7 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
     config = controller.config
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         if config.api_server:
             info = kopf.ConnectionInfo(server=config.api_server, insecure=True, default_namespace="default")
         else:
@@ -37,12 +37,12 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
-        await controller.close()
+        await controller.close()  # stops the resync loop too
 
     for index_id, selector in CHILD_SELECTORS.items():
         kind = INDEXES[index_id]
 
-        def index_child(namespace: str, labels: dict[str, str], body: kopf.Body, _kind: str = kind, **_: Any) -> dict[Any, Any]:
+        async def index_child(namespace: str, labels: dict[str, str], body: kopf.Body, _kind: str = kind, **_: Any) -> dict[Any, Any]:
             return {(namespace, labels[RUN_LABEL]): index_entry(_kind, body)}
 
         kopf.index(*selector, id=index_id, labels={RUN_LABEL: kopf.PRESENT}, registry=registry)(index_child)
@@ -56,13 +56,17 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
     for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
         cause(*RUNS, id=f"reconcile-on-{cause.__name__}", registry=registry)(reconcile_now)
 
-    @kopf.timer(*RUNS, id="resync", interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry)
-    async def resync(body: kopf.Body, logger: Any, **kwargs: Any) -> None:
-        try:
-            await controller.reconcile(body, {k: kwargs.get(k) for k in INDEXES})
-        except k8s.ApiError as error:
-            logger.info("resync deferred to the next tick: %s", error)  # the next tick reconciles again
+    # Resync through one loop over an index of runs rather than a kopf timer per run:
+    # timers make kopf put a finalizer on every run (one more write, and a round trip
+    # before the first reconcile), and 1,000 runs would be 1,000 timer tasks.
+    @kopf.index(*RUNS, id=RUNS_INDEX, registry=registry)
+    async def runs_by_uid(uid: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {uid: run_snapshot(body)}
+
+    @kopf.on.startup(registry=registry)
+    async def start_resync(**kwargs: Any) -> None:
+        controller.start_resync({k: kwargs.get(k) for k in (*INDEXES, RUNS_INDEX)})
 
     @kopf.on.delete(*RUNS, id="forget", optional=True, registry=registry)
-    def forget(uid: str, **_: Any) -> None:
+    async def forget(uid: str, **_: Any) -> None:
         controller.forget(uid)  # children go with their owner references

