@@ -521,3 +521,21 @@ def test_credentials_are_refused_anywhere_in_a_spec(document, path):
     """Issue 2: no literal credentials anywhere in a spec, only Secret references."""
     problems = validate_resource(document)
     assert [p for p in problems if p.startswith(f"{path}: ") and "credentials" in p], problems
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param(run().set("spec.training.perDeviceBatchSize", "16").doc, id="int-as-string"),
+        pytest.param(run().set("spec.training.perDeviceBatchSize", True).doc, id="int-as-bool"),
+        pytest.param(run().set("spec.training.epochs", "10").doc, id="number-as-string"),
+        pytest.param(run().set("spec.suspend", "yes").doc, id="bool-as-string"),
+        pytest.param(
+            run().set("spec.distributed.deepspeed.zeroStage", "2").doc, id="enum-int-as-string"
+        ),
+    ],
+)
+def test_models_refuse_what_the_crd_schema_refuses(document):
+    """`trainyard validate` must not pass a spec that `kubectl apply` then rejects."""
+    assert api_server_errors(document) != []
+    assert validate_resource(document) != []
