@@ -167,6 +167,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def needs_gpu(run: TrainingRun) -> bool:
+    """Whether the spec uses something only a CUDA machine runs (vLLM, bitsandbytes)."""
+    spec = run.spec
+    return spec.model.quantization is not None or (
+        spec.rollout is not None and spec.rollout.vllm is not None
+    )
+
+
 def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -417,7 +425,8 @@ def run_command(argv: list[str]) -> int:
         output_dir=output_dir,
         nproc=args.nproc,
         metrics_port=args.metrics_port or free_port(),
-        cuda=cuda_available(),
+        # Importing torch costs the runner seconds; only these two fields depend on CUDA.
+        cuda=needs_gpu(run) and cuda_available(),
         keep_storage=args.keep_storage,
     )
     local = localize(run.to_yaml_dict(), options)

@@ -187,13 +187,9 @@ def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:
     if asked[0] != 1 or max(asked[1], 1) != options.nproc:
         distributed["nodes"] = 1
         distributed["gpusPerNode"] = options.nproc
-        unit = (
-            ("GPUs" if options.cuda else "processes")
-            if options.nproc > 1
-            else ("GPU" if options.cuda else "process")
-        )
         notes.append(
-            f"distributed: 1 node × {options.nproc} {unit} (--nproc), the spec asks "
+            f"distributed: 1 node × {options.nproc} process{'es' if options.nproc > 1 else ''} "
+            f"(--nproc), the spec asks "
             f"{asked[0]} × {asked[1]}; per-device batch sizes are kept, so the global batch differs"
         )
 
