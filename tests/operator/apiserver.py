@@ -96,6 +96,7 @@ class Faults:
     rules: list[Fault] = field(default_factory=list)
     watch_gone: dict[str, int] = field(default_factory=dict)  # resource id -> next N watches get 410
     silent_until: float = 0.0  # loop time until which open watch streams deliver nothing
+    dropped: int = 0  # events a silent stream swallowed
 
     def fail(
         self,
@@ -598,6 +599,7 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
                 if event is None:
                     break
                 if loop.time() < self.faults.silent_until:
+                    self.faults.dropped += 1
                     continue  # a dead stream: the event never reaches this client
                 if event["type"] == "ERROR" or wanted(event):
                     await self._write_event(response, event)
