@@ -157,7 +157,7 @@ def test_validate_command_accepts_every_example(capsys):
 
 
 def test_trainyard_entrypoint_validates_the_examples():
-    """The installed console script, as a user runs it."""
+    """The installed console script, as a user runs it, from outside the repository."""
     result = subprocess.run(
         ["trainyard", "validate", "--quiet", *map(str, EXAMPLES)],
         capture_output=True,
