@@ -220,7 +220,10 @@ def resolve_model(
         rev = revision or source.revision
         return source.path, ({"revision": rev} if rev else {})
     if source.scheme == "builtin":
-        return str(builtin.model_path(source.path)), {}
+        try:
+            return str(builtin.model_path(source.path)), {}
+        except ValueError as error:
+            raise SourceError(f"{field}: {error}") from None
     if source.scheme == "run":
         return str(_resolve_run(uri, checkpoint_uri, s3, field)), {}
     local = _to_local(uri, s3, field)

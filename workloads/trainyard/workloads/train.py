@@ -418,6 +418,11 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "peft": spec.peft is not None,
             "finalDir": str(final),
             "worldSize": env.world_size,
+            "deepspeedZeroStage": (
+                trainer.accelerator.state.deepspeed_plugin.zero_stage
+                if trainer.is_deepspeed_enabled
+                else None
+            ),
             "logHistory": trainer.state.log_history,
         }
         if trainer.is_world_process_zero():

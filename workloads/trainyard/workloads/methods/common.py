@@ -14,6 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def _checkpointing_option() -> str:
+    """transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing`;
+    TRL configs still default the old name to True, so the new name is set explicitly."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+CHECKPOINTING = _checkpointing_option()
+
+
 class SpecError(ValueError):
     """A spec that cannot run in this environment; the message names the field and the fix."""
 
@@ -97,7 +111,7 @@ def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str
         "weight_decay": training.weight_decay,
         "max_grad_norm": training.max_grad_norm,
         "optim": training.optim,
-        "gradient_checkpointing": training.gradient_checkpointing,
+        CHECKPOINTING: training.gradient_checkpointing,
         "seed": training.seed,
         "data_seed": training.seed,
         "logging_steps": training.logging_steps,
@@ -113,7 +127,7 @@ def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str
         args["warmup_steps"] = training.warmup_ratio
     if training.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen base weights (LoRA) and DeepSpeed.
-        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        args[f"{CHECKPOINTING}_kwargs"] = {"use_reentrant": False}
     args.update(precision_arguments(training.precision, env))
     args.update(save_and_eval_arguments(spec))
     if spec.distributed.deepspeed is not None:
