@@ -26,6 +26,10 @@ from trainyard.operator.builders.service import RENDEZVOUS_PORT
 DEFAULT_TRAINER_IMAGE = "ghcr.io/trainyard/trainer:0.1.0"
 TRAINER_CONTAINER = "trainer"
 CONFIG_VOLUME = "run-config"
+# Where the trainer writes checkpoints before they are uploaded, and its final model:
+# node disk, sized by the node, gone with the pod (checkpoint.uri is what persists).
+OUTPUT_VOLUME = "output"
+OUTPUT_DIR = "/var/lib/trainyard/output"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
@@ -71,10 +75,13 @@ def worker_env(run: TrainingRun, restart_attempt: int) -> list[dict]:
         {"name": "TRAINYARD_RESTART_ATTEMPT", "value": str(restart_attempt)},
         {"name": "TRAINYARD_RUN_CONFIG", "value": RUN_CONFIG_PATH},
         {"name": "TRAINYARD_TRAINER_OPTIONS", "value": TRAINER_OPTIONS_PATH},
+        {"name": "TRAINYARD_OUTPUT_DIR", "value": OUTPUT_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if vllm.needs_rollout_server(run):
-        own.append({"name": "TRAINYARD_VLLM_SERVER_BASE_URL", "value": vllm.server_base_url(run)})
+        # The name the workload reads (trainyard.workloads.methods.online); trainer.json
+        # carries the same URL under TRL's name, with the timeout and group port.
+        own.append({"name": "TRAINYARD_VLLM_URL", "value": vllm.server_base_url(run)})
     return pod_settings.merge_env(
         own, pod_settings.cache_env(), pod_settings.s3_env(run), pod_settings.user_env(run)
     )
@@ -156,6 +163,7 @@ def render_worker_job(
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             *pod_settings.volume_mounts(),
+            {"name": OUTPUT_VOLUME, "mountPath": OUTPUT_DIR},
         ],
     }
     pod_spec = {
@@ -172,6 +180,7 @@ def render_worker_job(
                 "configMap": {"name": names.config_map_name(run.metadata.name)},
             },
             *pod_settings.volumes(spec.resources),
+            {"name": OUTPUT_VOLUME, "emptyDir": {}},
         ],
     }
     return {

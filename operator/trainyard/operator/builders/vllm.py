@@ -84,6 +84,8 @@ SERVER_TIMEOUT_SECONDS = 1800.0
 # Same window for the kubelet's startup probe: 180 × 10 s.
 STARTUP_PROBE_PERIOD = 10
 STARTUP_PROBE_FAILURES = 180
+# GRPOConfig/RLOOConfig default of vllm_gpu_memory_utilization (colocate mode).
+TRL_COLOCATE_GPU_MEMORY_UTILIZATION = 0.3
 # TRL's weight-transfer engine: NCCL, the only backend its client speaks.
 WEIGHT_TRANSFER_CONFIG = json.dumps({"backend": "nccl"})
 
@@ -115,7 +117,7 @@ def server_base_url(run: TrainingRun) -> str:
 def trainer_vllm_options(run: TrainingRun) -> dict:
     """TRL `GRPOConfig`/`RLOOConfig` keyword arguments for the run's vLLM mode ({} without vLLM).
 
-    Only options the spec decides are set; TRL's defaults stand for the rest.
+    Only options the operator decides or must override are set; TRL's defaults stand for the rest.
     """
     vllm = rollout_of(run)
     if vllm is None or run.spec.method not in ("grpo", "rloo"):
@@ -142,15 +144,20 @@ def trainer_vllm_options(run: TrainingRun) -> dict:
             f"{vllm.data_parallel_size} only applies to mode server; in colocate mode every "
             "training process runs its own vLLM, so leave it at 1",
         )
+    # The API's default (0.9) is meant for a server that owns its GPUs; colocated vLLM
+    # shares them with training, so an unset value takes TRL's colocate default. It is
+    # written out, not left to TRL, so it also wins over a value derived from the spec.
+    memory = (
+        vllm.gpu_memory_utilization
+        if "gpu_memory_utilization" in vllm.model_fields_set
+        else TRL_COLOCATE_GPU_MEMORY_UTILIZATION
+    )
     options = {
         "use_vllm": True,
         "vllm_mode": "colocate",
         "vllm_tensor_parallel_size": vllm.tensor_parallel_size,
+        "vllm_gpu_memory_utilization": memory,
     }
-    # The API's default (0.9) is meant for a server that owns its GPUs; colocated vLLM
-    # shares them with training, so an unset value keeps TRL's colocate default (0.3).
-    if "gpu_memory_utilization" in vllm.model_fields_set:
-        options["vllm_gpu_memory_utilization"] = vllm.gpu_memory_utilization
     if vllm.max_model_len is not None:
         options["vllm_max_model_length"] = vllm.max_model_len
     return options
