@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import boto3
@@ -322,17 +321,3 @@ def test_uploader_killed_midway_never_becomes_latest(
     assert "step-20/manifest.json" not in store.list_objects()
     resumed = CheckpointSync(store).resume(tmp_path / "fresh")
     assert resumed.name == "checkpoint-10"
-
-
-def test_uploads_run_nicer_than_training(store, save_checkpoint):
-    seen = []
-
-    def priority_of_uploading_thread(result):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    sync = CheckpointSync(store, on_upload=priority_of_uploading_thread, upload_niceness=5)
-    sync.submit(save_checkpoint(1), 1)
-    sync.wait()
-    assert seen == [min(19, main + 5)]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

@@ -1,61 +1,63 @@
 """Checkpoint sync: upload each save in the background, resume from the newest good one.
 
-Layout under the checkpoint URI:
-
-    step-N/<files>            one saved checkpoint (transformers' checkpoint-N dir)
-    step-N/manifest.json      written LAST: files, sizes, sha256 — marks step-N complete
-    latest                    {"step": N, ...}, moved after the manifest is written
-    final/<files>, final/manifest.json   the exported model/adapter, same protocol
-
-A step without a manifest is an upload that never finished; a step whose files do not
-match its manifest is corrupt. Neither is ever resumed from or named by `latest`.
+The layout and its rules (manifest last, `latest`, retention) are in checkpoint_store.
+Each upload runs as its own nicer child process (`python -m
+trainyard.workloads.checkpoint_store`), one at a time: training keeps its cores and
+its GIL, and a crashed upload cannot take the trainer down with it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from trainyard.workloads.storage import FileStore, ObjectStore, S3Store, open_store
+from trainyard.workloads.checkpoint_store import (
+    FINAL,
+    LATEST,
+    MANIFEST,
+    CheckpointUploadError,
+    UploadResult,
+    apply_retention,
+    find_steps,
+    read_latest,
+    upload_checkpoint,
+    verify_download,
+    write_latest,
+)
+from trainyard.workloads.storage import FileStore, S3Store, open_store
+
+__all__ = [
+    "FINAL",
+    "LATEST",
+    "MANIFEST",
+    "CheckpointSync",
+    "CheckpointSyncCallback",
+    "CheckpointUploadError",
+    "ResumeAttempt",
+    "UploadResult",
+    "apply_retention",
+    "find_latest_complete",
+    "read_latest",
+    "write_latest",
+]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-FINAL = "final"
-MANIFEST_FORMAT = "trainyard.dev/checkpoint/v1"
-STEP_PATTERN = re.compile(r"step-(\d+)")
 STAGING_DIR = ".trainyard-sync"
-
-
-class CheckpointUploadError(RuntimeError):
-    """A background checkpoint upload failed; raised when the queue is drained."""
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    """One finished (or failed) upload, as reported to metrics."""
-
-    name: str
-    step: int | None
-    files: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    error: str | None = None
+# Lines of an upload process's stderr that go into the error of a failed upload.
+STDERR_TAIL_LINES = 20
 
 
 @dataclass
@@ -67,167 +69,15 @@ class ResumeAttempt:
     reason: str = ""
 
 
-def hash_file(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def list_local_files(directory: Path) -> dict[str, Path]:
-    """Relative posix path → file, for every regular file under directory."""
-    return {
-        path.relative_to(directory).as_posix(): path
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
-    }
-
-
-def build_manifest(directory: Path, step: int | None) -> dict:
-    files = list_local_files(directory)
-    # hashlib releases the GIL on large buffers, so files hash in parallel.
-    with concurrent.futures.ThreadPoolExecutor(min(4, max(1, len(files)))) as pool:
-        digests = dict(zip(files, pool.map(hash_file, files.values()), strict=True))
-    entries = [
-        {"path": rel, "size": path.stat().st_size, "sha256": digests[rel]}
-        for rel, path in files.items()
-    ]
-    return {
-        "format": MANIFEST_FORMAT,
-        "step": step,
-        "createdAt": datetime.now(UTC).isoformat(),
-        "totalBytes": sum(e["size"] for e in entries),
-        "files": entries,
-    }
-
-
-def upload_checkpoint(
-    store: ObjectStore, directory: Path, name: str, step: int | None
-) -> UploadResult:
-    """Upload directory to `name/`, then its manifest; the manifest is the commit."""
-    started = time.perf_counter()
-    files = list_local_files(directory)
-    if not files:
-        raise CheckpointUploadError(f"checkpoint directory {directory} holds no files")
-    # A manifest left from an earlier attempt at this name would vouch for files that
-    # are about to be replaced; drop it first so a crash leaves the name incomplete.
-    store.delete([f"{name}/{MANIFEST}"])
-    with concurrent.futures.ThreadPoolExecutor(1) as hasher:
-        manifest_future = hasher.submit(build_manifest, directory, step)
-        store.upload_files({f"{name}/{rel}": path for rel, path in files.items()})
-        manifest = manifest_future.result()
-    stored = store.list_objects(name)
-    for entry in manifest["files"]:
-        size = stored.get(f"{name}/{entry['path']}")
-        if size != entry["size"]:
-            raise CheckpointUploadError(
-                f"{store.uri}/{name}/{entry['path']} holds {size} bytes after upload, "
-                f"expected {entry['size']}; the manifest was not written"
-            )
-    store.put_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-    return UploadResult(
-        name=name,
-        step=step,
-        files=len(files),
-        bytes=manifest["totalBytes"],
-        seconds=time.perf_counter() - started,
-    )
-
-
-def read_latest(store: ObjectStore) -> int | None:
-    raw = store.get_bytes(LATEST)
-    if raw is None:
-        return None
-    try:
-        return int(json.loads(raw)["step"])
-    except (ValueError, KeyError, TypeError):
-        logger.warning("ignoring unreadable %s/%s: %r", store.uri, LATEST, raw[:200])
-        return None
-
-
-def write_latest(store: ObjectStore, step: int) -> None:
-    pointer = {
-        "step": step,
-        "path": f"step-{step}",
-        "manifest": f"step-{step}/{MANIFEST}",
-        "updatedAt": datetime.now(UTC).isoformat(),
-    }
-    store.put_bytes(LATEST, json.dumps(pointer).encode())
-
-
-def find_steps(store: ObjectStore) -> tuple[dict[int, dict[str, int]], set[int]]:
-    """All step-N prefixes with their objects, and the steps that have a manifest."""
-    objects: dict[int, dict[str, int]] = {}
-    for key, size in store.list_objects().items():
-        head, _, rest = key.partition("/")
-        match = STEP_PATTERN.fullmatch(head)
-        if match and rest:
-            objects.setdefault(int(match.group(1)), {})[rest] = size
-    complete = {step for step, files in objects.items() if MANIFEST in files}
-    return objects, complete
-
-
-def delete_step(store: ObjectStore, step: int, files: dict[str, int]) -> None:
-    # Manifest first: if deletion stops halfway the step reads as incomplete, not corrupt.
-    store.delete([f"step-{step}/{MANIFEST}"])
-    store.delete([f"step-{step}/{rel}" for rel in files if rel != MANIFEST])
-
-
-def apply_retention(store: ObjectStore, keep_last: int | None) -> list[int]:
-    """Delete old complete steps beyond keep_last and unfinished uploads older than the
-    newest complete step. Never deletes the step `latest` names. Returns deleted steps."""
-    objects, complete = find_steps(store)
-    if not complete:
-        return []
-    newest = max(complete)
-    keep = set(sorted(complete)[-keep_last:]) if keep_last else set(complete)
-    latest = read_latest(store)
-    if latest is not None:
-        keep.add(latest)
-    doomed = sorted(
-        step for step in objects if step not in keep and (step in complete or step < newest)
-    )
-    for step in doomed:
-        delete_step(store, step, objects[step])
-    return doomed
-
-
-def verify_download(
-    store: ObjectStore, name: str, manifest: dict, stored: dict[str, int], target: Path
-) -> str | None:
-    """Download name/ into target and check it against manifest; None when it verifies,
-    otherwise why not."""
-    entries = manifest.get("files")
-    if not isinstance(entries, list) or not entries:
-        return "manifest lists no files"
-    wanted: dict[str, Path] = {}
-    for entry in entries:
-        rel = entry.get("path", "")
-        local = (target / rel).resolve()
-        if not rel or not local.is_relative_to(target.resolve()):
-            return f"manifest names an unsafe path {rel!r}"
-        if stored.get(rel) != entry.get("size"):
-            return f"{rel}: stored size {stored.get(rel)} != manifest size {entry.get('size')}"
-        wanted[f"{name}/{rel}"] = local
-    store.download_files(wanted)
-    for entry in entries:
-        local = target / entry["path"]
-        if local.stat().st_size != entry["size"]:
-            return f"{entry['path']}: downloaded {local.stat().st_size} bytes, expected {entry['size']}"
-        if hash_file(local) != entry["sha256"]:
-            return f"{entry['path']}: sha256 does not match the manifest"
-    return None
-
-
 class CheckpointSync:
-    """Uploads checkpoints on one background thread, resumes and exports.
+    """Uploads checkpoints in the background, one at a time; resumes and exports.
 
     `uri` is `s3://bucket/prefix` or `file://path` (or an already opened store);
     store_options are `open_store`'s S3 settings (endpoint, region, addressing_style,
-    credentials_dir, max_concurrency). `on_upload` is called from the worker thread
-    with every UploadResult, failed ones included (metrics hook). Upload threads run
-    `upload_niceness` steps nicer than training, so they take idle CPU, not the step's.
+    credentials_dir, max_concurrency, multipart_threshold, multipart_chunksize).
+    `on_upload` is called from the background thread with every UploadResult, failed
+    ones included (metrics hook). Upload processes run `upload_niceness` steps nicer
+    than training, so they take idle CPU rather than the training step's.
     """
 
     def __init__(
@@ -244,14 +94,10 @@ class CheckpointSync:
         self.store = open_store(uri, **store_options) if isinstance(uri, str) else uri
         self.keep_last = keep_last
         self.on_upload = on_upload
+        self.upload_niceness = upload_niceness
         # One worker: saves upload in order and never two at once, so `latest` only
         # moves forward and retention never races an upload.
-        self._worker = concurrent.futures.ThreadPoolExecutor(
-            1,
-            thread_name_prefix="ckpt-sync",
-            initializer=lower_thread_priority,
-            initargs=(upload_niceness,),
-        )
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync")
         self._pending: list[concurrent.futures.Future] = []
         self._lock = threading.Lock()
         self.results: list[UploadResult] = []
@@ -277,19 +123,27 @@ class CheckpointSync:
         return future
 
     def _upload_step(self, snapshot: Path, step: int) -> UploadResult:
+        command = [
+            sys.executable, "-m", "trainyard.workloads.checkpoint_store",
+            "--uri", self.store.uri,
+            "--store-options", json.dumps(self.store.options),
+            "--directory", str(snapshot),
+            "--step", str(step),
+            "--niceness", str(self.upload_niceness),
+        ]  # fmt: skip
+        if self.keep_last is not None:
+            command += ["--keep-last", str(self.keep_last)]
         try:
-            result = upload_checkpoint(self.store, snapshot, f"step-{step}", step)
-            write_latest(self.store, step)
-            deleted = apply_retention(self.store, self.keep_last)
-            logger.info(
-                "checkpoint step %d: %d bytes to %s/step-%d in %.2fs%s",
-                step,
-                result.bytes,
-                self.store.uri,
-                step,
-                result.seconds,
-                f"; removed old steps {deleted}" if deleted else "",
-            )
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            for line in done.stderr.splitlines():
+                logger.info("upload step %d: %s", step, line)
+            if done.returncode != 0:
+                tail = "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+                raise CheckpointUploadError(
+                    f"upload of step {step} to {self.store.uri} exited with {done.returncode}:\n"
+                    f"{tail}"
+                )
+            result = UploadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
         except Exception as error:
             logger.error("checkpoint step %d upload to %s failed: %s", step, self.store.uri, error)
             self._record(
@@ -305,7 +159,10 @@ class CheckpointSync:
         with self._lock:
             self.results.append(result)
         if self.on_upload is not None:
-            self.on_upload(result)
+            try:
+                self.on_upload(result)
+            except Exception:  # a broken metrics hook must not fail a good upload
+                logger.exception("checkpoint on_upload hook failed for %s", result.name)
 
     def wait(self) -> list[UploadResult]:
         """Block until every queued upload finished; raise if any of them failed."""
@@ -372,22 +229,6 @@ class CheckpointSync:
             logger.info("resuming from %s/%s (downloaded to %s)", self.store.uri, name, target)
             return target
         return None
-
-
-def lower_thread_priority(niceness: int) -> None:
-    """Make the calling thread nicer; threads it starts (boto3's transfer pool) inherit it.
-
-    Linux keeps a nice value per thread, so training threads are not affected.
-    """
-    if niceness <= 0 or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(
-            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
-        )
-    except OSError as error:  # some sandboxes forbid it; uploads still work
-        logger.debug("could not lower checkpoint upload priority: %s", error)
 
 
 def snapshot_directory(directory: Path) -> Path:

@@ -127,6 +127,16 @@ class S3Store:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        # What open_store needs to open this store again in another process.
+        self.options = {
+            "endpoint": endpoint,
+            "region": region,
+            "addressing_style": addressing_style,
+            "credentials_dir": str(credentials_dir) if credentials_dir else None,
+            "max_concurrency": max_concurrency,
+            "multipart_threshold": multipart_threshold,
+            "multipart_chunksize": multipart_chunksize,
+        }
         self.uri = str(StorageUri("s3", bucket, self.prefix))
         session = boto3.session.Session(**read_credentials_dir(credentials_dir))
         self.client = session.client(
@@ -228,6 +238,7 @@ class FileStore:
         self.root = Path(root).resolve()
         self.uri = f"file://{self.root}"
         self.max_concurrency = max_concurrency
+        self.options: dict = {}
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -344,8 +355,11 @@ def open_store(
     addressing_style: Literal["auto", "path", "virtual"] = "auto",
     credentials_dir: str | os.PathLike[str] | None = None,
     max_concurrency: int = 10,
+    multipart_threshold: int = 8 * MiB,
+    multipart_chunksize: int = 8 * MiB,
 ) -> S3Store | FileStore:
-    """The store a checkpoint URI names; S3 options come from `storage.s3` of the run."""
+    """The store a checkpoint URI names; S3 options come from `storage.s3` of the run
+    and are ignored for file:// URIs."""
     parsed = parse_storage_uri(uri)
     if parsed.scheme == "file":
         return FileStore(parsed.path)
@@ -357,4 +371,6 @@ def open_store(
         addressing_style=addressing_style,
         credentials_dir=credentials_dir,
         max_concurrency=max_concurrency,
+        multipart_threshold=multipart_threshold,
+        multipart_chunksize=multipart_chunksize,
     )
