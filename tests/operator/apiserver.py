@@ -74,7 +74,11 @@ EVENT_LOG_LIMIT = 100_000  # events kept for watch resumption; older versions an
 
 def resource_id(resource: kmock.resource) -> str:
     group = resource.group or ""
-    return f"{group}/{resource.version}/{resource.plural}" if group else f"{resource.version}/{resource.plural}"
+    return (
+        f"{group}/{resource.version}/{resource.plural}"
+        if group
+        else f"{resource.version}/{resource.plural}"
+    )
 
 
 @dataclass
@@ -94,7 +98,9 @@ class Faults:
     """What the tests break on purpose."""
 
     rules: list[Fault] = field(default_factory=list)
-    watch_gone: dict[str, int] = field(default_factory=dict)  # resource id -> next N watches get 410
+    watch_gone: dict[str, int] = field(
+        default_factory=dict
+    )  # resource id -> next N watches get 410
     silent_until: float = 0.0  # loop time until which open watch streams deliver nothing
     dropped: int = 0  # events a silent stream swallowed
 
@@ -113,7 +119,11 @@ class Faults:
 
     def take(self, verb: str, path: str) -> Fault | None:
         for fault in self.rules:
-            if fault.served < fault.times and fault.verb in (None, verb) and fault.path.search(path):
+            if (
+                fault.served < fault.times
+                and fault.verb in (None, verb)
+                and fault.path.search(path)
+            ):
                 fault.served += 1
                 return fault
         return None
@@ -124,6 +134,8 @@ class RequestRecord:
     verb: str
     path: str
     status: int
+    at: float = 0.0  # event-loop time the request arrived
+    name: str | None = None  # the object's name (from the body for creates)
 
 
 class SelectorError(ValueError):
@@ -156,7 +168,11 @@ def match_labels(selector: str | None, labels: dict[str, str]) -> bool:
     for term in split_selector(selector or ""):
         if m := _SET_RE.match(term):
             key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
-            ok = key in labels and labels[key] in values if op == "in" else labels.get(key) not in values
+            ok = (
+                key in labels and labels[key] in values
+                if op == "in"
+                else labels.get(key) not in values
+            )
         elif "!=" in term:
             key, value = (s.strip() for s in term.split("!=", 1))
             ok = labels.get(key) != value
@@ -217,7 +233,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         super().__init__(**kwargs)
         self.store: dict[Key, dict[str, Any]] = {}
         self.kinds: dict[str, tuple[str, bool, bool]] = {}
-        self.events: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # resource id -> [(rv, event)]
+        self.events: dict[
+            str, list[tuple[int, dict[str, Any]]]
+        ] = {}  # resource id -> [(rv, event)]
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self.faults = Faults()
         self.records: list[RequestRecord] = []
@@ -240,12 +258,15 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         self.events.setdefault(rid, [])
         self.watchers.setdefault(rid, set())
 
-    def objects(self, rid: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+    def objects(
+        self, rid: str, namespace: str | None = None, selector: str | None = None
+    ) -> list[dict[str, Any]]:
         """Live objects of a resource (deep copies), optionally by namespace and label selector."""
         return [
             copy.deepcopy(obj)
             for (r, ns, _), obj in sorted(self.store.items(), key=lambda kv: kv[0][2])
-            if r == rid and (namespace is None or ns == namespace)
+            if r == rid
+            and (namespace is None or ns == namespace)
             and match_labels(selector, obj.get("metadata", {}).get("labels") or {})
         ]
 
@@ -278,8 +299,18 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         meta = body.setdefault("metadata", {})
         return self._create(rid, meta.get("namespace"), copy.deepcopy(body))
 
-    async def patch_object(self, rid: str, namespace: str | None, name: str, patch: dict[str, Any], *, status: bool = False) -> dict[str, Any]:
-        return self._patch(rid, namespace, name, patch, "merge", subresource="status" if status else None)
+    async def patch_object(
+        self,
+        rid: str,
+        namespace: str | None,
+        name: str,
+        patch: dict[str, Any],
+        *,
+        status: bool = False,
+    ) -> dict[str, Any]:
+        return self._patch(
+            rid, namespace, name, patch, "merge", subresource="status" if status else None
+        )
 
     async def delete_object(self, rid: str, namespace: str | None, name: str) -> None:
         self._delete(rid, namespace, name, propagation="Background")
@@ -290,7 +321,12 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         for r, queues in self.watchers.items():
             if rid is None or r == rid:
                 for queue in list(queues):
-                    queue.put_nowait({"type": "ERROR", "object": self._status_body(410, "Expired", "too old resource version")})
+                    queue.put_nowait(
+                        {
+                            "type": "ERROR",
+                            "object": self._status_body(410, "Expired", "too old resource version"),
+                        }
+                    )
                     queue.put_nowait(None)
 
     async def _serve_version(self, request: kmock.Request) -> Any:
@@ -302,7 +338,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # kmock's path parser reads `/api/v1/namespaces[/NAME]` as a namespace prefix with no
         # resource and fails; parse the Namespace resource's own paths here.
-        match = re.fullmatch(r"/api/v1/namespaces(?:/([^/]+))?(?:/(status|finalize))?/?", raw_request.path)
+        match = re.fullmatch(
+            r"/api/v1/namespaces(?:/([^/]+))?(?:/(status|finalize))?/?", raw_request.path
+        )
         if match is None:
             return await super().__call__(raw_request)
         body = await raw_request.read()
@@ -313,19 +351,35 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         method = raw_request.method.upper()
         name = match.group(1)
         action = (
-            kmock.action.WATCH if method == "GET" and raw_request.query.get("watch") == "true"
-            else kmock.action.FETCH if method == "GET" and name
-            else kmock.action.LIST if method == "GET"
-            else kmock.action.CREATE if method == "POST"
-            else kmock.action.UPDATE if method == "PATCH"
-            else kmock.action.DELETE if method == "DELETE"
+            kmock.action.WATCH
+            if method == "GET" and raw_request.query.get("watch") == "true"
+            else kmock.action.FETCH
+            if method == "GET" and name
+            else kmock.action.LIST
+            if method == "GET"
+            else kmock.action.CREATE
+            if method == "POST"
+            else kmock.action.UPDATE
+            if method == "PATCH"
+            else kmock.action.DELETE
+            if method == "DELETE"
             else None
         )
         request = kmock.Request(
-            id=len(self._requests), raw_request=raw_request, url=raw_request.url, method=method,
-            params=dict(raw_request.query), headers=dict(raw_request.headers), data=data, body=body,
-            text=body.decode(errors="replace"), action=action, resource=kmock.resource("", "v1", "namespaces"),
-            namespace=None, name=name, subresource=match.group(2),
+            id=len(self._requests),
+            raw_request=raw_request,
+            url=raw_request.url,
+            method=method,
+            params=dict(raw_request.query),
+            headers=dict(raw_request.headers),
+            data=data,
+            body=body,
+            text=body.decode(errors="replace"),
+            action=action,
+            resource=kmock.resource("", "v1", "namespaces"),
+            namespace=None,
+            name=name,
+            subresource=match.group(2),
         )
         self._requests.append(request)
         return await self._handle(request)
@@ -335,22 +389,42 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         verb = self._verb(request)
         path = request.url.path
-        record = RequestRecord(verb, path, 200)
+        name = request.name or (request.data.get("metadata", {}).get("name") if isinstance(request.data, dict) else None)
+        record = RequestRecord(verb, path, 200, asyncio.get_running_loop().time(), name)
         self.records.append(record)
-        rid = resource_id(request.resource) if request.resource is not None and request.resource.plural else None
+        rid = (
+            resource_id(request.resource)
+            if request.resource is not None and request.resource.plural
+            else None
+        )
         try:
             if fault := self.faults.take(verb, path):
-                raise ApiError(fault.status, _REASONS.get(fault.status, "InjectedFault"), f"injected fault {fault.status}", fault.retry_after)
+                raise ApiError(
+                    fault.status,
+                    _REASONS.get(fault.status, "InjectedFault"),
+                    f"injected fault {fault.status}",
+                    fault.retry_after,
+                )
             if rid is None or rid not in self.kinds:
                 response = await super()._handle(request)
             elif verb == "watch":
                 return await self._serve_watch(request, rid, record)
             else:
-                response = aiohttp.web.json_response(self._serve(request, rid, verb), status=201 if verb == "create" else 200)
+                response = aiohttp.web.json_response(
+                    self._serve(request, rid, verb), status=201 if verb == "create" else 200
+                )
         except ApiError as error:
             record.status = error.code
-            headers = {"Retry-After": str(int(error.retry_after))} if error.retry_after is not None else None
-            return aiohttp.web.json_response(self._status_body(error.code, error.reason, error.message), status=error.code, headers=headers)
+            headers = (
+                {"Retry-After": str(int(error.retry_after))}
+                if error.retry_after is not None
+                else None
+            )
+            return aiohttp.web.json_response(
+                self._status_body(error.code, error.reason, error.message),
+                status=error.code,
+                headers=headers,
+            )
         record.status = response.status
         return response
 
@@ -359,12 +433,27 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         if request.method.value == "PUT" and request.name:
             return "update"
         action = request.action.value.lower() if request.action is not None else ""
-        verbs = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch", "delete": "delete"}
+        verbs = {
+            "list": "list",
+            "watch": "watch",
+            "fetch": "get",
+            "create": "create",
+            "update": "patch",
+            "delete": "delete",
+        }
         return verbs.get(action, request.method.value.lower())
 
     @staticmethod
     def _status_body(code: int, reason: str, message: str) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": code, "reason": reason, "message": message}
+        return {
+            "apiVersion": "v1",
+            "kind": "Status",
+            "metadata": {},
+            "status": "Failure",
+            "code": code,
+            "reason": reason,
+            "message": message,
+        }
 
     def _serve(self, request: kmock.Request, rid: str, verb: str) -> dict[str, Any]:
         ns, name, sub = request.namespace, request.name, request.subresource
@@ -386,7 +475,11 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
             return self._replace(rid, ns, name, request.data, subresource=sub)
         if verb == "delete":
             body = request.data if isinstance(request.data, dict) else {}
-            policy = request.params.get("propagationPolicy") or body.get("propagationPolicy") or "Background"
+            policy = (
+                request.params.get("propagationPolicy")
+                or body.get("propagationPolicy")
+                or "Background"
+            )
             return self._delete(rid, ns, name, propagation=policy)
         raise ApiError(405, "MethodNotAllowed", f"{verb} is not supported")
 
@@ -417,15 +510,22 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
     def _list(self, rid: str, ns: str | None, params: dict[str, str]) -> dict[str, Any]:
         try:
             items = [
-                obj for (r, n, _), obj in self.store.items()
-                if r == rid and (ns is None or n == ns)
+                obj
+                for (r, n, _), obj in self.store.items()
+                if r == rid
+                and (ns is None or n == ns)
                 and match_labels(params.get("labelSelector"), obj["metadata"].get("labels") or {})
                 and match_fields(params.get("fieldSelector"), obj)
             ]
         except SelectorError as error:
             raise ApiError(400, "BadRequest", str(error)) from None
         kind = self.kinds[rid][0]
-        return {"apiVersion": "v1", "kind": f"{kind}List", "metadata": {"resourceVersion": str(self.revision)}, "items": items}
+        return {
+            "apiVersion": "v1",
+            "kind": f"{kind}List",
+            "metadata": {"resourceVersion": str(self.revision)},
+            "items": items,
+        }
 
     def _create(self, rid: str, ns: str | None, body: dict[str, Any]) -> dict[str, Any]:
         kind, namespaced, _ = self.kinds[rid]
@@ -433,7 +533,11 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         meta = obj.setdefault("metadata", {})
         if namespaced:
             if meta.get("namespace") not in (None, ns) and ns is not None:
-                raise ApiError(400, "BadRequest", "the namespace of the object does not match the namespace of the request")
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the object does not match the namespace of the request",
+                )
             meta["namespace"] = ns or meta.get("namespace") or "default"
         else:
             meta.pop("namespace", None)
@@ -443,7 +547,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
             raise ApiError(422, "Invalid", "metadata.name: Required value")
         key = (rid, meta.get("namespace"), meta["name"])
         if key in self.store:
-            raise ApiError(409, "AlreadyExists", f'{rid.rsplit("/", 1)[-1]} "{meta["name"]}" already exists')
+            raise ApiError(
+                409, "AlreadyExists", f'{rid.rsplit("/", 1)[-1]} "{meta["name"]}" already exists'
+            )
         meta.pop("resourceVersion", None)
         meta.pop("deletionTimestamp", None)
         meta["uid"] = str(uuid.uuid4())
@@ -458,9 +564,20 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
     def _check_version(self, current: dict[str, Any], new_meta: dict[str, Any] | None) -> None:
         wanted = (new_meta or {}).get("resourceVersion")
         if wanted and wanted != current["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again")
+            raise ApiError(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version and try again",
+            )
 
-    def _commit(self, rid: str, key: Key, current: dict[str, Any], new: dict[str, Any], subresource: str | None) -> dict[str, Any]:
+    def _commit(
+        self,
+        rid: str,
+        key: Key,
+        current: dict[str, Any],
+        new: dict[str, Any],
+        subresource: str | None,
+    ) -> dict[str, Any]:
         _, _, has_status = self.kinds[rid]
         if has_status and subresource == "status":
             new = {**copy.deepcopy(current), "status": new.get("status")}
@@ -494,7 +611,16 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         self._emit(rid, "MODIFIED", new)
         return new
 
-    def _patch(self, rid: str, ns: str | None, name: str | None, patch: Any, kind: str, *, subresource: str | None) -> dict[str, Any]:
+    def _patch(
+        self,
+        rid: str,
+        ns: str | None,
+        name: str | None,
+        patch: Any,
+        kind: str,
+        *,
+        subresource: str | None,
+    ) -> dict[str, Any]:
         key = (rid, ns, name or "")
         current = self._require(rid, ns, name)
         if kind == "json":
@@ -502,7 +628,12 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
                 new = jsonpatch.apply_patch(copy.deepcopy(current), patch)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
                 raise ApiError(422, "Invalid", f"json patch failed: {error}") from None
-            self._check_version(current, new.get("metadata") if new["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"] else None)
+            self._check_version(
+                current,
+                new.get("metadata")
+                if new["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]
+                else None,
+            )
         else:
             if not isinstance(patch, dict):
                 raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
@@ -511,7 +642,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
             new["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         return self._commit(rid, key, current, new, subresource)
 
-    def _replace(self, rid: str, ns: str | None, name: str | None, body: Any, *, subresource: str | None) -> dict[str, Any]:
+    def _replace(
+        self, rid: str, ns: str | None, name: str | None, body: Any, *, subresource: str | None
+    ) -> dict[str, Any]:
         key = (rid, ns, name or "")
         current = self._require(rid, ns, name)
         if not isinstance(body, dict):
@@ -521,7 +654,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         new.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
         return self._commit(rid, key, current, new, subresource)
 
-    def _delete(self, rid: str, ns: str | None, name: str | None, *, propagation: str) -> dict[str, Any]:
+    def _delete(
+        self, rid: str, ns: str | None, name: str | None, *, propagation: str
+    ) -> dict[str, Any]:
         key = (rid, ns, name or "")
         current = self._require(rid, ns, name)
         meta = current["metadata"]
@@ -551,21 +686,35 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
 
     # -- watching ------------------------------------------------------------------------
 
-    async def _serve_watch(self, request: kmock.Request, rid: str, record: RequestRecord) -> aiohttp.web.StreamResponse:
+    async def _serve_watch(
+        self, request: kmock.Request, rid: str, record: RequestRecord
+    ) -> aiohttp.web.StreamResponse:
         ns, params = request.namespace, request.params
         if self.faults.watch_gone.get(rid, 0) > 0:
             self.faults.watch_gone[rid] -= 1
             since = None
             gone = True
         else:
-            since = int(params["resourceVersion"]) if params.get("resourceVersion", "").isdigit() else None
+            since = (
+                int(params["resourceVersion"])
+                if params.get("resourceVersion", "").isdigit()
+                else None
+            )
             gone = since is not None and since < self.compacted_revision
-        response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response = aiohttp.web.StreamResponse(
+            status=200, headers={"Content-Type": "application/json"}
+        )
         assert request._raw_request is not None
         await response.prepare(request._raw_request)
         if gone:
             record.status = 410
-            await self._write_event(response, {"type": "ERROR", "object": self._status_body(410, "Expired", "too old resource version")})
+            await self._write_event(
+                response,
+                {
+                    "type": "ERROR",
+                    "object": self._status_body(410, "Expired", "too old resource version"),
+                },
+            )
             await response.write_eof()
             return response
 
@@ -581,7 +730,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         self.watchers[rid].add(queue)
         try:
             if since is None:  # a watch without a version starts with the current objects
-                backlog = [{"type": "ADDED", "object": obj} for obj in self._list(rid, ns, {})["items"]]
+                backlog = [
+                    {"type": "ADDED", "object": obj} for obj in self._list(rid, ns, {})["items"]
+                ]
             else:
                 backlog = [event for rv, event in self.events[rid] if rv > since]
             for event in backlog:
@@ -627,7 +778,6 @@ _REASONS = {
     503: "ServiceUnavailable",
     504: "Timeout",
 }
-
 
 
 @asynccontextmanager

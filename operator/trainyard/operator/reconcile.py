@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from trainyard.api import parse_resource, validate_resource
+from trainyard.api import InvalidResource, parse_resource
 from trainyard.api.training_run import TrainingRun
 from trainyard.operator import failure_policy, reasons, stall, suspend, ttl
 from trainyard.operator.builders import UnrenderableRun, render_children
@@ -146,11 +146,10 @@ def reconcile(observed: Observed) -> Plan:
     status = _Status(body.get("status"), meta.get("generation"), now)
     old_status = body.get("status")
 
-    document = user_document(body)
-    problems = validate_resource(document)
-    if problems:
-        return _invalid(status, old_status, problems)
-    run = parse_resource(document)
+    try:
+        run = parse_resource(user_document(body))  # the same problems `trainyard validate` lists
+    except InvalidResource as invalid:
+        return _invalid(status, old_status, invalid.problems)
     assert isinstance(run, TrainingRun)
     try:
         return _reconcile_valid(observed, run, status, now)

@@ -6,6 +6,7 @@ kopf's `OperatorSettings` in one place.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -107,5 +108,8 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     settings.networking.error_backoffs = tuple(config.api_backoffs)
     settings.queueing.error_delays = tuple(config.error_backoffs)
     settings.posting.enabled = config.post_events
+    # Events for warnings and errors only: conditions already tell each success, and an
+    # Event per reconcile would be one more API write per run per change.
+    settings.posting.level = logging.WARNING
     for resource in CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = RUN_LABEL
