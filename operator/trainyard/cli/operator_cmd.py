@@ -90,20 +90,24 @@ async def run_operator(
     settings = kopf.OperatorSettings()
     configure_kopf(settings, config)
     if config.metrics_port is not None:
-        controller.metrics.serve(config.metrics_port)
+        port = controller.metrics.serve(config.metrics_port)
+        logging.getLogger("trainyard.operator").info("operator metrics on :%d/metrics", port)
     # Peering name and priority travel in the settings: passing them here would make
     # peering mandatory and block every watch on a cluster without the peering CRD.
-    await kopf.operator(
-        registry=registry,
-        settings=settings,
-        standalone=config.standalone,
-        clusterwide=config.clusterwide,
-        namespaces=config.namespaces,
-        liveness_endpoint=config.liveness_endpoint,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-        memo=kopf.Memo(controller=controller),
-    )
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=settings,
+            standalone=config.standalone,
+            clusterwide=config.clusterwide,
+            namespaces=config.namespaces,
+            liveness_endpoint=config.liveness_endpoint,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            memo=kopf.Memo(controller=controller),
+        )
+    finally:
+        controller.metrics.stop_serving()
 
 
 def operator_command(argv: list[str]) -> int:

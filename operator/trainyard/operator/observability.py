@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -33,6 +34,8 @@ class OperatorMetrics:
             ["verb", "code"], registry=self.registry,
         )
         self._phases: dict[str, str] = {}
+        self._server: Any = None
+        self.port: int | None = None
         for phase in PHASES:
             self.runs.labels(phase=phase).set(0)
 
@@ -53,5 +56,12 @@ class OperatorMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics from a background thread; returns the port (0 picks one)."""
-        server, _ = start_http_server(port, addr=addr, registry=self.registry)
-        return server.server_port
+        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        self.port = self._server.server_port
+        return self.port
+
+    def stop_serving(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
