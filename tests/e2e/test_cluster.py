@@ -1,0 +1,202 @@
+"""The operator against a real cluster (kind, k3d…): the integration scenarios with the real
+Job controller, kubelet and garbage collector.
+
+    TRAINYARD_E2E_KUBECONFIG=~/.kube/kind.yaml python -m pytest tests/e2e -q
+
+Each test gets its own namespace (deleted afterwards); the TrainingRun CRD is applied
+from crds/. Pods cannot train here (no GPUs, and `torchrun` is not in the image used),
+which is what the failure scenarios rely on: a worker that cannot start fails for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+KUBECONFIG = os.environ.get("TRAINYARD_E2E_KUBECONFIG")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(not KUBECONFIG, reason="no cluster: set TRAINYARD_E2E_KUBECONFIG to a kind/k3d kubeconfig to run the real-cluster suite"),
+]
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = "/apis/trainyard.dev/v1alpha1/namespaces/{ns}/trainingruns"
+FAILING_IMAGE = "busybox:1.36"  # has no torchrun: the trainer container fails at start
+
+
+def training_run(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "method": "sft",
+            "model": {"source": "hf://sshleifer/tiny-gpt2"},
+            "dataset": {"source": "s3://data/train.jsonl"},
+            "distributed": {"nodes": 1, "gpusPerNode": 0},
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "shmSize": "16Mi"},
+            "image": FAILING_IMAGE,
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+async def eventually(check, timeout: float = 120.0, interval: float = 0.5) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    last = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"not reached in {timeout}s; last value: {last!r}")
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Any]:
+    import kopf
+
+    from trainyard.operator.k8s import KubeClient
+
+    os.environ["KUBECONFIG"] = os.path.expanduser(KUBECONFIG or "")
+    connection = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    async with KubeClient(connection) as api:
+        crd = yaml.safe_load((ROOT / "crds" / "trainyard.dev_trainingruns.yaml").read_text())
+        await api.request("create", "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd, accept=(409,))
+        await eventually(lambda: _served(api), timeout=60)
+        yield api
+
+
+async def _served(api: Any) -> bool:
+    status, _ = await api.request("get", "GET", "/apis/trainyard.dev/v1alpha1", accept=(404, 503))
+    return status == 200
+
+
+@pytest.fixture
+async def namespace(client: Any) -> AsyncIterator[str]:
+    name = f"trainyard-e2e-{uuid.uuid4().hex[:6]}"
+    await client.request("create", "POST", "/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    await client.request("delete", "DELETE", f"/api/v1/namespaces/{name}", accept=(404,))
+
+
+@contextlib.asynccontextmanager
+async def operator(namespace: str) -> AsyncIterator[None]:
+    from trainyard.cli.operator_cmd import run_operator
+    from trainyard.operator.settings import OperatorConfig
+
+    config = OperatorConfig(namespaces=[namespace], standalone=True, resync_seconds=1.0, metrics_port=None)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_operator(config, stop_flag=stop, ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), 60)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def status_of(client: Any, namespace: str, name: str) -> dict[str, Any]:
+    body = await client.get("TrainingRun", namespace, name)
+    return (body or {}).get("status") or {}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
+
+
+async def children(client: Any, namespace: str, run: str) -> list[tuple[str, str]]:
+    found = []
+    for kind in ("ConfigMap", "Service", "Job"):
+        found += [(kind, o["metadata"]["name"]) for o in await client.list(kind, namespace, f"trainyard.dev/run={run}")]
+    return sorted(found)
+
+
+async def test_run_gets_its_children_and_a_true_status(client, namespace):
+    async with operator(namespace):
+        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("hello", namespace))
+        expected = [("ConfigMap", "hello-config"), ("Job", "hello-attempt-0"), ("Service", "hello-workers")]
+        assert await eventually(lambda: _equals(children(client, namespace, "hello"), expected))
+        status = await eventually(lambda: status_of(client, namespace, "hello"))
+        assert condition(status, "Valid")["status"] == "True"
+        job = (await client.list("Job", namespace, "trainyard.dev/run=hello"))[0]
+        assert job["metadata"]["ownerReferences"][0]["kind"] == "TrainingRun"
+
+
+async def test_failing_workers_use_up_the_budget_and_fail_the_run(client, namespace):
+    async with operator(namespace):
+        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("doomed", namespace, runPolicy={"maxRestarts": 1}))
+        status = await eventually(lambda: _phase(client, namespace, "doomed", "Failed"), timeout=600)
+        assert status["restarts"] == 1 and status["restartAttempt"] == 1
+        assert condition(status, "Failed")["reason"] == "RestartBudgetExhausted"
+        await eventually(lambda: _equals(_jobs(client, namespace, "doomed"), []))
+
+
+async def test_suspend_and_resume(client, namespace):
+    async with operator(namespace):
+        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("pausable", namespace, runPolicy={"maxRestarts": 50}))
+        await eventually(lambda: _jobs(client, namespace, "pausable"))
+        path = RUNS.format(ns=namespace) + "/pausable"
+        await client.request("patch", "PATCH", path, json={"spec": {"suspend": True}}, content_type="application/merge-patch+json")
+        await eventually(lambda: _phase(client, namespace, "pausable", "Suspended"))
+        await eventually(lambda: _equals(_jobs(client, namespace, "pausable"), []))
+        await client.request("patch", "PATCH", path, json={"spec": {"suspend": False}}, content_type="application/merge-patch+json")
+        status = await eventually(lambda: _resumed(client, namespace, "pausable"))
+        assert condition(status, "Suspended")["reason"] == "Resumed"
+
+
+async def test_spec_the_crd_accepts_but_the_operator_rejects_gets_a_condition(client, namespace):
+    from trainyard.api import validate_resource
+
+    bad = training_run("typo", namespace, method="grpo", grpo={"rewards": [{"name": "len", "builtin": "length", "args": {"minimum": 1}}]})
+    problems = validate_resource(bad)
+    assert problems
+    async with operator(namespace):
+        await client.request("create", "POST", RUNS.format(ns=namespace), json=bad)
+        status = await eventually(lambda: _phase(client, namespace, "typo", "Invalid"))
+        assert condition(status, "Valid")["message"] == "; ".join(problems)
+        assert await children(client, namespace, "typo") == []
+
+
+async def test_deleting_a_run_deletes_its_children_and_a_restart_duplicates_nothing(client, namespace):
+    async with operator(namespace):
+        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("once", namespace, runPolicy={"maxRestarts": 50}))
+        await eventually(lambda: _equals(_count(client, namespace, "once"), 3))
+    async with operator(namespace):
+        await asyncio.sleep(5)
+        kinds = [kind for kind, _ in await children(client, namespace, "once")]
+        assert kinds.count("ConfigMap") == 1 and kinds.count("Service") == 1
+        await client.request("delete", "DELETE", RUNS.format(ns=namespace) + "/once")
+        await eventually(lambda: _equals(children(client, namespace, "once"), []), timeout=180)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return (await value) == expected
+
+
+async def _jobs(client: Any, namespace: str, run: str) -> list[str]:
+    return [j["metadata"]["name"] for j in await client.list("Job", namespace, f"trainyard.dev/run={run}")]
+
+
+async def _count(client: Any, namespace: str, run: str) -> int:
+    return len(await children(client, namespace, run))
+
+
+async def _phase(client: Any, namespace: str, name: str, phase: str) -> dict[str, Any] | None:
+    status = await status_of(client, namespace, name)
+    return status if status.get("phase") == phase else None
+
+
+async def _resumed(client: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    status = await status_of(client, namespace, name)
+    jobs = await _jobs(client, namespace, name)
+    return status if f"{name}-attempt-1" in jobs or status.get("restartAttempt", 0) >= 1 and jobs else None
