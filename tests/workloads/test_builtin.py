@@ -36,7 +36,9 @@ def test_chat_template_marks_the_assistant_turn_including_its_end_token():
     ids, mask = encoded["input_ids"], encoded["assistant_masks"]
     trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert trained == messages[-1]["content"] + "<|im_end|>"
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
 
 

@@ -69,7 +69,10 @@ def test_layout_per_method(dataset, method, fields, columns):
 def test_alpaca_becomes_prompt_and_completion():
     rows = [{"instruction": "Add the two numbers.", "input": "2 and 3", "output": "5"}]
     prepared = prepare_dataset(Dataset.from_list(rows), spec(), "sft")
-    assert prepared[0] == {"prompt": alpaca_prompt("Add the two numbers.", "2 and 3"), "completion": "5"}
+    assert prepared[0] == {
+        "prompt": alpaca_prompt("Add the two numbers.", "2 and 3"),
+        "completion": "5",
+    }
     assert "### Input:" not in alpaca_prompt("Say hi.", "")
 
 

@@ -127,7 +127,12 @@ def test_local_dataset_files(tmp_path):
     saved = tmp_path / "saved"
     Dataset.from_list(rows).save_to_disk(str(saved))
 
-    for uri in (f"file://{jsonl}", f"file://{parquet}", f"file://{parquet.parent}", f"file://{saved}"):
+    for uri in (
+        f"file://{jsonl}",
+        f"file://{parquet}",
+        f"file://{parquet.parent}",
+        f"file://{saved}",
+    ):
         assert sources.load_dataset_source(uri).to_list() == rows, uri
 
 

@@ -33,6 +33,13 @@ COUNT_REWARD = {
     "builtin": "count_match",
     "args": {"referenceField": "reference", "separator": "\n"},
 }
+# Random completions all count one item; their lengths in characters differ, so the
+# group's rewards differ and the policy gets a gradient.
+LENGTH_REWARD = {
+    "name": "length",
+    "builtin": "length",
+    "args": {"min": 40, "max": 60, "unit": "chars"},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +80,7 @@ def run_document(method: str, *, lora: bool = False, **spec) -> dict:
             "numGenerations": 2,
             "maxCompletionLength": 8,
             "logCompletionsEvery": 1,
-            "rewards": [COUNT_REWARD],
+            "rewards": [COUNT_REWARD, LENGTH_REWARD],
         }
     if method == "pretrain":
         base["pretrain"] = {"blockSize": 32}
@@ -158,7 +165,9 @@ def test_sft_masks_prompt_tokens_from_the_loss(tmp_path):
         len(tokenizer(alpaca_prompt(r["instruction"], r["input"]))["input_ids"]) for r in rows
     }
     for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
-        trained = [(i, t) for i, (t, lab) in enumerate(zip(ids, labels, strict=True)) if lab != -100]
+        trained = [
+            (i, t) for i, (t, lab) in enumerate(zip(ids, labels, strict=True)) if lab != -100
+        ]
         assert trained, "every example trains on its completion"
         first = trained[0][0]
         assert first in prompt_lengths  # everything before the completion is masked
@@ -238,7 +247,7 @@ def test_grpo_rewards_read_the_dataset_columns(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert lines
     reference_of = {r["prompt"]: r["reference"] for r in builtin.build_dataset_rows("prompts")}
-    (count,), _ = build_reward_functions(run.spec.grpo.rewards)
+    (count, _length), _ = build_reward_functions(run.spec.grpo.rewards)
     for line in lines:
         expected = count(completions=[line["completion"]], reference=[reference_of[line["prompt"]]])
         assert line["rewards"]["count"] == pytest.approx(expected[0], abs=1e-6)
@@ -348,7 +357,10 @@ def write_run(path: Path, document: dict) -> str:
             {"model": {"source": "builtin://tiny-qwen2", "quantization": {"bits": 4}}, "peft": {}},
             "model.quantization: quantization needs a CUDA GPU (bitsandbytes)",
         ),
-        ({"rollout": {"vllm": {"mode": "colocate"}}}, "rollout.vllm: vLLM rollouts need a CUDA GPU"),
+        (
+            {"rollout": {"vllm": {"mode": "colocate"}}},
+            "rollout.vllm: vLLM rollouts need a CUDA GPU",
+        ),
         ({"dataset": {"source": "builtin://datasets/text"}}, "method grpo cannot train on text"),
         ({"model": {"source": "builtin://tiny-gpt"}}, "unknown built-in model 'tiny-gpt'"),
     ],
@@ -368,9 +380,7 @@ def test_invalid_run_file_lists_the_problems(tmp_path, capsys):
     assert "spec.training.learningRate" in capsys.readouterr().err
 
 
-def test_entrypoint_reads_yaml_and_takes_the_output_dir_from_the_environment(
-    tmp_path, monkeypatch
-):
+def test_entrypoint_reads_yaml_and_takes_the_output_dir_from_the_environment(tmp_path, monkeypatch):
     import yaml
 
     path = tmp_path / "run.yaml"
@@ -380,3 +390,10 @@ def test_entrypoint_reads_yaml_and_takes_the_output_dir_from_the_environment(
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["method"] == "sft" and result["globalStep"] == 2
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_tiny_llama_trains_too(tmp_path):
+    result = train(make_run("dpo", lora=True, model={"source": "builtin://tiny-llama"}), tmp_path)
+    assert result["globalStep"] == 2
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert "tiny-llama" in config["base_model_name_or_path"]

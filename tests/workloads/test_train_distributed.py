@@ -19,7 +19,12 @@ def run_document(**spec) -> dict:
         "method": "sft",
         "model": {"source": "builtin://tiny-qwen2"},
         "dataset": {"source": "builtin://datasets/alpaca"},
-        "training": {"maxSteps": 2, "perDeviceBatchSize": 2, "learningRate": 5e-3, "loggingSteps": 1},
+        "training": {
+            "maxSteps": 2,
+            "perDeviceBatchSize": 2,
+            "learningRate": 5e-3,
+            "loggingSteps": 1,
+        },
         "distributed": {"gpusPerNode": 2},
     }
     base.update(spec)

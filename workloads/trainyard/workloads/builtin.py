@@ -136,7 +136,11 @@ def _alpaca_rows(n: int = 64) -> list[dict[str, Any]]:
         a, b = _arithmetic(rng)
         if i % 2 == 0:
             rows.append(
-                {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": str(a + b)}
+                {
+                    "instruction": "Add the two numbers.",
+                    "input": f"{a} and {b}",
+                    "output": str(a + b),
+                }
             )
         else:
             rows.append(

@@ -102,12 +102,14 @@ def prepare_dataset(dataset: Dataset, spec: Any, method: str) -> Dataset:
     if fmt == "chat":
         _require(columns, {"messagesField": spec.messages_field}, fmt)
         if online:
+
             def to_row(row):
                 prompt, completion = _split_chat(row[spec.messages_field])
                 out = {"prompt": prompt}
                 if completion:
                     out["reference"] = completion[0].get("content", "")
                 return out
+
             return _remap(dataset, to_row, drop=[spec.messages_field], keep_rest=True)
         return _remap(dataset, lambda r: {"messages": r[spec.messages_field]}, drop=columns)
 
@@ -122,11 +124,14 @@ def prepare_dataset(dataset: Dataset, spec: Any, method: str) -> Dataset:
             return {"prompt": prompt, "completion": row[spec.output_field]}
 
         source_columns = [spec.instruction_field, spec.input_field, spec.output_field]
-        return _remap(dataset, alpaca_row, drop=columns if not online else source_columns,
-                      keep_rest=online)
+        return _remap(
+            dataset, alpaca_row, drop=columns if not online else source_columns, keep_rest=online
+        )
 
     if fmt == "preference":
-        _require(columns, {"chosenField": spec.chosen_field, "rejectedField": spec.rejected_field}, fmt)
+        _require(
+            columns, {"chosenField": spec.chosen_field, "rejectedField": spec.rejected_field}, fmt
+        )
         has_prompt = spec.prompt_field in columns
         if online:
             _require(columns, {"promptField": spec.prompt_field}, fmt)
@@ -178,7 +183,9 @@ def prepare_dataset(dataset: Dataset, spec: Any, method: str) -> Dataset:
         _require(columns, {"promptField": spec.prompt_field}, fmt)
         if online:
             return _remap(
-                dataset, lambda r: {"prompt": r[spec.prompt_field]}, drop=[spec.prompt_field],
+                dataset,
+                lambda r: {"prompt": r[spec.prompt_field]},
+                drop=[spec.prompt_field],
                 keep_rest=True,
             )
         _require(columns, {"completionField": spec.completion_field}, "prompt (for sft)")

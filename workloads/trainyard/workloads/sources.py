@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 SCHEMES = ("hf", "s3", "file", "builtin", "run")
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-RUN_PATTERN = re.compile(r"^(?P<run>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)(/(?P<ckpt>step-\d+|final|latest))?/?$")
+RUN_PATTERN = re.compile(
+    r"^(?P<run>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)(/(?P<ckpt>step-\d+|final|latest))?/?$"
+)
 
 
 class SourceError(ValueError):

@@ -125,7 +125,9 @@ def merged_adapter_path(adapter_dir: str, method: str) -> str:
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
         loader = (
-            AutoPeftModelForSequenceClassification if method == "reward" else AutoPeftModelForCausalLM
+            AutoPeftModelForSequenceClassification
+            if method == "reward"
+            else AutoPeftModelForCausalLM
         )
         model = loader.from_pretrained(adapter_dir).merge_and_unload()
         staging = target.with_name(key + ".partial")

@@ -22,7 +22,11 @@ def _checkpointing_option() -> str:
     from transformers import TrainingArguments
 
     names = {f.name for f in fields(TrainingArguments)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
 
 
 CHECKPOINTING = _checkpointing_option()

@@ -93,7 +93,9 @@ def build_reward_sources(rl: Any) -> tuple[list[Any], list[float]]:
         return [], []
     from trainyard.workloads.rewards import build_reward_functions
 
-    funcs, weights = build_reward_functions(rl.rewards, rl.strip_thinking, workers=rl.reward_workers)
+    funcs, weights = build_reward_functions(
+        rl.rewards, rl.strip_thinking, workers=rl.reward_workers
+    )
     return list(funcs), list(weights)
 
 
@@ -107,7 +109,9 @@ def load_reward_model(path: str, init_kwargs: dict[str, Any]):
 
     from trainyard.workloads.sources import adapter_base
 
-    kwargs = {k: v for k, v in init_kwargs.items() if k in ("dtype", "trust_remote_code", "revision")}
+    kwargs = {
+        k: v for k, v in init_kwargs.items() if k in ("dtype", "trust_remote_code", "revision")
+    }
     if adapter_base(path) is not None:
         from peft import AutoPeftModelForSequenceClassification
 
