@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -54,7 +55,7 @@ from trainyard.workloads.local_spec import (
     apply_overrides,
     localize,
 )
-from trainyard.workloads.run_history import final_value, plot_curves, read_history
+from trainyard.workloads.run_history import RESULT_FILE, final_value, plot_curves, read_history
 
 RUN_JSON = "run.json"
 TRAIN_LOG = "train.log"
@@ -216,6 +217,10 @@ class ChildProcess:
 
 def start_workload(command: list[str], output_dir: Path) -> tuple[ChildProcess, Any]:
     log = open(output_dir / TRAIN_LOG, "ab")  # noqa: SIM115 - closed by the caller
+    log.write(
+        f"==> {datetime.now().isoformat(timespec='seconds')} {shlex.join(command)}\n".encode()
+    )
+    log.flush()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         command,
@@ -439,6 +444,10 @@ def run_command(argv: list[str]) -> int:
             print(f"  {problem}")
         return 1
     output_dir.mkdir(parents=True, exist_ok=True)
+    # Files of an earlier attempt in the same directory would pass for this one's
+    # (a failed start would show the old loss); checkpoints stay, for resuming.
+    for stale in (PROGRESS_FILE, RESULT_FILE, SUMMARY_FILE, CURVES_FILE):
+        (output_dir / stale).unlink(missing_ok=True)
     run_json = output_dir / RUN_JSON
     run_json.write_text(json.dumps(run.to_yaml_dict(), indent=2) + "\n")
 
