@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,8 +160,31 @@ ADVERSARIAL = {
     "huge-output": "while True:\n    print('spam' * 4096)",
     "memory-hog": "blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))",
     "network": "import socket\nsocket.create_connection(('127.0.0.1', PORT), timeout=2)",
-    "write-outside": "open(OUTSIDE, 'w').write('escaped')",
+    # World-writable first: only the read-only mounts stop that one (the uid would not).
+    "write-outside": "open(WORLD, 'w').write('escaped')\nopen(OUTSIDE, 'w').write('escaped')",
+    # Exits fine but leaves a setsid'd grandchild that would pass the tests later on.
+    "escaped-daemon": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n"
+    "raise SystemExit(1)",
 }
+
+
+def sandbox_processes() -> list[int]:
+    """Live processes of any sandbox uid (zombies excluded), after a short grace."""
+    deadline = time.monotonic() + 2
+    while True:
+        found = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    status = Path(f"/proc/{entry.name}/status").read_text()
+                except OSError:
+                    continue
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                if int(fields["Uid"].split()[0]) >= 1_500_000_000 and "Z" not in fields["State"]:
+                    found.append(int(entry.name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 @pytest.mark.skipif(ISOLATION != "strict", reason="escape cases need strict isolation")
@@ -167,11 +192,15 @@ def test_adversarial_batch_scores_compile_credit_only(trainer_port, tmp_path):
     """All adversarial programs in one pooled batch next to a correct one: each ends within
     its timeout, earns only the compile stage, and the correct answer still scores 1.0."""
     outside = tmp_path / "escaped.txt"
+    world = Path(tempfile.mkdtemp(prefix="trainyard-world-"))
+    world.chmod(0o777)
     programs = {
-        name: code.replace("PORT", str(trainer_port)).replace("OUTSIDE", repr(str(outside)))
+        name: code.replace("PORT", str(trainer_port))
+        .replace("OUTSIDE", repr(str(outside)))
+        .replace("WORLD", repr(str(world / "escaped.txt")))
         for name, code in ADVERSARIAL.items()
     }
-    # The program has to fail its tests to be wrong: end each with the failing assertion.
+    # Each program defines a correct add(): only the sandbox stopping it can fail the tests.
     batch = [f"```python\n{code}\ndef add(a, b):\n    return a + b\n```" for code in programs.values()]
     batch.append(CORRECT)
     started = time.monotonic()
@@ -183,5 +212,7 @@ def test_adversarial_batch_scores_compile_credit_only(trainer_port, tmp_path):
     }
     # 7 programs on 2 workers, at most ~2 timeouts each in sequence, plus start-up.
     assert elapsed < 3 * 4 + 10
-    assert not outside.exists()
+    assert not outside.exists() and list(world.iterdir()) == []
+    world.rmdir()
+    assert sandbox_processes() == [], "no sandboxed process (daemon, bomb) outlives the batch"
     assert os.system("true") == 0, "the trainer can still start processes"

@@ -6,6 +6,7 @@ import atexit
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from trainyard.workloads.rewards.sandbox import (
     Isolation,
     Sandbox,
     SandboxLimits,
+    isolate_worker,
     require_isolation,
     sandbox_python,
+    sandbox_root,
 )
 from trainyard.workloads.rewards.text import column_values, completion_texts, is_degenerate
 
@@ -122,31 +125,41 @@ def score_program(job: ProgramJob) -> ProgramScore:
     return ProgramScore(earned / total if total else 0.0, tuple(ran))
 
 
-# One pool per worker count, kept for the whole run: rewards are called every step and
-# starting workers each time would cost more than scoring a batch.
-_pools: dict[int, Executor] = {}
+# One pool per (worker count, isolation), kept for the whole run: rewards are called every
+# step and starting workers each time would cost more than scoring a batch.
+_pools: dict[tuple[int, Isolation], tuple[Executor, str | None]] = {}
 
 
-def _pool(workers: int) -> Executor:
-    if workers not in _pools:
+def _pool(workers: int, isolation: Isolation) -> Executor:
+    if (workers, isolation) not in _pools:
         # spawn: the trainer has threads (and maybe CUDA); forking it is unsafe.
         context = multiprocessing.get_context("spawn")
-        _pools[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-    return _pools[workers]
+        if isolation == "strict":
+            root = sandbox_root()
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=isolate_worker, initargs=(root,)
+            )
+        else:
+            root, pool = None, ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        _pools[workers, isolation] = (pool, root)
+    return _pools[workers, isolation][0]
 
 
 @atexit.register
-def _shutdown_pools() -> None:
-    for pool in _pools.values():
-        pool.shutdown(wait=False, cancel_futures=True)
+def shutdown_pools() -> None:
+    """Stop the scoring workers and remove their sandbox roots."""
+    for pool, root in _pools.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
     _pools.clear()
 
 
 def score_programs(jobs: list[ProgramJob], workers: int) -> list[ProgramScore]:
     """Scores of `jobs` in order: in this process when `workers` is 0, else in a pool."""
-    if workers == 0 or len(jobs) <= 1:
+    if workers == 0 or not jobs:
         return [score_program(job) for job in jobs]
-    return list(_pool(workers).map(score_program, jobs))
+    return list(_pool(workers, jobs[0].isolation).map(score_program, jobs))
 
 
 def default_workers() -> int:
