@@ -174,7 +174,7 @@ def test_upload_without_manifest_is_never_latest_nor_resumed(store, save_checkpo
     assert find_latest_complete(store.uri, s3) == f"{store.uri}/step-10"
 
 
-@pytest.mark.parametrize("damage", ["same-size-bytes", "truncated", "deleted"])
+@pytest.mark.parametrize("damage", ["same-size-bytes", "truncated", "deleted", "manifest"])
 def test_corrupt_checkpoint_falls_back_to_previous(store, save_checkpoint, tmp_path, damage):
     sync = CheckpointSync(store)
     for step in (10, 20):
@@ -184,6 +184,8 @@ def test_corrupt_checkpoint_falls_back_to_previous(store, save_checkpoint, tmp_p
     size = store.list_objects("step-20")[key]
     if damage == "deleted":
         store.delete([key])
+    elif damage == "manifest":
+        store.put_bytes("step-20/manifest.json", b'{"step": 20, "files": [tru')
     else:
         bad = tmp_path / "bad"
         bad.write_bytes(os.urandom(size if damage == "same-size-bytes" else size // 2))
@@ -195,7 +197,10 @@ def test_corrupt_checkpoint_falls_back_to_previous(store, save_checkpoint, tmp_p
     assert resumed.name == "checkpoint-10"
     failed, ok = sync.resume_attempts
     assert (failed.step, failed.ok, ok.step, ok.ok) == (20, False, 10, True)
-    expected = "sha256 does not match" if damage == "same-size-bytes" else "stored size"
+    expected = {
+        "same-size-bytes": "sha256 does not match",
+        "manifest": "manifest is unreadable",
+    }.get(damage, "stored size")
     assert expected in failed.reason
     assert not (tmp_path / "fresh" / ".checkpoint-20.partial").exists()
 

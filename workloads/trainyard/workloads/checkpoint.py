@@ -208,15 +208,16 @@ class CheckpointSync:
             name = f"step-{step}"
             partial = directory / f".{PREFIX_CHECKPOINT_DIR}-{step}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            reason = None
             try:
                 manifest = json.loads(self.store.get_bytes(f"{name}/{MANIFEST}") or b"null")
-                if not isinstance(manifest, dict) or manifest.get("step") != step:
-                    reason = "manifest is unreadable or names another step"
-                else:
-                    reason = verify_download(self.store, name, manifest, objects[step], partial)
-            except (ValueError, OSError) as error:
-                reason = f"{type(error).__name__}: {error}"
+            except ValueError:
+                manifest = None
+            # A bad checkpoint is skipped; a store that cannot be read raises instead,
+            # since starting over from step 0 would be worse than failing the pod.
+            if not isinstance(manifest, dict) or manifest.get("step") != step:
+                reason = "manifest is unreadable or names another step"
+            else:
+                reason = verify_download(self.store, name, manifest, objects[step], partial)
             if reason is not None:
                 logger.warning("not resuming from %s/%s: %s", self.store.uri, name, reason)
                 self.resume_attempts.append(ResumeAttempt(step, False, reason))
