@@ -115,6 +115,20 @@ def test_nproc_2_runs_two_ranks_under_torchrun(tmp_path):
     assert (out / "checkpoints" / "final" / "manifest.json").is_file()
 
 
+def test_a_failing_workload_exit_code_and_log_tail_come_through(tmp_path):
+    out = tmp_path / "failed"
+    done = trainyard(
+        "run", str(QUICKSTART), "--output", str(out), "--set", "model.source=builtin://nope",
+        cwd=tmp_path,
+    )  # fmt: skip
+    # The workload exits 2 for a source it cannot resolve; the runner passes that on.
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "training exited 2: last lines of" in done.stdout
+    assert "unknown built-in model 'nope'" in done.stdout
+    assert "quickstart (sft): exited 2" in done.stdout
+    assert json.loads((out / "summary.json").read_text())["exitCode"] == 2
+
+
 def test_ctrl_c_stops_the_workload_and_returns_its_exit_code(tmp_path):
     out = tmp_path / "interrupted"
     runner = subprocess.Popen(

@@ -404,7 +404,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ),
     )
     rate = summary["trainStepsPerSecond"] or summary["wallStepsPerSecond"]
-    table.add_row("steps/s", number(rate, ".2f"))
+    table.add_row("steps/s", number(rate if summary["steps"] else None, ".2f"))
     table.add_row("checkpoint", summary["checkpoint"] or "—")
     table.add_row("curves", summary["curves"] or "— (nothing logged)")
     table.add_row("log", summary["log"])
