@@ -206,6 +206,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--saves", type=int, default=4)
     options = parser.parse_args()
+    if subprocess.run(
+        [sys.executable, "-m", "awscli", "--version"], capture_output=True
+    ).returncode:
+        sys.exit("the comparison needs the AWS CLI in this python: pip install awscli")
     os.environ.update(ENV)
     load_before = os.getloadavg()[0]
     process, endpoint = start_moto()

@@ -101,6 +101,7 @@ def test_sft_log_reaches_endpoint_and_progress_file(metrics):
     assert (progress["step"], progress["totalSteps"], progress["epoch"]) == (5, 20, 0.5)
     assert (progress["loss"], progress["learningRate"], progress["gradNorm"]) == (2.5, 4e-5, 1.25)
     assert progress["rewardMean"] is None and progress["updatedAt"]
+    assert progress["metricsPort"] == metrics.port
 
 
 def test_grpo_log_reaches_endpoint_and_progress_file(metrics):
@@ -145,7 +146,8 @@ def test_other_ranks_do_not_report(metrics):
     state = TrainerState(global_step=7, max_steps=9, is_world_process_zero=False)
     callback.on_log(args, state, TrainerControl(), logs=dict(SFT_LOG))
     assert scrape(metrics.port)[("trainyard_step", ())] == 0
-    assert not metrics.progress_path.exists()
+    progress = json.loads(metrics.progress_path.read_text())
+    assert (progress["phase"], progress["step"], progress["loss"]) == ("Initializing", 0, None)
 
 
 def test_train_end_sets_phase(metrics):

@@ -128,6 +128,7 @@ class TrainingMetrics:
                 "uploadBytes": 0,
                 "failures": 0,
             },
+            "metricsPort": None,
             "updatedAt": None,
         }
 
@@ -135,6 +136,9 @@ class TrainingMetrics:
         """Serve /metrics on port (0 picks a free one); returns the port used."""
         self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
         self.port = self._server.server_port
+        with self._lock:
+            self.summary["metricsPort"] = self.port
+            self._write_progress()
         return self.port
 
     def shutdown(self) -> None:
