@@ -209,6 +209,13 @@ def test_wrong_number_of_scores_is_an_error(user_module):
             "not a local model directory.*use method coverage",
             id="embedding-model-missing",
         ),
+        pytest.param(
+            [Spec(name="x", builtin="code_execution",
+                  args={"stages": [{"name": "compile", "command": ["no-such-compiler", "{file}"]}],
+                        "isolation": "rlimits"})],
+            "reward 'x': stage 'compile': program 'no-such-compiler' not found on the sandbox PATH",
+            id="code-missing-program",
+        ),
     ],
 )
 def test_build_errors(specs, message):

@@ -12,7 +12,11 @@ from trainyard.api.rewards import parse_reward_args
 from trainyard.workloads.rewards.code_execution import code_execution_reward
 from trainyard.workloads.rewards.format import clause_presence_reward, length_reward, regex_reward
 from trainyard.workloads.rewards.penalties import extraneous_content_penalty, redundancy_penalty
-from trainyard.workloads.rewards.sandbox import require_isolation, sandbox_python
+from trainyard.workloads.rewards.sandbox import (
+    check_stage_program,
+    require_isolation,
+    sandbox_python,
+)
 from trainyard.workloads.rewards.similarity import (
     count_match_reward,
     load_sentence_encoder,
@@ -164,6 +168,13 @@ def bind_reward(
         kwargs["encoder"] = load_sentence_encoder(kwargs["model_path"])
     if spec.builtin == "code_execution":
         require_isolation(kwargs["isolation"])
+        for stage in kwargs["stages"]:
+            try:
+                check_stage_program(stage["command"][0])
+            except ValueError as error:
+                raise ValueError(
+                    f"reward {spec.name!r}: stage {stage['name']!r}: {error}"
+                ) from None
         if kwargs["workers"] is None:
             kwargs["workers"] = workers
         if kwargs["isolation"] == "strict":

@@ -277,6 +277,20 @@ def sandbox_python(preferred: str | None = None) -> str:
     )
 
 
+def check_stage_program(program: str) -> None:
+    """Refuse a stage whose program (first word of its command) the sandbox cannot find;
+    programs under a placeholder ({dir}/prog, {python}) are made or chosen later."""
+    if "{" in program:
+        return
+    found = program if os.sep in program else shutil.which(program, path=_SANDBOX_PATH)
+    if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        raise ValueError(
+            f"program {program!r} not found"
+            + ("" if os.sep in program else f" on the sandbox PATH {_SANDBOX_PATH}")
+            + "; install it in the trainer image or give its absolute path"
+        )
+
+
 class Sandbox:
     """A fresh directory (and, under strict isolation, a fresh uid) for one untrusted
     program; its stages run one after another and see each other's files.
@@ -358,8 +372,14 @@ class Sandbox:
                 start_new_session=True,
                 preexec_fn=preexec,
             )
-        except (OSError, subprocess.SubprocessError) as error:
+        except OSError as error:
+            # The program is missing or not executable (e.g. the binary a failed compile
+            # did not produce): the stage fails, like a program that exits non-zero.
             return SandboxResult(None, "", f"could not start {command[0]!r}: {error}", 0.0)
+        except subprocess.SubprocessError as error:
+            # The jail itself could not be entered: never score that as the completion's
+            # failure, or a broken sandbox would silently train on zero rewards.
+            raise SandboxUnavailable(f"could not enter the sandbox: {error}") from error
         try:
             return self._collect(process, started, timeout_seconds or limits.timeout_seconds)
         finally:
