@@ -19,8 +19,16 @@ and then every process of the sandbox uid. Isolation `rlimits` keeps the limits,
 timeout, output cap, fresh directory and process-group kill but no namespaces or uid
 switch: it is not a jail, only for trusted code or machines where strict is impossible.
 
+The namespaces are made per program run in the calling process, and once per process
+in pool workers (`isolate_worker`), whose sandboxes inherit them; uid, limits and
+directory stay per program.
+
 Programs that must run under strict isolation need an interpreter the sandbox uid may
 execute (world-executable path): `sandbox_python()` finds one.
+
+Not covered: a program may read world-readable files of the image (/etc, /usr, data with
+o+r) and see /proc; there is no seccomp filter; disk use in its own directory is bounded
+per file (RLIMIT_FSIZE) and by the timeout, not in total.
 """
 
 from __future__ import annotations
