@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from trainyard.api import parse_resource, validate_resource
 from trainyard.operator import reasons
 from trainyard.operator.builders import render_children
 from trainyard.operator.progress import MetricsSample
-from trainyard.operator.reconcile import Observed, Plan, reconcile
+from trainyard.operator.reconcile import Observed, Plan, desired_names, reconcile
 from trainyard.operator.status import find_condition
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -217,6 +218,8 @@ def test_stall_after_the_timeout(name, restart_on_stall, expect_restart):
     else:
         assert (stalled["status"], stalled["reason"]) == ("True", reasons.NO_PROGRESS)
         assert "stallTimeoutSeconds=600" in stalled["message"] and plan.creates == ()
+        later = world.apply(plan).at(NOW + timedelta(seconds=900)).reconcile()
+        assert later.is_empty, "a run that stays stalled is not rewritten on every resync"
 
 
 def test_progress_and_checkpoint_come_from_rank_0():
@@ -235,3 +238,28 @@ def test_ttl_cleans_up_the_children_of_a_finished_run():
     due = world.at(NOW).reconcile()
     assert sorted(kinds(due.deletes)) == [("ConfigMap", "demo-config"), ("Job", "demo-attempt-0"), ("Service", "demo-workers")]
     assert condition(due, "CleanedUp")["reason"] == reasons.TTL_EXPIRED
+
+
+def _example_runs():
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    for path in sorted(root.rglob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if isinstance(document, dict) and document.get("kind") == "TrainingRun":
+                yield pytest.param(document, id=f"{path.name}:{document['metadata']['name']}")
+
+
+@pytest.mark.parametrize("document", list(_example_runs()))
+@pytest.mark.parametrize("attempt", [0, 2])
+def test_desired_names_match_what_the_builders_render(document, attempt):
+    run = parse_resource(document)
+    rendered = {(m["kind"], m["metadata"]["name"]) for m in render_children(run, uid=UID, restart_attempt=attempt)}
+    assert desired_names(run, attempt) == rendered
+
+
+def test_converged_resync_still_notices_a_missing_child_by_name():
+    world = World().with_children().with_pods()
+    world.apply(world.reconcile())
+    world.children = [c for c in world.children if c["kind"] != "ConfigMap"]
+    assert kinds(world.reconcile().creates) == [("ConfigMap", "demo-config")], "a missing child is noticed by name"

@@ -39,6 +39,7 @@ INDEXES: dict[str, str] = {
 RUNS_INDEX = "runs_by_uid"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RESYNC_CONCURRENCY = 8
+EXPECTATION_SECONDS = 30.0  # how long a write of ours may take to show up in a watch
 
 
 def run_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,6 +85,11 @@ class Controller:
     # uid → (resourceVersion the write was based on, the body the write returned)
     _written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _resync: asyncio.Task[None] | None = None
+    # Expectations (as Kubernetes controllers keep them): children this operator just
+    # created or deleted, until the watch-fed indexes show it, so a reconcile that runs
+    # before the watch event arrives neither posts them again nor sees them still there.
+    _created: dict[str, dict[tuple[str, str], tuple[float, dict[str, Any]]]] = field(default_factory=dict)
+    _deleted: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
 
     def start_resync(self, indexes: Mapping[str, Any]) -> None:
         """Reconcile every run every `resync_seconds` (progress, stalls, TTL, missed events)."""
@@ -140,6 +146,8 @@ class Controller:
     def forget(self, uid: str) -> None:
         self._locks.pop(uid, None)
         self._written.pop(uid, None)
+        self._created.pop(uid, None)
+        self._deleted.pop(uid, None)
         self.metrics.record_phase(uid, None)
 
     def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +187,7 @@ class Controller:
         meta = raw["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         key = (namespace, run_label_value(name))
-        children = [c for index_id, kind in INDEXES.items() if kind != "Pod" for c in _entries(indexes.get(index_id), key)]
+        children = self._expected_children(uid, [c for index_id, kind in INDEXES.items() if kind != "Pod" for c in _entries(indexes.get(index_id), key)])
         pods = list(_entries(indexes.get("pods_by_run"), key))
         now = datetime.now(UTC)
         sample = await self._read_metrics(raw, children, pods)
@@ -188,6 +196,7 @@ class Controller:
             self.metrics.record_phase(uid, (raw.get("status") or {}).get("phase"))
             return plan
         applied = await k8s.apply_plan(self.client, plan, namespace=namespace, name=name, resource_version=meta.get("resourceVersion"))
+        self._expect(uid, plan)
         if plan.status_patch is not None and applied.status is not None and applied.resource_version:
             result = {"status": applied.status, "metadata": {"resourceVersion": applied.resource_version}}
             self._written[uid] = (meta.get("resourceVersion", ""), result)
@@ -196,6 +205,30 @@ class Controller:
             logger.info("run %s/%s: gang restart (%s)", namespace, name, plan.restart_reason)
         self.metrics.record_phase(uid, plan.status.get("phase"))
         return plan
+
+    def _expect(self, uid: str, plan: Plan) -> None:
+        deadline = time.monotonic() + EXPECTATION_SECONDS
+        created = self._created.setdefault(uid, {})
+        for manifest in plan.creates:
+            created[(manifest["kind"], manifest["metadata"]["name"])] = (deadline, index_entry(manifest["kind"], manifest))
+        deleted = self._deleted.setdefault(uid, {})
+        for ref in plan.deletes:
+            deleted[(ref.kind, ref.name)] = deadline
+            created.pop((ref.kind, ref.name), None)
+
+    def _expected_children(self, uid: str, indexed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The indexed children, corrected by what this operator did that the watch has not shown yet."""
+        now = time.monotonic()
+        seen = {(c["kind"], c["metadata"]["name"]) for c in indexed}
+        created, deleted = self._created.get(uid, {}), self._deleted.get(uid, {})
+        for key, (deadline, _) in list(created.items()):
+            if key in seen or now > deadline:
+                del created[key]
+        for key, deadline in list(deleted.items()):
+            if key not in seen or now > deadline:
+                del deleted[key]
+        children = [c for c in indexed if (c["kind"], c["metadata"]["name"]) not in deleted]
+        return children + [entry for _, entry in created.values()]
 
     async def _read_metrics(self, raw: dict[str, Any], children: list[dict[str, Any]], pods: list[dict[str, Any]]) -> MetricsSample | None:
         """Rank 0's metrics when the current attempt's rank 0 is running; else None."""

@@ -16,9 +16,9 @@ from typing import Any
 from trainyard.api import InvalidResource, parse_resource
 from trainyard.api.training_run import TrainingRun
 from trainyard.operator import failure_policy, reasons, stall, suspend, ttl
-from trainyard.operator.builders import UnrenderableRun, render_children
+from trainyard.operator.builders import UnrenderableRun, needs_rollout_server, render_children
+from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
-from trainyard.operator.builders.names import worker_job_name
 from trainyard.operator.progress import MetricsSample, next_progress
 from trainyard.operator.status import (
     TERMINAL_PHASES,
@@ -106,8 +106,10 @@ def _attempt_pods(pods: list[dict[str, Any]], job: dict[str, Any] | None, attemp
     return [
         p for p in pods
         if (uid and _is_owned(p, uid))
-        or (p.get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
-        and not p.get("metadata", {}).get("ownerReferences")
+        or (
+            (p.get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
+            and not p.get("metadata", {}).get("ownerReferences")
+        )
     ]
 
 
@@ -183,19 +185,14 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     status.data.setdefault("restarts", 0)
     status.data.setdefault("preemptions", 0)
 
-    job_name = worker_job_name(run.metadata.name, attempt)
+    job_name = builder_names.worker_job_name(run.metadata.name, attempt)
     job = next((c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] == job_name), None)
     attempt_pods = _attempt_pods(pods, job, attempt)
     stale_jobs = [c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] != job_name]
     deletes = [_ref(j) for j in stale_jobs]
 
     if failure_policy.job_condition(job, "Complete") is not None:
-        status.condition("Running", False, reasons.JOB_COMPLETED, "all workers finished")
-        status.condition("Succeeded", True, reasons.JOB_COMPLETED, f"job {job_name} completed")
-        status.finish("Succeeded", "training finished")
-        _take_progress(status, observed.metrics, spec, now)
-        deletes += [_ref(c) for c in ours if c.get("kind") == "Deployment"]  # free the rollout GPUs
-        return _plan(status, old_status, deletes, [])
+        return _succeeded(status, old_status, observed.metrics, spec, ours, deletes, job_name, now)
 
     restart_reason = None
     disruption = failure_policy.classify_attempt(job, attempt_pods)
@@ -214,33 +211,70 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         )
         status.data["restarts"], status.data["preemptions"] = decision.restarts, decision.preemptions
         if not decision.restart:
-            status.condition("Running", False, decision.reason, decision.message)
-            status.condition("Failed", True, decision.reason, decision.message)
-            status.finish("Failed", decision.message)
-            deletes += [_ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes]
-            return _plan(status, old_status, deletes, [])
+            return _failed(status, old_status, decision, ours, deletes)
         if job is not None:
             deletes.append(_ref(job))
-        attempt += 1
-        status.data["restartAttempt"] = attempt
+        attempt = _restart(status, decision, attempt)
         restart_reason = decision.reason
-        checkpoint = (status.data.get("checkpoints") or {}).get("latestStep")
-        origin = f"checkpoint step {checkpoint}" if checkpoint is not None else "the start (no complete checkpoint yet)"
-        status.condition("Running", False, decision.reason, f"{decision.message}; restarting the gang from {origin}")
-        status.data["phase"] = "Restarting"
-        status.data["message"] = f"{decision.reason}: restarting from {origin}"
-        status.condition("Stalled", False, reasons.RESTARTING, "a new attempt started")
         job, attempt_pods = None, []
 
-    desired = render_children(run, uid=uid, image=observed.image, restart_attempt=attempt, suspend=False)
-    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
-    deleted = {(d.kind, d.name) for d in deletes}
-    creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing - deleted]
+    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours} - {(d.kind, d.name) for d in deletes}
+    spec_seen = (old_status or {}).get("observedGeneration") == meta.get("generation")
+    if spec_seen and desired_names(run, attempt) <= existing:
+        creates = []  # converged: rendering would only confirm it (a spec change renders again)
+    else:
+        desired = render_children(run, uid=uid, image=observed.image, restart_attempt=attempt, suspend=False)
+        creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
 
     if restart_reason is None:
         _observe_running(status, spec, attempt_pods, job, now)
     plan = _plan(status, old_status, deletes, creates)
     return Plan(plan.status_patch, plan.deletes, plan.creates, plan.status, restart_reason, plan.requeue_after)
+
+
+def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
+    """(kind, name) of every child `render_children` makes for this attempt, without rendering."""
+    name = run.metadata.name
+    names = {
+        ("ConfigMap", builder_names.config_map_name(name)),
+        ("Service", builder_names.workers_service_name(name)),
+        ("Job", builder_names.worker_job_name(name, attempt)),
+    }
+    if needs_rollout_server(run):
+        names |= {("Service", builder_names.rollout_server_name(name)), ("Deployment", builder_names.rollout_server_name(name))}
+    return names
+
+
+def _succeeded(status: _Status, old_status: dict[str, Any] | None, sample: MetricsSample | None, spec: Any, ours: list[dict[str, Any]], deletes: list[ChildRef], job_name: str, now: datetime) -> Plan:
+    status.condition("Running", False, reasons.JOB_COMPLETED, "all workers finished")
+    status.condition("Succeeded", True, reasons.JOB_COMPLETED, f"job {job_name} completed")
+    status.finish("Succeeded", "training finished")
+    _take_progress(status, sample, spec, now)
+    deletes = deletes + [_ref(c) for c in ours if c.get("kind") == "Deployment"]  # free the rollout GPUs
+    return _plan(status, old_status, deletes, [])
+
+
+def _failed(status: _Status, old_status: dict[str, Any] | None, decision: failure_policy.Decision, ours: list[dict[str, Any]], deletes: list[ChildRef]) -> Plan:
+    """Out of budget: say why, and stop every pod (a broken gang would hold its GPUs forever)."""
+    status.condition("Running", False, decision.reason, decision.message)
+    status.condition("Failed", True, decision.reason, decision.message)
+    status.finish("Failed", decision.message)
+    deletes = deletes + [_ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes]
+    return _plan(status, old_status, deletes, [])
+
+
+def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -> int:
+    """Record a gang restart in the status; the next attempt's number."""
+    attempt += 1
+    status.data["restartAttempt"] = attempt
+    checkpoint = (status.data.get("checkpoints") or {}).get("latestStep")
+    origin = f"checkpoint step {checkpoint}" if checkpoint is not None else "the start (no complete checkpoint yet)"
+    status.condition("Running", False, decision.reason, f"{decision.message}; restarting the gang from {origin}")
+    status.data["phase"] = "Restarting"
+    status.data["message"] = f"{decision.reason}: restarting from {origin}"
+    if find_condition(status.data.get("conditions"), "Stalled") is not None:
+        status.condition("Stalled", False, reasons.RESTARTING, "a new attempt started")
+    return attempt
 
 
 def _observe_running(status: _Status, spec: Any, pods: list[dict[str, Any]], job: dict[str, Any] | None, now: datetime) -> None:
@@ -278,14 +312,13 @@ def _stall_message(status: _Status, spec: Any, now: datetime, job: dict[str, Any
     running = find_condition(status.data.get("conditions"), "Running")
     if timeout is None or job is None or running is None or running.get("status") != "True":
         return None
-    check = stall.check_stall(
-        last_progress=parse_time((status.data.get("progress") or {}).get("updatedAt")),
-        running_since=parse_time(running.get("lastTransitionTime")),
-        now=now,
-        timeout_seconds=timeout,
-    )
+    last_progress = parse_time((status.data.get("progress") or {}).get("updatedAt"))
+    running_since = parse_time(running.get("lastTransitionTime"))
+    check = stall.check_stall(last_progress=last_progress, running_since=running_since, now=now, timeout_seconds=timeout)
     if check.stalled:
-        message = f"the step has not moved for {int(check.idle_seconds)}s (runPolicy.stallTimeoutSeconds={timeout})"
+        # No idle counter in the message: it would change the status on every resync.
+        since = max(t for t in (last_progress, running_since) if t is not None)
+        message = f"the step has not moved since {format_time(since)} (runPolicy.stallTimeoutSeconds={timeout})"
         status.condition("Stalled", True, reasons.NO_PROGRESS, message)
         return message
     if find_condition(status.data.get("conditions"), "Stalled") is not None:
