@@ -379,6 +379,20 @@ def build_trainer(ctx: TrainContext):
     raise SpecError(f"method: {method!r} is not a training method")
 
 
+def init_deepspeed_comm(spec: Any, env: Environment) -> None:
+    """Start DeepSpeed's communication layer before the model is loaded.
+
+    ZeRO-3 builds the model inside `deepspeed.zero.Init`, which reads the world size from
+    DeepSpeed's own comm module; accelerate starts that module on GPUs but not with
+    `use_cpu`, and ZeRO-3 then sees a world of 1 and rejects the batch size.
+    """
+    if spec.distributed.deepspeed is None or env.world_size <= 1:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if env.cuda else "gloo")
+
+
 def last_loss(log_history: list[dict[str, Any]]) -> float | None:
     """The final training loss the trainer reported (the end-of-training average if present)."""
     for entry in reversed(log_history):
@@ -396,6 +410,7 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     env = detect_environment()
     spec = run.spec
     ctx = build_context(run, output, env)
+    init_deepspeed_comm(spec, env)
     observers = build_observers(spec, output, env)
     try:
         ctx.callbacks.extend(observers.callbacks)
