@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from operator_fakes import (
     CONFIGMAPS,
+    DEPLOYMENTS,
     JOBS,
     NAMESPACE,
     PODS,
@@ -21,7 +23,9 @@ from trainyard.operator import reasons
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_run_goes_from_created_to_succeeded_with_progress(api, kubelet, start_operator, rank0_metrics):
+async def test_run_goes_from_created_to_succeeded_with_progress(
+    api, kubelet, start_operator, rank0_metrics
+):
     run = training_run("demo", metrics={"port": rank0_metrics.port})
     async with start_operator():
         await api.put_object(RUNS, run)
@@ -29,16 +33,24 @@ async def test_run_goes_from_created_to_succeeded_with_progress(api, kubelet, st
         assert [j["metadata"]["name"] for j in jobs] == ["demo-attempt-0"]
         assert api.get(CONFIGMAPS, NAMESPACE, "demo-config") is not None
         assert api.get(SERVICES, NAMESPACE, "demo-workers") is not None
-        assert (await eventually(lambda: kubelet.status("demo").get("phase")))== "Pending"
+        assert (await eventually(lambda: kubelet.status("demo").get("phase"))) == "Pending"
 
-        rank0_metrics.values = {"trainyard_step": 5, "trainyard_total_steps": 20, "trainyard_loss": 2.5, "trainyard_epoch": 0.25, "trainyard_checkpoint_last_step": 0}
+        rank0_metrics.values = {
+            "trainyard_step": 5,
+            "trainyard_total_steps": 20,
+            "trainyard_loss": 2.5,
+            "trainyard_epoch": 0.25,
+            "trainyard_checkpoint_last_step": 0,
+        }
         await kubelet.start_pods(jobs[0])
         await eventually(lambda: kubelet.status("demo").get("phase") == "Running")
         progress = await eventually(lambda: kubelet.status("demo").get("progress"))
         assert progress["step"] == 5 and progress["totalSteps"] == 20 and progress["loss"] == 2.5
         assert kubelet.condition("demo", "Running")["reason"] == reasons.PODS_RUNNING
 
-        rank0_metrics.values.update(trainyard_step=10, trainyard_loss=1.5, trainyard_checkpoint_last_step=10)
+        rank0_metrics.values.update(
+            trainyard_step=10, trainyard_loss=1.5, trainyard_checkpoint_last_step=10
+        )
         await eventually(lambda: (kubelet.status("demo").get("progress") or {}).get("step") == 10)
         status = kubelet.status("demo")
         assert status["progress"]["loss"] == 1.5
@@ -54,13 +66,20 @@ async def test_run_goes_from_created_to_succeeded_with_progress(api, kubelet, st
 
 
 async def _running(api, kubelet, name, attempt=0):
-    job = await eventually(lambda: next((j for j in kubelet.jobs(name) if j["metadata"]["name"] == f"{name}-attempt-{attempt}"), None))
+    job = await eventually(
+        lambda: next(
+            (j for j in kubelet.jobs(name) if j["metadata"]["name"] == f"{name}-attempt-{attempt}"),
+            None,
+        )
+    )
     pods = await kubelet.start_pods(job)
     await eventually(lambda: kubelet.status(name).get("phase") == "Running")
     return job, pods
 
 
-async def test_failed_worker_restarts_the_whole_gang_from_the_checkpoint(api, kubelet, start_operator, rank0_metrics):
+async def test_failed_worker_restarts_the_whole_gang_from_the_checkpoint(
+    api, kubelet, start_operator, rank0_metrics
+):
     async with start_operator() as metrics:
         await api.put_object(RUNS, training_run("crash", metrics={"port": rank0_metrics.port}))
         rank0_metrics.values = {"trainyard_step": 30, "trainyard_checkpoint_last_step": 20}
@@ -75,7 +94,9 @@ async def test_failed_worker_restarts_the_whole_gang_from_the_checkpoint(api, ku
         assert (status["restarts"], status["preemptions"], status["restartAttempt"]) == (1, 0, 1)
         assert status["phase"] == "Restarting"
         running = kubelet.condition("crash", "Running")
-        assert running["reason"] == reasons.OOM_KILLED and "checkpoint step 20" in running["message"]
+        assert (
+            running["reason"] == reasons.OOM_KILLED and "checkpoint step 20" in running["message"]
+        )
 
         await kubelet.start_pods(new_job)
         await eventually(lambda: kubelet.status("crash").get("phase") == "Running")
@@ -87,7 +108,9 @@ async def test_preemption_restarts_without_using_the_budget(api, kubelet, start_
     async with start_operator():
         await api.put_object(RUNS, training_run("preempted", runPolicy={"maxRestarts": 0}))
         job, pods = await _running(api, kubelet, "preempted")
-        await kubelet.fail_pod(pods[0], reason="Error", exit_code=137, disruption="PreemptionByScheduler")
+        await kubelet.fail_pod(
+            pods[0], reason="Error", exit_code=137, disruption="PreemptionByScheduler"
+        )
         await eventually(lambda: api.get(JOBS, NAMESPACE, "preempted-attempt-1"))
         status = kubelet.status("preempted")
         assert (status["restarts"], status["preemptions"]) == (0, 1)
@@ -95,7 +118,9 @@ async def test_preemption_restarts_without_using_the_budget(api, kubelet, start_
         assert kubelet.condition("preempted", "Failed") is None
 
 
-async def test_exhausted_restart_budget_fails_the_run_and_frees_the_gpus(api, kubelet, start_operator):
+async def test_exhausted_restart_budget_fails_the_run_and_frees_the_gpus(
+    api, kubelet, start_operator
+):
     async with start_operator():
         await api.put_object(RUNS, training_run("doomed", runPolicy={"maxRestarts": 1}))
         _, pods = await _running(api, kubelet, "doomed", attempt=0)
@@ -112,7 +137,9 @@ async def test_exhausted_restart_budget_fails_the_run_and_frees_the_gpus(api, ku
         assert not kubelet.jobs("doomed") and kubelet.status("doomed")["phase"] == "Failed"
 
 
-async def test_suspend_deletes_the_pods_and_resume_starts_a_new_attempt(api, kubelet, start_operator):
+async def test_suspend_deletes_the_pods_and_resume_starts_a_new_attempt(
+    api, kubelet, start_operator
+):
     async with start_operator():
         await api.put_object(RUNS, training_run("pausable"))
         job, _ = await _running(api, kubelet, "pausable")
@@ -144,11 +171,18 @@ async def test_invalid_spec_gets_the_validate_message_and_no_children(api, kubel
         assert valid["status"] == "False" and valid["reason"] == reasons.INVALID_SPEC
         assert valid["message"] == "; ".join(expected)
         # kopf records the handled spec once; after that nothing may be written again
-        await eventually(lambda: "trainyard.dev/last-handled-configuration" in kubelet.run("broken")["metadata"].get("annotations", {}))
+        await eventually(
+            lambda: (
+                "trainyard.dev/last-handled-configuration"
+                in kubelet.run("broken")["metadata"].get("annotations", {})
+            )
+        )
         mark = len(api.records)
         await asyncio.sleep(1.0)  # five resyncs: no retry storm, no writes
         assert api.writes(since=mark) == []
-        assert not kubelet.jobs("broken") and api.get(CONFIGMAPS, NAMESPACE, "broken-config") is None
+        assert (
+            not kubelet.jobs("broken") and api.get(CONFIGMAPS, NAMESPACE, "broken-config") is None
+        )
 
 
 async def test_deleting_the_run_deletes_its_children(api, kubelet, start_operator):
@@ -169,6 +203,35 @@ async def test_finished_run_children_are_cleaned_up_after_the_ttl(api, kubelet, 
         await kubelet.complete_job(job)
         await eventually(lambda: kubelet.status("tidy").get("phase") == "Succeeded")
         assert kubelet.jobs("tidy"), "children stay until the TTL passes"
-        await eventually(lambda: not kubelet.jobs("tidy") and not api.objects(SERVICES, NAMESPACE, "trainyard.dev/run=tidy"), timeout=5)
+        await eventually(
+            lambda: (
+                not kubelet.jobs("tidy")
+                and not api.objects(SERVICES, NAMESPACE, "trainyard.dev/run=tidy")
+            ),
+            timeout=5,
+        )
         assert kubelet.status("tidy")["phase"] == "Succeeded"
         assert kubelet.condition("tidy", "CleanedUp")["reason"] == reasons.TTL_EXPIRED
+
+
+async def test_grpo_rollout_server_comes_and_goes_with_the_gang(api, kubelet, start_operator):
+    import yaml
+
+    run = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "grpo-run.yaml").read_text())
+    run["metadata"]["namespace"] = NAMESPACE
+    name = run["metadata"]["name"]
+    async with start_operator():
+        await api.put_object(RUNS, run)
+        deployment = await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm"))
+        assert api.get(SERVICES, NAMESPACE, f"{name}-vllm") is not None
+        assert deployment["metadata"]["ownerReferences"][0]["uid"] == kubelet.run(name)["metadata"]["uid"]
+        await api.patch_object(RUNS, NAMESPACE, name, {"spec": {"suspend": True}})
+        await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm") is None)
+        assert api.get(SERVICES, NAMESPACE, f"{name}-vllm") is not None, "Services hold no GPUs and stay"
+        await api.patch_object(RUNS, NAMESPACE, name, {"spec": {"suspend": False}})
+        await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm"))
+        job = await eventually(lambda: api.get(JOBS, NAMESPACE, f"{name}-attempt-1"))
+        await kubelet.start_pods(job)
+        await kubelet.complete_job(job)
+        await eventually(lambda: kubelet.status(name).get("phase") == "Succeeded")
+        await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm") is None)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=8080, help="port of the operator's /metrics (0: any, -1: off)")
     parser.add_argument("--run-metrics-url", default=None, help="URL template of rank 0's metrics")
     parser.add_argument("--trainer-image", default=None, help="image for runs that name none")
+    parser.add_argument("--vllm-image", default=None, help="image of vLLM rollout servers")
+    parser.add_argument("--consistency-timeout", type=float, default=15.0, help="seconds kopf waits for its own patches to come back")
     parser.add_argument("--server", default=None, help="API server URL without credentials (development)")
     parser.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -60,6 +62,7 @@ def config_from_args(argv: list[str]) -> OperatorConfig:
         "metrics_port": None if args.metrics_port < 0 else args.metrics_port,
         "api_server": args.server,
         "liveness_endpoint": args.liveness,
+        "consistency_timeout": args.consistency_timeout,
     }
     if args.namespaces:
         overrides["namespaces"] = args.namespaces
@@ -69,6 +72,8 @@ def config_from_args(argv: list[str]) -> OperatorConfig:
         overrides["run_metrics_url"] = args.run_metrics_url
     if args.trainer_image:
         overrides["default_image"] = args.trainer_image
+    if args.vllm_image:
+        overrides["default_vllm_image"] = args.vllm_image
     config = OperatorConfig.from_environment(**overrides)
     if not config.namespaces and not config.clusterwide:
         raise SystemExit("trainyard operator: name the namespaces to serve (-n NAME, repeatable) or serve all (-A)")

@@ -191,7 +191,10 @@ class Controller:
         pods = list(_entries(indexes.get("pods_by_run"), key))
         now = datetime.now(UTC)
         sample = await self._read_metrics(raw, children, pods)
-        plan = reconcile(Observed(run=raw, children=children, pods=pods, metrics=sample, now=now, image=self.config.default_image))
+        plan = reconcile(Observed(
+            run=raw, children=children, pods=pods, metrics=sample, now=now,
+            image=self.config.default_image, vllm_image=self.config.default_vllm_image,
+        ))
         if plan.is_empty:
             self.metrics.record_phase(uid, (raw.get("status") or {}).get("phase"))
             return plan

@@ -53,6 +53,7 @@ class Observed:
     metrics: MetricsSample | None = None
     now: datetime | None = None
     image: str | None = None
+    vllm_image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     attempt = int(status.data.get("restartAttempt") or 0)
     transition = suspend.suspend_transition(suspend=spec.suspend, conditions=status.data.get("conditions"))
     if transition in ("suspend", "stay-suspended"):
-        return _suspended(status, old_status, run, ours, uid, attempt, observed.image)
+        return _suspended(status, old_status, run, ours, uid, attempt, observed.image, observed.vllm_image)
     if transition == "resume":
         attempt += 1
         status.condition("Suspended", False, reasons.RESUMED, "resumed from the latest checkpoint")
@@ -223,7 +224,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     if spec_seen and desired_names(run, attempt) <= existing:
         creates = []  # converged: rendering would only confirm it (a spec change renders again)
     else:
-        desired = render_children(run, uid=uid, image=observed.image, restart_attempt=attempt, suspend=False)
+        desired = render_children(run, uid=uid, image=observed.image, vllm_image=observed.vllm_image, restart_attempt=attempt, suspend=False)
         creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
 
     if restart_reason is None:
@@ -348,7 +349,7 @@ def _finished(status: _Status, old_status: dict[str, Any] | None, spec: Any, our
     return Plan(plan.status_patch, (), (), plan.status, None, left)
 
 
-def _suspended(status: _Status, old_status: dict[str, Any] | None, run: TrainingRun, ours: list[dict[str, Any]], uid: str, attempt: int, image: str | None) -> Plan:
+def _suspended(status: _Status, old_status: dict[str, Any] | None, run: TrainingRun, ours: list[dict[str, Any]], uid: str, attempt: int, image: str | None, vllm_image: str | None) -> Plan:
     deletes = [_ref(c) for c in ours if not suspend.kept_while_suspended(c)]
     status.data["restartAttempt"] = attempt
     status.data["phase"] = "Suspended"
@@ -357,7 +358,7 @@ def _suspended(status: _Status, old_status: dict[str, Any] | None, run: Training
     status.condition("Running", False, reasons.SUSPENDED_BY_SPEC, "suspended")
     existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
     kept = [
-        m for m in render_children(run, uid=uid, image=image, restart_attempt=attempt, suspend=True)
+        m for m in render_children(run, uid=uid, image=image, vllm_image=vllm_image, restart_attempt=attempt, suspend=True)
         if suspend.kept_while_suspended(m)
     ]
     creates = [m for m in kept if (m["kind"], m["metadata"]["name"]) not in existing]

@@ -50,6 +50,10 @@ class OperatorConfig:
     """Pauses between retries of throttled (429) or failed (5xx) API requests."""
     error_backoffs: tuple[float, ...] = (1, 2, 5, 10, 30, 60)
     """Pauses before kopf reruns a reconcile that raised."""
+    consistency_timeout: float = 15.0
+    """Seconds kopf waits to see its own last patch come back through the watch before it
+    treats an older event as current (kopf's default is 5; a busy operator watching every
+    child needs longer, or it reruns the create handler on a stale event)."""
     metrics_port: int | None = 8080
     """Port of the operator's own /metrics (None: not served)."""
     run_metrics_url: str = DEFAULT_URL_TEMPLATE
@@ -58,6 +62,8 @@ class OperatorConfig:
     """Seconds to wait for rank 0's metrics."""
     default_image: str | None = None
     """Trainer image for runs that name none (the builders' pinned default when unset)."""
+    default_vllm_image: str | None = None
+    """vLLM rollout server image (the builders' pinned default when unset)."""
     api_server: str | None = None
     """Talk to this API server URL without credentials (development and tests);
     unset: in-cluster service account, else kubeconfig."""
@@ -81,6 +87,8 @@ class OperatorConfig:
         config.clusterwide = env.get("TRAINYARD_CLUSTERWIDE", "").lower() in ("1", "true", "yes")
         if env.get("TRAINYARD_TRAINER_IMAGE"):
             config.default_image = env["TRAINYARD_TRAINER_IMAGE"]
+        if env.get("TRAINYARD_VLLM_IMAGE"):
+            config.default_vllm_image = env["TRAINYARD_VLLM_IMAGE"]
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
@@ -95,6 +103,7 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
         prefix="trainyard.dev", key="last-handled-configuration"
     )
     settings.persistence.finalizer = "trainyard.dev/finalizer"
+    settings.persistence.consistency_timeout = config.consistency_timeout
     settings.peering.name = config.peering_name
     settings.peering.priority = config.priority
     settings.peering.standalone = config.standalone
