@@ -137,6 +137,35 @@ def test_retention_collects_unfinished_uploads_but_never_latest(store, save_chec
     assert steps_in(store) == ["step-1", "step-3", "step-9"]
 
 
+def start_unfinished_write(store, key: str) -> None:
+    """What a killed uploader leaves: a multipart upload with a part, or a temp file."""
+    if isinstance(store, S3Store):
+        full_key = f"{store.prefix}/{key}"
+        upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=full_key)
+        store.client.upload_part(
+            Bucket=store.bucket, Key=full_key, UploadId=upload["UploadId"], PartNumber=1,
+            Body=os.urandom(5 * MiB),
+        )  # fmt: skip
+    else:
+        path = store.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f".{path.name}.k1ll3d0").write_bytes(os.urandom(1024))
+
+
+def test_retention_aborts_unfinished_writes_of_old_steps(store, save_checkpoint):
+    start_unfinished_write(store, "step-1/model.safetensors")
+    start_unfinished_write(store, "step-5/model.safetensors")
+    assert sorted(key for key, _ in store.list_unfinished()) == [
+        "step-1/model.safetensors",
+        "step-5/model.safetensors",
+    ]
+    sync = CheckpointSync(store)
+    sync.submit(save_checkpoint(3), 3)
+    sync.wait()
+    # step-5 is newer than the newest complete step: it may still be on its way.
+    assert [key for key, _ in store.list_unfinished()] == ["step-5/model.safetensors"]
+
+
 def test_resume_downloads_newest_verified_checkpoint(store, save_checkpoint, tmp_path):
     sync = CheckpointSync(store)
     for step in (10, 20):
@@ -326,3 +355,11 @@ def test_uploader_killed_midway_never_becomes_latest(
     assert "step-20/manifest.json" not in store.list_objects()
     resumed = CheckpointSync(store).resume(tmp_path / "fresh")
     assert resumed.name == "checkpoint-10"
+
+    # The next good upload cleans up what the killed one left, parts included.
+    assert store.list_unfinished()
+    sync = CheckpointSync(store)
+    sync.submit(save_checkpoint(30), 30)
+    sync.wait()
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert steps_in(store) == ["step-10", "step-30"]

@@ -181,6 +181,11 @@ def apply_retention(store: ObjectStore, keep_last: int | None) -> list[int]:
     )
     for step in doomed:
         delete_step(store, step, objects[step])
+    # Writes a killed uploader left half done: invisible to listings, but they take space.
+    for key, handle in store.list_unfinished():
+        match = STEP_PATTERN.fullmatch(key.partition("/")[0])
+        if match and int(match.group(1)) < newest and int(match.group(1)) not in keep:
+            store.abort_unfinished(key, handle)
     return doomed
 
 

@@ -100,6 +100,12 @@ class ObjectStore(Protocol):
     def delete(self, keys: Iterable[str]) -> None:
         """Delete the keys; missing ones are not an error."""
 
+    def list_unfinished(self) -> list[tuple[str, str]]:
+        """(key, handle) of writes that started and never finished (a killed uploader)."""
+
+    def abort_unfinished(self, key: str, handle: str) -> None:
+        """Throw away one unfinished write so it stops taking space."""
+
 
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
@@ -230,6 +236,21 @@ class S3Store:
                     f"could not delete {first['Key']} in {self.uri}: {first.get('Message')}"
                 )
 
+    def list_unfinished(self) -> list[tuple[str, str]]:
+        root = self.prefix + "/" if self.prefix else ""
+        strip = len(root)
+        found = []
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=root
+        ):
+            for upload in page.get("Uploads", []):
+                found.append((upload["Key"][strip:], upload["UploadId"]))
+        return found
+
+    def abort_unfinished(self, key: str, handle: str) -> None:
+        # Parts of an unfinished multipart upload are stored (and billed) until aborted.
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=handle)
+
 
 class FileStore:
     """A directory on a local or mounted filesystem (PVC, NFS), same contract as S3Store."""
@@ -312,6 +333,22 @@ class FileStore:
             while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
                 parent = parent.parent
+
+    def list_unfinished(self) -> list[tuple[str, str]]:
+        if not self.root.is_dir():
+            return []
+        # _copy_atomically's temporaries, `.<name>.<random>`, left by a killed copy.
+        return [
+            (
+                (path.parent / path.name[1:].rsplit(".", 1)[0]).relative_to(self.root).as_posix(),
+                path.name,
+            )
+            for path in self.root.rglob(".*")
+            if path.is_file()
+        ]
+
+    def abort_unfinished(self, key: str, handle: str) -> None:
+        (self._path(key).parent / handle).unlink(missing_ok=True)
 
 
 def read_credentials_dir(directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
