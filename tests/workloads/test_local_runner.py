@@ -129,7 +129,16 @@ def test_a_failing_workload_exit_code_and_log_tail_come_through(tmp_path):
     assert json.loads((out / "summary.json").read_text())["exitCode"] == 2
 
 
-def test_ctrl_c_stops_the_workload_and_returns_its_exit_code(tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [
+        # Ctrl-C in a terminal; Python dies of the forwarded SIGINT: 128 + 2.
+        pytest.param(signal.SIGINT, 130, id="ctrl-c"),
+        # A CI timeout or `kill`: the workload must not outlive the runner.
+        pytest.param(signal.SIGTERM, 143, id="sigterm"),
+    ],
+)
+def test_signals_stop_the_workload_and_return_its_exit_code(tmp_path, signum, exit_code):
     out = tmp_path / "interrupted"
     runner = subprocess.Popen(
         [
@@ -149,13 +158,12 @@ def test_ctrl_c_stops_the_workload_and_returns_its_exit_code(tmp_path):
                 pass
             time.sleep(0.5)
         assert runner.poll() is None, runner.stdout.read()
-        runner.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the runner
+        runner.send_signal(signum)
         output, _ = runner.communicate(timeout=120)
     finally:
         if runner.poll() is None:
             runner.kill()
-    # Python dies of the forwarded SIGINT: 128 + 2, as a shell reports it.
-    assert runner.returncode == 130, output
+    assert runner.returncode == exit_code, output
     assert "interrupted at step" in output
     assert "Traceback" not in output
     run_json = str(out / "run.json")

@@ -194,7 +194,11 @@ def workload_command(run_json: Path, output_dir: Path, nproc: int) -> list[str]:
 
 @dataclass
 class ChildProcess:
-    """The workload process group, and Ctrl-C forwarding to it."""
+    """The workload process group, and signal forwarding to it.
+
+    The group is a session of its own, so a terminal's Ctrl-C reaches only the runner;
+    the runner passes it on and waits, which leaves checkpoints consistent.
+    """
 
     process: subprocess.Popen
     interrupts: int = 0
@@ -205,6 +209,21 @@ class ChildProcess:
         sig = {1: signal.SIGINT, 2: signal.SIGTERM}.get(self.interrupts, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
+
+    def forward_termination(self, signum: int, frame: Any) -> None:
+        # SIGTERM/SIGHUP (a CI timeout, a closed terminal): the child must not outlive us.
+        self.interrupts += 1
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+
+    def handle_signals(self) -> dict[int, Any]:
+        """Install the forwarding handlers; returns the previous ones."""
+        handlers = {
+            signal.SIGINT: self.forward_interrupt,
+            signal.SIGTERM: self.forward_termination,
+            signal.SIGHUP: self.forward_termination,
+        }
+        return {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
 
     @property
     def exit_code(self) -> int | None:
@@ -460,14 +479,15 @@ def run_command(argv: list[str]) -> int:
     started = time.monotonic()
     child, log = start_workload(command, output_dir)
     follower = Follower(output_dir / PROGRESS_FILE)
+    # Python delivers signals to the main thread only (run_command may run in another).
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, child.forward_interrupt) if in_main_thread else None
+    previous = child.handle_signals() if in_main_thread else {}
     try:
         follow(child, follower, console, run.metadata.name)
         child.process.wait()
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         log.close()
     exit_code = child.exit_code or 0
     wall = time.monotonic() - started
