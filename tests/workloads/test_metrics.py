@@ -16,7 +16,7 @@ import transformers
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from trainyard.workloads.checkpoint import CheckpointSync
+from trainyard.workloads.checkpoint import CheckpointSync, UploadResult
 from trainyard.workloads.metrics import CompletionLog, MetricsCallback, TrainingMetrics
 from trainyard.workloads.storage import S3Store
 
@@ -126,6 +126,28 @@ def test_grpo_log_reaches_endpoint_and_progress_file(metrics):
         "accuracy_reward": {"mean": 0.5, "std": 0.5},
     }
     assert progress["tokensPerSecond"] == samples[("trainyard_tokens_per_second", ())]
+
+
+def test_operator_reads_the_same_numbers_from_endpoint_and_progress_file(metrics):
+    progress = pytest.importorskip("trainyard.operator.progress")
+    run_callback(metrics, {1: {**GRPO_LOG, "num_tokens": 100.0}, 3: GRPO_LOG}, max_steps=12)
+    metrics.record_checkpoint_upload(UploadResult("step-3", 3, files=2, bytes=10, seconds=0.5))
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics") as response:
+        from_endpoint = progress.parse_metrics_text(response.read().decode())
+    from_file = progress.parse_progress_json(metrics.progress_path.read_text())
+
+    assert from_endpoint == from_file
+    assert (from_endpoint.step, from_endpoint.total_steps, from_endpoint.checkpoint_step) == (
+        3,
+        12,
+        3,
+    )
+    assert (from_endpoint.reward_mean, from_endpoint.kl, from_endpoint.loss) == (
+        1.25,
+        0.03125,
+        0.0125,
+    )
+    assert from_endpoint.tokens_per_second > 0
 
 
 def test_tokens_per_second_is_the_slope_of_tokens_seen():

@@ -107,6 +107,7 @@ class TrainingMetrics:
         )
         # Unknown until the trainer reports it; NaN says so, 0 would be a lie.
         for metric in [
+            self.total_steps,
             self.epoch,
             self.tokens_per_second,
             self.checkpoint_last_step,
