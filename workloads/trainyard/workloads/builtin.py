@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the tokenizer, corpus or model recipe changes, so stale caches are not reused.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -57,7 +57,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 2048,
         "tie_word_embeddings": True,
     },
     "tiny-llama": {
@@ -67,7 +67,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 2048,
         "tie_word_embeddings": False,
     },
 }
@@ -292,7 +292,7 @@ def build_tokenizer():
         bos_token=None,
         unk_token=None,
         additional_special_tokens=[IM_START],
-        model_max_length=512,
+        model_max_length=2048,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
