@@ -326,10 +326,15 @@ def test_next_stage_trains_from_a_lora_run(tmp_path):
     """run://RUN takes an earlier run's exported adapter, merged into its base."""
     runs = tmp_path / "runs"
     train(
-        make_run("sft", lora=True, checkpoint={"uri": f"file://{runs}/sft-stage"}),
+        make_run(
+            "sft", lora=True, checkpoint={"uri": f"file://{runs}/sft-stage", "exportMerged": True}
+        ),
         tmp_path / "sft",
     )
     assert (runs / "sft-stage" / "final" / "adapter_config.json").is_file()
+    merged = runs / "sft-stage" / "final" / "merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "manifest.json").is_file()
+    assert not (merged / "adapter_config.json").exists()
     result = train(
         make_run(
             "dpo",

@@ -14,7 +14,8 @@ Environment:
   TRAINYARD_VLLM_URL, TRAINYARD_VLLM_HOST, TRAINYARD_VLLM_PORT   the vLLM rollout server
 
 Output directory (rank 0 writes it): checkpoint-N/ (transformers), final/ (model or
-adapter + tokenizer), progress.json (metrics), completions.jsonl (GRPO/RLOO samples),
+adapter + tokenizer), final-merged/ (with checkpoint.exportMerged and LoRA), progress.json
+(metrics), completions.jsonl (GRPO/RLOO samples),
 result.json (method, steps, final loss, log history). Exit status: 0 trained,
 2 bad spec or source (message on stderr), 1 anything else.
 """
