@@ -7,7 +7,7 @@ snapshot, a child upload process, sha256 of every file, size check, manifest las
 numbers: on a shared 2-core box the S3 server, the uploader and the save compete. The stall compares a local `save_pretrained` with the same save
 followed by `CheckpointSyncCallback.on_save` (which returns once the upload is queued).
 
-    python benchmarks/checkpoint_upload.py [--mb 300] [--repeats 3] [--saves 4]
+    python benchmarks/checkpoint_upload.py [--mb 300] [--repeats 5] [--saves 8]
 
 Goals (issue 3): throughput >= 1.0x the CLI's; stall <= 1.1x saving locally only.
 """
@@ -158,13 +158,13 @@ def bench_stall(endpoint: str, work: Path, saves: int) -> dict:
         return directory
 
     save(work / "warmup", 0)  # the first save pays one-off allocation costs
-    local_dir = work / "local"
-    local = []
-    for step in range(1, saves + 1):
+    local: list[float] = []
+
+    def local_save(step: int) -> None:
         started = time.perf_counter()
-        save(local_dir, step)
+        save(work / "local", step)
         local.append(time.perf_counter() - started)
-        shutil.rmtree(local_dir / f"checkpoint-{step}")  # as save_total_limit would
+        shutil.rmtree(work / "local" / f"checkpoint-{step}")  # as save_total_limit would
 
     def synced_saves(output_dir: Path, drain_between: bool) -> dict:
         sync = CheckpointSync(S3Store(bucket, output_dir.name, endpoint=endpoint), keep_last=2)
@@ -172,6 +172,9 @@ def bench_stall(endpoint: str, work: Path, saves: int) -> dict:
         args = TrainingArguments(output_dir=str(output_dir), report_to=[])
         stalls, on_save = [], []
         for step in range(1, saves + 1):
+            if drain_between:
+                # Local-only saves interleaved with synced ones see the same machine.
+                local_save(step)
             started = time.perf_counter()
             save(output_dir, step)
             saved = time.perf_counter()
@@ -203,8 +206,8 @@ def bench_stall(endpoint: str, work: Path, saves: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=300, help="checkpoint size for throughput")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--saves", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--saves", type=int, default=8)
     options = parser.parse_args()
     if subprocess.run(
         [sys.executable, "-m", "awscli", "--version"], capture_output=True
