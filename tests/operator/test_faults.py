@@ -21,15 +21,23 @@ def child_names(api, run):
     )
 
 
-async def test_conflict_on_the_status_write_is_retried_without_duplicates(api, kubelet, start_operator):
+async def test_conflict_on_the_status_write_is_retried_without_duplicates(
+    api, kubelet, start_operator
+):
     conflict = api.faults.fail("patch", STATUS_PATH, 409)
     async with start_operator() as metrics:
         await api.put_object(RUNS, training_run("contended"))
         await eventually(lambda: kubelet.status("contended").get("phase") == "Pending")
         await eventually(lambda: len(child_names(api, "contended")) == 3)
         assert conflict.served == 1
-        assert child_names(api, "contended") == [("ConfigMap", "contended-config"), ("Job", "contended-attempt-0"), ("Service", "contended-workers")]
-        assert api.count("create", JOB_POSTS) == 1, "the conflicted reconcile stopped before its creates"
+        assert child_names(api, "contended") == [
+            ("ConfigMap", "contended-config"),
+            ("Job", "contended-attempt-0"),
+            ("Service", "contended-workers"),
+        ]
+        assert api.count("create", JOB_POSTS) == 1, (
+            "the conflicted reconcile stopped before its creates"
+        )
         assert metrics.reconciles.labels(result="conflict")._value.get() >= 1
 
 
@@ -53,16 +61,22 @@ async def test_watch_ending_with_410_gone_is_relisted(api, kubelet, start_operat
         await api.put_object(RUNS, training_run("before"))
         await eventually(lambda: kubelet.jobs("before"))
         lists = api.count("list", r"/trainingruns$")
-        api.faults.watch_gone["trainyard.dev/v1alpha1/trainingruns"] = 2  # the next two re-watches fail too
+        api.faults.watch_gone["trainyard.dev/v1alpha1/trainingruns"] = (
+            2  # the next two re-watches fail too
+        )
         api.expire_watches()
         await api.put_object(RUNS, training_run("after"))
         await eventually(lambda: kubelet.jobs("after"))
         await eventually(lambda: api.faults.watch_gone["trainyard.dev/v1alpha1/trainingruns"] == 0)
-        await eventually(lambda: api.count("list", r"/trainingruns$") >= lists + 2)  # 410 Gone → list again
+        await eventually(
+            lambda: api.count("list", r"/trainingruns$") >= lists + 2
+        )  # 410 Gone → list again
         assert len(kubelet.jobs("before")) == 1 and len(kubelet.jobs("after")) == 1
 
 
-async def test_silent_watch_stream_is_noticed_and_reopened(api, kubelet, start_operator, operator_config):
+async def test_silent_watch_stream_is_noticed_and_reopened(
+    api, kubelet, start_operator, operator_config
+):
     operator_config.watch_client_timeout = 1.0  # a stream silent this long is considered dead
     operator_config.watch_server_timeout = 30.0
     async with start_operator(operator_config):
@@ -72,41 +86,73 @@ async def test_silent_watch_stream_is_noticed_and_reopened(api, kubelet, start_o
         await api.put_object(RUNS, training_run("unheard"))
         await eventually(lambda: kubelet.jobs("unheard"), timeout=10)
         assert api.faults.dropped >= 1, "the open stream swallowed the event"
-        assert api.count("watch", r"/trainingruns$") > watches, "it arrived through a re-opened watch"
+        assert api.count("watch", r"/trainingruns$") > watches, (
+            "it arrived through a re-opened watch"
+        )
         assert len(kubelet.jobs("unheard")) == 1
 
 
-async def test_operator_stopped_mid_reconcile_resumes_without_duplicates(api, kubelet, start_operator):
+async def test_operator_stopped_mid_reconcile_resumes_without_duplicates(
+    api, kubelet, start_operator
+):
     outage = api.faults.fail("create", JOB_POSTS, 503, times=10_000)
     async with start_operator():
         await api.put_object(RUNS, training_run("interrupted"))
         await eventually(lambda: outage.served >= 7)  # one reconcile gave up; kopf will retry it
-        annotations = await eventually(lambda: {
-            k: v for k, v in (kubelet.run("interrupted")["metadata"].get("annotations") or {}).items()
-            if k.startswith("trainyard.dev/reconcile-on-create")
-        })
+        annotations = await eventually(
+            lambda: {
+                k: v
+                for k, v in (
+                    kubelet.run("interrupted")["metadata"].get("annotations") or {}
+                ).items()
+                if k.startswith("trainyard.dev/reconcile-on-create")
+            }
+        )
     # kopf kept its handler progress in annotations: a structural schema cannot prune it
     assert "kopf" not in kubelet.status("interrupted")
     assert '"retries"' in next(iter(annotations.values()))
-    assert child_names(api, "interrupted") == [("ConfigMap", "interrupted-config"), ("Service", "interrupted-workers")]
+    assert child_names(api, "interrupted") == [
+        ("ConfigMap", "interrupted-config"),
+        ("Service", "interrupted-workers"),
+    ]
 
     outage.times = outage.served  # the API server recovers
     configmap_posts = api.count("create", r"/configmaps$")
     async with start_operator():
         await eventually(lambda: kubelet.jobs("interrupted"))
         await eventually(lambda: kubelet.status("interrupted").get("phase") == "Pending")
-        await eventually(lambda: not any(k.startswith("trainyard.dev/reconcile-on-create") for k in kubelet.run("interrupted")["metadata"].get("annotations") or {}))
-    assert child_names(api, "interrupted") == [("ConfigMap", "interrupted-config"), ("Job", "interrupted-attempt-0"), ("Service", "interrupted-workers")]
-    assert api.count("create", r"/configmaps$") == configmap_posts, "children seen in the index are not posted again"
+        await eventually(
+            lambda: (
+                not any(
+                    k.startswith("trainyard.dev/reconcile-on-create")
+                    for k in kubelet.run("interrupted")["metadata"].get("annotations") or {}
+                )
+            )
+        )
+    assert child_names(api, "interrupted") == [
+        ("ConfigMap", "interrupted-config"),
+        ("Job", "interrupted-attempt-0"),
+        ("Service", "interrupted-workers"),
+    ]
+    assert api.count("create", r"/configmaps$") == configmap_posts, (
+        "children seen in the index are not posted again"
+    )
 
 
-async def test_second_reconcile_of_a_converged_run_makes_no_writes(api, kubelet, start_operator, operator_config):
+async def test_second_reconcile_of_a_converged_run_makes_no_writes(
+    api, kubelet, start_operator, operator_config
+):
     async with start_operator() as metrics:
         await api.put_object(RUNS, training_run("steady"))
         job = await eventually(lambda: api.get(JOBS, NAMESPACE, "steady-attempt-0"))
         await kubelet.start_pods(job, pod_ip="127.0.0.1")
         await eventually(lambda: kubelet.status("steady").get("phase") == "Running")
-        await eventually(lambda: "trainyard.dev/last-handled-configuration" in (kubelet.run("steady")["metadata"].get("annotations") or {}))
+        await eventually(
+            lambda: (
+                "trainyard.dev/last-handled-configuration"
+                in (kubelet.run("steady")["metadata"].get("annotations") or {})
+            )
+        )
         converged = metrics.reconciles.labels(result="converged")._value.get()
         mark = len(api.records)
         await asyncio.sleep(operator_config.resync_seconds * 5)
@@ -118,3 +164,23 @@ async def test_second_reconcile_of_a_converged_run_makes_no_writes(api, kubelet,
         mark = len(api.records)
         await asyncio.sleep(operator_config.resync_seconds * 5)
         assert api.writes(since=mark) == []
+
+
+async def test_child_watches_recover_from_410_gone_and_silence(api, kubelet, start_operator, operator_config):
+    operator_config.watch_client_timeout = 1.0
+    async with start_operator():
+        await api.put_object(RUNS, training_run("watched"))
+        job = await eventually(lambda: api.get(JOBS, NAMESPACE, "watched-attempt-0"))
+        pods = await kubelet.start_pods(job)
+        await eventually(lambda: kubelet.status("watched").get("phase") == "Running")
+
+        pod_lists = api.count("list", r"/namespaces/ml/pods$")
+        api.faults.watch_gone["v1/pods"] = 1  # the re-watch is refused too
+        api.expire_watches("v1/pods")
+        await eventually(lambda: api.count("list", r"/namespaces/ml/pods$") >= pod_lists + 1)
+
+        api.faults.silent_until = asyncio.get_running_loop().time() + 0.5
+        await kubelet.fail_pod(pods[0], exit_code=1)
+        await eventually(lambda: api.get(JOBS, NAMESPACE, "watched-attempt-1"), timeout=15)
+        assert api.faults.dropped >= 1, "the failure reached the operator only through a re-opened watch"
+        assert kubelet.status("watched")["restarts"] == 1

@@ -1,8 +1,11 @@
 """Glue between kopf and the pure reconcile: gather what is observed, plan, apply, count.
 
-Children and pods are read from kopf indexes (kept current by watch streams), not
-listed per reconcile, so a converged run costs no API request at all. Reconciles of
-one run are serialized (create handlers and timers may fire together).
+Children and pods are read from informers (one label-selected LIST + WATCH per kind,
+`k8s.Informer`), not listed per reconcile, so a converged run costs no API request at
+all. kopf watches the runs themselves; children go through the informers because
+kopf's per-object event machinery costs about a millisecond per event, and every run
+brings several child events. Reconciles of one run are serialized (create handlers and
+the resync loop may fire together).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from trainyard.operator import k8s
+from trainyard.operator.builders.labels import RUN_LABEL
 from trainyard.operator.builders.names import run_label_value, worker_job_name, workers_service_name
 from trainyard.operator.metrics_client import MetricsClient, metrics_url
 from trainyard.operator.observability import OperatorMetrics
@@ -28,14 +32,9 @@ from trainyard.operator.status import TERMINAL_PHASES
 
 logger = logging.getLogger("trainyard.operator")
 
-# kopf index ids (they become handler keyword arguments) → the kind they hold
-INDEXES: dict[str, str] = {
-    "configmaps_by_run": "ConfigMap",
-    "services_by_run": "Service",
-    "jobs_by_run": "Job",
-    "deployments_by_run": "Deployment",
-    "pods_by_run": "Pod",
-}
+CHILD_KINDS = ("ConfigMap", "Service", "Job", "Deployment")
+WATCHED_KINDS = (*CHILD_KINDS, "Pod")
+SYNC_TIMEOUT = 30.0  # how long a reconcile waits for the informers' first listing
 RUNS_INDEX = "runs_by_uid"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RESYNC_CONCURRENCY = 8
@@ -55,7 +54,7 @@ def run_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return snapshot
 
 
-def index_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+def child_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a child reconcile reads: identity, owners, labels and status."""
     meta = body.get("metadata") or {}
     entry = {
@@ -85,38 +84,70 @@ class Controller:
     # uid → (resourceVersion the write was based on, the body the write returned)
     _written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _resync: asyncio.Task[None] | None = None
+    _informers: list[k8s.Informer] = field(default_factory=list)
+    _informer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Expectations (as Kubernetes controllers keep them): children this operator just
     # created or deleted, until the watch-fed indexes show it, so a reconcile that runs
     # before the watch event arrives neither posts them again nor sees them still there.
     _created: dict[str, dict[tuple[str, str], tuple[float, dict[str, Any]]]] = field(default_factory=dict)
     _deleted: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
 
-    def start_resync(self, indexes: Mapping[str, Any]) -> None:
+    def start_resync(self, runs: Mapping[str, Any]) -> None:
         """Reconcile every run every `resync_seconds` (progress, stalls, TTL, missed events)."""
         if self._resync is None:
-            self._resync = asyncio.get_running_loop().create_task(self._resync_forever(indexes))
+            self._resync = asyncio.get_running_loop().create_task(self._resync_forever(runs))
 
-    async def _resync_forever(self, indexes: Mapping[str, Any]) -> None:
+    async def _resync_forever(self, runs_index: Mapping[str, Any]) -> None:
         limit = asyncio.Semaphore(RESYNC_CONCURRENCY)
 
         async def resync_one(body: dict[str, Any]) -> None:
             async with limit:
                 try:
-                    await self.reconcile(body, indexes)
+                    await self.reconcile(body)
                 except Exception as error:  # one run's trouble must not stop the others
                     logger.info("resync of %s/%s deferred: %s", body["metadata"].get("namespace"), body["metadata"].get("name"), error)
 
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            runs = [body for store in list((indexes.get(RUNS_INDEX) or {}).values()) for body in list(store)]
+            runs = [body for store in list(runs_index.values()) for body in list(store)]
             await asyncio.gather(*(resync_one(body) for body in runs))
 
     def set_connection(self, connection: Any) -> None:
-        """The credentials kopf logged in with; the client is rebuilt on the next call."""
+        """The credentials kopf logged in with; the client is rebuilt, the informers start."""
         self.connection = connection
         if self._client is not None:
             old, self._client = self._client, None
             asyncio.get_running_loop().create_task(old.close())
+        if not self._informers:
+            self._start_informers()
+        for informer in self._informers:
+            informer.client = self.client
+
+    def _start_informers(self) -> None:
+        config = self.config
+        exact = [n for n in config.namespaces if not any(ch in n for ch in "*?[!,")]
+        # kopf namespace globs are kopf's to resolve; children are then watched everywhere
+        # (label-selected, so only Trainyard's children come back).
+        scopes: list[str | None] = exact if exact and len(exact) == len(config.namespaces) and not config.clusterwide else [None]
+        for namespace in scopes:
+            for kind in WATCHED_KINDS:
+                informer = k8s.Informer(
+                    self.client, kind, namespace, RUN_LABEL, child_entry,
+                    server_timeout=config.watch_server_timeout or 300.0,
+                    client_timeout=config.watch_client_timeout or 330.0,
+                    backoff=config.watch_reconnect_backoff,
+                )
+                self._informers.append(informer)
+                self._informer_tasks.append(asyncio.get_running_loop().create_task(informer.run()))
+
+    async def _synced(self) -> None:
+        await asyncio.wait_for(asyncio.gather(*(i.synced.wait() for i in self._informers)), SYNC_TIMEOUT)
+
+    def _observed_children(self, namespace: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        label = run_label_value(name)
+        children = [c for i in self._informers if i.kind != "Pod" for c in i.get(namespace, label)]
+        pods = [p for i in self._informers if i.kind == "Pod" for p in i.get(namespace, label)]
+        return children, pods
 
     @property
     def client(self) -> k8s.KubeClient:
@@ -133,6 +164,13 @@ class Controller:
         return self._metrics_client
 
     async def close(self) -> None:
+        for task in self._informer_tasks:
+            task.cancel()
+        for task in self._informer_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._informer_tasks.clear()
+        self._informers.clear()
         if self._resync is not None:
             self._resync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -161,7 +199,7 @@ class Controller:
             self._written.pop(uid, None)
         return body
 
-    async def reconcile(self, body: Mapping[str, Any], indexes: Mapping[str, Any]) -> Plan:
+    async def reconcile(self, body: Mapping[str, Any]) -> Plan:
         """Reconcile one run; raises k8s.ApiError (Conflict included) for kopf to retry."""
         raw = run_snapshot(body)
         uid = raw["metadata"]["uid"]
@@ -169,7 +207,7 @@ class Controller:
         started = time.perf_counter()
         async with lock:
             try:
-                plan = await self._reconcile_locked(raw, indexes)
+                plan = await self._reconcile_locked(raw)
             except k8s.Conflict:
                 self.metrics.reconciles.labels(result="conflict").inc()
                 raise
@@ -182,13 +220,13 @@ class Controller:
         self.metrics.reconciles.labels(result=result).inc()
         return plan
 
-    async def _reconcile_locked(self, raw: dict[str, Any], indexes: Mapping[str, Any]) -> Plan:
+    async def _reconcile_locked(self, raw: dict[str, Any]) -> Plan:
         raw = self._freshest(raw)
         meta = raw["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        key = (namespace, run_label_value(name))
-        children = self._expected_children(uid, [c for index_id, kind in INDEXES.items() if kind != "Pod" for c in _entries(indexes.get(index_id), key)])
-        pods = list(_entries(indexes.get("pods_by_run"), key))
+        await self._synced()
+        indexed, pods = self._observed_children(namespace, name)
+        children = self._expected_children(uid, indexed)
         now = datetime.now(UTC)
         sample = await self._read_metrics(raw, children, pods)
         plan = reconcile(Observed(
@@ -213,7 +251,7 @@ class Controller:
         deadline = time.monotonic() + EXPECTATION_SECONDS
         created = self._created.setdefault(uid, {})
         for manifest in plan.creates:
-            created[(manifest["kind"], manifest["metadata"]["name"])] = (deadline, index_entry(manifest["kind"], manifest))
+            created[(manifest["kind"], manifest["metadata"]["name"])] = (deadline, child_entry(manifest["kind"], manifest))
         deleted = self._deleted.setdefault(uid, {})
         for ref in plan.deletes:
             deleted[(ref.kind, ref.name)] = deadline
@@ -261,11 +299,3 @@ class Controller:
         )
         return await self.metrics_client.fetch(url)
 
-
-def _entries(index: Any, key: tuple[str, str]) -> Iterable[dict[str, Any]]:
-    if index is None:
-        return ()
-    try:
-        return list(index[key])
-    except KeyError:
-        return ()

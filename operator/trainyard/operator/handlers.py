@@ -8,17 +8,9 @@ import kopf
 
 from trainyard.api.base import GROUP, VERSION
 from trainyard.operator import k8s
-from trainyard.operator.builders.labels import RUN_LABEL
-from trainyard.operator.controller import INDEXES, RUNS_INDEX, Controller, index_entry, run_snapshot
+from trainyard.operator.controller import RUNS_INDEX, Controller, run_snapshot
 
 RUNS = (GROUP, VERSION, "trainingruns")
-CHILD_SELECTORS: dict[str, tuple[str, ...]] = {
-    "configmaps_by_run": ("v1", "configmaps"),
-    "services_by_run": ("v1", "services"),
-    "jobs_by_run": ("batch", "v1", "jobs"),
-    "deployments_by_run": ("apps", "v1", "deployments"),
-    "pods_by_run": ("v1", "pods"),
-}
 
 
 def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -> None:
@@ -39,17 +31,9 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
     async def close(**_: Any) -> None:
         await controller.close()  # stops the resync loop too
 
-    for index_id, selector in CHILD_SELECTORS.items():
-        kind = INDEXES[index_id]
-
-        async def index_child(namespace: str, labels: dict[str, str], body: kopf.Body, _kind: str = kind, **_: Any) -> dict[Any, Any]:
-            return {(namespace, labels[RUN_LABEL]): index_entry(_kind, body)}
-
-        kopf.index(*selector, id=index_id, labels={RUN_LABEL: kopf.PRESENT}, registry=registry)(index_child)
-
-    async def reconcile_now(body: kopf.Body, **kwargs: Any) -> None:
+    async def reconcile_now(body: kopf.Body, **_: Any) -> None:
         try:
-            await controller.reconcile(body, {k: kwargs.get(k) for k in INDEXES})
+            await controller.reconcile(body)
         except k8s.ApiError as error:
             raise kopf.TemporaryError(str(error), delay=1.0) from error
 
@@ -65,7 +49,7 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
 
     @kopf.on.startup(registry=registry)
     async def start_resync(**kwargs: Any) -> None:
-        controller.start_resync({k: kwargs.get(k) for k in (*INDEXES, RUNS_INDEX)})
+        controller.start_resync(kwargs[RUNS_INDEX])
 
     @kopf.on.delete(*RUNS, id="forget", optional=True, registry=registry)
     async def forget(uid: str, **_: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import ssl
 import tempfile
@@ -60,9 +61,10 @@ class ApiSettings:
     max_retry_after: float = 10.0
 
 
-def collection_path(kind: str, namespace: str) -> str:
+def collection_path(kind: str, namespace: str | None) -> str:
+    """The collection URL; namespace None for all namespaces."""
     prefix, plural = RESOURCES[kind]
-    return f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
 
 
 def object_path(kind: str, namespace: str, name: str) -> str:
@@ -258,3 +260,108 @@ async def apply_plan(client: KubeClient, plan: Plan, *, namespace: str, name: st
         deleted,
         created,
     )
+
+
+class Informer:
+    """A label-selected LIST + WATCH of one kind, kept in memory by (namespace, label value).
+
+    The operator's view of the children it made (what client-go calls an informer). It
+    lists once, then watches from the list's resourceVersion; a watch that ends is
+    re-opened from the last version seen, one answered 410 Gone (history compacted) makes
+    it list again, and a watch silent for `client_timeout` is considered dead and
+    re-opened. `transform` trims each object to what the reconcile reads.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        kind: str,
+        namespace: str | None,
+        label: str,
+        transform: Callable[[str, dict[str, Any]], dict[str, Any]],
+        *,
+        server_timeout: float = 300.0,
+        client_timeout: float = 330.0,
+        backoff: float = 0.5,
+    ):
+        self.client, self.kind, self.namespace, self.label, self.transform = client, kind, namespace, label, transform
+        self.server_timeout, self.client_timeout, self.backoff = server_timeout, client_timeout, backoff
+        self.synced = asyncio.Event()
+        self._by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._version: str | None = None
+
+    def get(self, namespace: str, label_value: str) -> list[dict[str, Any]]:
+        return list(self._by_key.get((namespace, label_value), {}).values())
+
+    def _put(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        value = (meta.get("labels") or {}).get(self.label)
+        if value is not None:
+            self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = self.transform(self.kind, obj)
+
+    def _drop(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), (meta.get("labels") or {}).get(self.label))
+        objects = self._by_key.get(key)  # type: ignore[arg-type]
+        if objects is not None:
+            objects.pop(meta.get("name"), None)
+            if not objects:
+                del self._by_key[key]  # type: ignore[arg-type]
+
+    async def run(self) -> None:
+        """List and watch until cancelled."""
+        while True:
+            try:
+                if self._version is None:
+                    await self._list()
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except (ApiError, aiohttp.ClientError, TimeoutError, ValueError) as error:
+                logger.info("watch of %s in %s interrupted (%s); re-watching", self.kind, self.namespace or "all namespaces", error)
+                await asyncio.sleep(self.backoff)
+
+    async def _list(self) -> None:
+        _, body = await self.client.request(
+            "list", "GET", collection_path(self.kind, self.namespace), params={"labelSelector": self.label}
+        )
+        self._by_key.clear()
+        for item in body.get("items") or []:
+            item.setdefault("kind", self.kind)
+            self._put(item)
+        self._version = (body.get("metadata") or {}).get("resourceVersion")
+        self.synced.set()
+
+    async def _watch(self) -> None:
+        params = {
+            "watch": "true",
+            "labelSelector": self.label,
+            "resourceVersion": self._version or "",
+            "timeoutSeconds": str(int(self.server_timeout)),
+            "allowWatchBookmarks": "true",
+        }
+        url = self.client.server + collection_path(self.kind, self.namespace)
+        # sock_read: no byte for this long means the stream is dead, not just quiet
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.client_timeout)
+        async with self.client._client().get(url, params=params, timeout=timeout) as response:
+            if response.status == 410:
+                self._version = None
+                return
+            if response.status >= 300:
+                raise ApiError("watch", url, response.status, response.reason or "", await response.text())
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                kind = event.get("type")
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        self._version = None  # compacted: list again
+                    return
+                self._version = (obj.get("metadata") or {}).get("resourceVersion") or self._version
+                if kind in ("ADDED", "MODIFIED"):
+                    obj.setdefault("kind", self.kind)
+                    self._put(obj)
+                elif kind == "DELETED":
+                    self._drop(obj)

@@ -12,12 +12,8 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from trainyard.operator.builders.labels import RUN_LABEL
 from trainyard.operator.k8s import ApiSettings
 from trainyard.operator.metrics_client import DEFAULT_URL_TEMPLATE
-
-# Server-side label selectors: the operator watches only the children it labelled.
-CHILD_RESOURCES = (("v1", "configmaps"), ("v1", "services"), ("v1", "pods"), ("batch", "v1", "jobs"), ("apps", "v1", "deployments"))
 
 
 @dataclass
@@ -120,5 +116,3 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     # Events for warnings and errors only: conditions already tell each success, and an
     # Event per reconcile would be one more API write per run per change.
     settings.posting.level = logging.WARNING
-    for resource in CHILD_RESOURCES:
-        settings.watching.label_selectors[resource] = RUN_LABEL
