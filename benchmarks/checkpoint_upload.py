@@ -249,6 +249,13 @@ def main() -> None:
     print(
         f"  runs (s): ours {[round(x, 2) for x in upload['ours']]}, cli {[round(x, 2) for x in upload['cli']]}"
     )
+    # Each round runs both back to back, so a round's ratio sees one machine state.
+    paired = [c / o for o, c in zip(upload["ours"], upload["cli"], strict=True)]
+    print(
+        f"  per round cli/ours: {[round(x, 2) for x in paired]}; geometric mean "
+        f"{statistics.geometric_mean(paired):.2f}x; ours faster in "
+        f"{sum(x > 1 for x in paired)}/{len(paired)} rounds"
+    )
 
     smb = stall["bytes"] / MiB
     local = med(stall["local"])
