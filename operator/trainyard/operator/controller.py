@@ -55,19 +55,22 @@ def run_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def child_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a child reconcile reads: identity, owners, labels and status."""
+    """The part of a child reconcile reads: identity, owners, labels and status.
+
+    No copies: the informer parsed `body` for this event alone, and reconcile only reads.
+    """
     meta = body.get("metadata") or {}
     entry = {
         "apiVersion": body.get("apiVersion"),
         "kind": kind,
         "metadata": {
-            k: copy.deepcopy(meta[k])
+            k: meta[k]
             for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "deletionTimestamp")
             if k in meta
         },
     }
     if "status" in body:
-        entry["status"] = copy.deepcopy(dict(body["status"]))
+        entry["status"] = body["status"]
     return entry
 
 

@@ -8,7 +8,7 @@ import kopf
 
 from trainyard.api.base import GROUP, VERSION
 from trainyard.operator import k8s
-from trainyard.operator.controller import RUNS_INDEX, Controller, run_snapshot
+from trainyard.operator.controller import RUNS_INDEX, Controller
 
 RUNS = (GROUP, VERSION, "trainingruns")
 
@@ -45,7 +45,7 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
     # before the first reconcile), and 1,000 runs would be 1,000 timer tasks.
     @kopf.index(*RUNS, id=RUNS_INDEX, registry=registry)
     async def runs_by_uid(uid: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {uid: run_snapshot(body)}
+        return {uid: body}  # kopf's read-only view of this event; copied when reconciled
 
     @kopf.on.startup(registry=registry)
     async def start_resync(**kwargs: Any) -> None:
