@@ -35,7 +35,6 @@ logger = logging.getLogger("trainyard.operator")
 CHILD_KINDS = ("ConfigMap", "Service", "Job", "Deployment")
 WATCHED_KINDS = (*CHILD_KINDS, "Pod")
 SYNC_TIMEOUT = 30.0  # how long a reconcile waits for the informers' first listing
-RUNS_INDEX = "runs_by_uid"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RESYNC_CONCURRENCY = 8
 EXPECTATION_SECONDS = 30.0  # how long a write of ours may take to show up in a watch
@@ -52,6 +51,10 @@ def run_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     if body.get("status") is not None:
         snapshot["status"] = copy.deepcopy(dict(body["status"]))
     return snapshot
+
+
+def _whole(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    return body
 
 
 def child_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,6 +91,7 @@ class Controller:
     _written: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _resync: asyncio.Task[None] | None = None
     _informers: list[k8s.Informer] = field(default_factory=list)
+    _runs: list[k8s.Informer] = field(default_factory=list)
     _informer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Expectations (as Kubernetes controllers keep them): children this operator just
     # created or deleted, until the watch-fed indexes show it, so a reconcile that runs
@@ -95,12 +99,12 @@ class Controller:
     _created: dict[str, dict[tuple[str, str], tuple[float, dict[str, Any]]]] = field(default_factory=dict)
     _deleted: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
 
-    def start_resync(self, runs: Mapping[str, Any]) -> None:
+    def start_resync(self) -> None:
         """Reconcile every run every `resync_seconds` (progress, stalls, TTL, missed events)."""
         if self._resync is None:
-            self._resync = asyncio.get_running_loop().create_task(self._resync_forever(runs))
+            self._resync = asyncio.get_running_loop().create_task(self._resync_forever())
 
-    async def _resync_forever(self, runs_index: Mapping[str, Any]) -> None:
+    async def _resync_forever(self) -> None:
         limit = asyncio.Semaphore(RESYNC_CONCURRENCY)
 
         async def resync_one(body: dict[str, Any]) -> None:
@@ -112,7 +116,7 @@ class Controller:
 
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            runs = [body for store in list(runs_index.values()) for body in list(store)]
+            runs = [body for informer in self._runs for body in informer.all()]
             await asyncio.gather(*(resync_one(body) for body in runs))
 
     def set_connection(self, connection: Any) -> None:
@@ -123,7 +127,7 @@ class Controller:
             asyncio.get_running_loop().create_task(old.close())
         if not self._informers:
             self._start_informers()
-        for informer in self._informers:
+        for informer in (*self._informers, *self._runs):
             informer.client = self.client
 
     def _start_informers(self) -> None:
@@ -133,6 +137,15 @@ class Controller:
         # (label-selected, so only Trainyard's children come back).
         scopes: list[str | None] = exact if exact and len(exact) == len(config.namespaces) and not config.clusterwide else [None]
         for namespace in scopes:
+            # The runs as the resync loop sees them (kopf watches them too, for its handlers).
+            runs = k8s.Informer(
+                self.client, "TrainingRun", namespace, None, _whole,
+                server_timeout=config.watch_server_timeout or 300.0,
+                client_timeout=config.watch_client_timeout or 330.0,
+                backoff=config.watch_reconnect_backoff,
+            )
+            self._runs.append(runs)
+            self._informer_tasks.append(asyncio.get_running_loop().create_task(runs.run()))
             for kind in WATCHED_KINDS:
                 informer = k8s.Informer(
                     self.client, kind, namespace, RUN_LABEL, child_entry,
@@ -174,6 +187,7 @@ class Controller:
                 await task
         self._informer_tasks.clear()
         self._informers.clear()
+        self._runs.clear()
         if self._resync is not None:
             self._resync.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,7 +8,7 @@ import kopf
 
 from trainyard.api.base import GROUP, VERSION
 from trainyard.operator import k8s
-from trainyard.operator.controller import RUNS_INDEX, Controller
+from trainyard.operator.controller import Controller
 
 RUNS = (GROUP, VERSION, "trainingruns")
 
@@ -40,16 +40,12 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
     for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
         cause(*RUNS, id=f"reconcile-on-{cause.__name__}", registry=registry)(reconcile_now)
 
-    # Resync through one loop over an index of runs rather than a kopf timer per run:
-    # timers make kopf put a finalizer on every run (one more write, and a round trip
-    # before the first reconcile), and 1,000 runs would be 1,000 timer tasks.
-    @kopf.index(*RUNS, id=RUNS_INDEX, registry=registry)
-    async def runs_by_uid(uid: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {uid: body}  # kopf's read-only view of this event; copied when reconciled
-
+    # Resync is one loop over the runs (controller.start_resync) rather than a kopf timer
+    # per run: timers make kopf put a finalizer on every run (one more write, and a round
+    # trip before the first reconcile), and 1,000 runs would be 1,000 timer tasks.
     @kopf.on.startup(registry=registry)
-    async def start_resync(**kwargs: Any) -> None:
-        controller.start_resync(kwargs[RUNS_INDEX])
+    async def start_resync(**_: Any) -> None:
+        controller.start_resync()
 
     @kopf.on.delete(*RUNS, id="forget", optional=True, registry=registry)
     async def forget(uid: str, **_: Any) -> None:

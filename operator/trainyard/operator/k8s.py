@@ -277,7 +277,7 @@ class Informer:
         client: KubeClient,
         kind: str,
         namespace: str | None,
-        label: str,
+        label: str | None,
         transform: Callable[[str, dict[str, Any]], dict[str, Any]],
         *,
         server_timeout: float = 300.0,
@@ -291,17 +291,24 @@ class Informer:
         self._version: str | None = None
 
     def get(self, namespace: str, label_value: str) -> list[dict[str, Any]]:
+        """Objects whose label (or, without a label, whose name) is `label_value`."""
         return list(self._by_key.get((namespace, label_value), {}).values())
+
+    def all(self) -> list[dict[str, Any]]:
+        return [obj for objects in list(self._by_key.values()) for obj in objects.values()]
+
+    def _key_value(self, meta: dict[str, Any]) -> str | None:
+        return (meta.get("labels") or {}).get(self.label) if self.label else meta.get("name")
 
     def _put(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
-        value = (meta.get("labels") or {}).get(self.label)
+        value = self._key_value(meta)
         if value is not None:
             self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = self.transform(self.kind, obj)
 
     def _drop(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
-        key = (meta.get("namespace", ""), (meta.get("labels") or {}).get(self.label))
+        key = (meta.get("namespace", ""), self._key_value(meta))
         objects = self._by_key.get(key)  # type: ignore[arg-type]
         if objects is not None:
             objects.pop(meta.get("name"), None)
@@ -322,9 +329,8 @@ class Informer:
                 await asyncio.sleep(self.backoff)
 
     async def _list(self) -> None:
-        _, body = await self.client.request(
-            "list", "GET", collection_path(self.kind, self.namespace), params={"labelSelector": self.label}
-        )
+        params = {"labelSelector": self.label} if self.label else None
+        _, body = await self.client.request("list", "GET", collection_path(self.kind, self.namespace), params=params)
         self._by_key.clear()
         for item in body.get("items") or []:
             item.setdefault("kind", self.kind)
@@ -335,11 +341,12 @@ class Informer:
     async def _watch(self) -> None:
         params = {
             "watch": "true",
-            "labelSelector": self.label,
             "resourceVersion": self._version or "",
             "timeoutSeconds": str(int(self.server_timeout)),
             "allowWatchBookmarks": "true",
         }
+        if self.label:
+            params["labelSelector"] = self.label
         url = self.client.server + collection_path(self.kind, self.namespace)
         # sock_read: no byte for this long means the stream is dead, not just quiet
         timeout = aiohttp.ClientTimeout(total=None, sock_read=self.client_timeout)
