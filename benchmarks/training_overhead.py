@@ -69,14 +69,14 @@ def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     return [1.0 if 5 <= len(t) <= 40 else 0.0 for t in texts]
 
 
-def training_run(method: str, steps: int) -> dict[str, Any]:
+def training_run(method: str, steps: int, save_every: int = SAVE_EVERY) -> dict[str, Any]:
     """The TrainingRun both sides train."""
     training = dict(COMMON, maxSteps=steps)
     spec: dict[str, Any] = {
         "method": method,
         "model": {"source": f"builtin://{MODEL}"},
         "training": training,
-        "checkpoint": {"uri": "s3://benchmark/overhead", "everySteps": SAVE_EVERY, "keepLast": 2},
+        "checkpoint": {"uri": "s3://benchmark/overhead", "everySteps": save_every, "keepLast": 2},
     }
     if method == "sft":
         spec["dataset"] = {"source": "builtin://datasets/chat", "format": "chat"}
@@ -248,11 +248,18 @@ class Launch:
     started: float
 
 
-def launch(method: str, steps: int, side: str, work: Path, env: dict[str, str]) -> Launch:
+def launch(
+    method: str,
+    steps: int,
+    side: str,
+    work: Path,
+    env: dict[str, str],
+    save_every: int = SAVE_EVERY,
+) -> Launch:
     out = work / f"{method}-{side}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
     spec_file = out.with_suffix(".json")
-    spec_file.write_text(json.dumps(training_run(method, steps)))
+    spec_file.write_text(json.dumps(training_run(method, steps, save_every)))
     if side == "trainyard":
         command = [sys.executable, "-m", "trainyard.cli.main", "run", str(spec_file)]
     else:
@@ -312,7 +319,7 @@ def report(pairs: dict[str, list[dict[str, dict]]]) -> list[dict[str, Any]]:
         return statistics.median(run["trainyard"][key] / run["plain"][key] for run in runs)
 
     table = Table(
-        title="trainyard run vs plain TRL, run side by side (medians; ratio = trainyard / plain time)"
+        title="trainyard run vs plain TRL (medians of pairs; ratio = trainyard / plain time)"
     )
     for column in ("method", "steps", "pairs", "loop steps/s\ntrainyard", "loop steps/s\nplain",
                    "loop ratio", "wall s\ntrainyard", "wall s\nplain", "wall ratio",
@@ -372,6 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--methods", default="sft,grpo")
+    parser.add_argument("--save-every", type=int, default=SAVE_EVERY, help="checkpoint cadence")
+    parser.add_argument(
+        "--mode",
+        choices=("paired", "sequential"),
+        default="paired",
+        help="paired: both sides at once (robust to outside load; each side's start-up "
+        "overlaps the other's loop); sequential: one after the other, alternating (for a "
+        "quiet machine)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     parser.add_argument("--plain", choices=("sft", "grpo"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -403,7 +419,21 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 # Both sides at once: load from elsewhere on the machine hits them alike.
                 order = ("trainyard", "plain") if repeat % 2 == 0 else ("plain", "trainyard")
-                pair = collect([launch(method, steps[method], side, work, env) for side in order])
+                if args.mode == "paired":
+                    pair = collect(
+                        [
+                            launch(method, steps[method], s, work, env, args.save_every)
+                            for s in order
+                        ]
+                    )
+                else:
+                    pair = {}
+                    for side in order:
+                        pair.update(
+                            collect(
+                                [launch(method, steps[method], side, work, env, args.save_every)]
+                            )
+                        )
                 pairs[method].append(pair)
                 for side in ("trainyard", "plain"):
                     r = pair[side]
