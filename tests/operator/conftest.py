@@ -44,7 +44,10 @@ from trainyard.operator.settings import OperatorConfig  # noqa: E402
 async def api() -> AsyncIterator[TrainyardApiServer]:
     async with running_api_server() as server:
         for namespace in ("default", NAMESPACE):
-            await server.put_object("v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            await server.put_object(
+                "v1/namespaces",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+            )
         yield server
 
 
@@ -91,11 +94,15 @@ def operator_config(api: TrainyardApiServer) -> OperatorConfig:
 
 
 @contextlib.asynccontextmanager
-async def operator_running(config: OperatorConfig, metrics: OperatorMetrics | None = None) -> AsyncIterator[OperatorMetrics]:
+async def operator_running(
+    config: OperatorConfig, metrics: OperatorMetrics | None = None
+) -> AsyncIterator[OperatorMetrics]:
     """The real operator (kopf) in a background task until the block ends."""
     metrics = metrics or OperatorMetrics()
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_operator(config, stop_flag=stop, ready_flag=ready, metrics=metrics))
+    task = asyncio.create_task(
+        run_operator(config, stop_flag=stop, ready_flag=ready, metrics=metrics)
+    )
     try:
         await asyncio.wait_for(ready.wait(), 10)
         yield metrics

@@ -37,7 +37,9 @@ def training_run(name: str = "demo", **spec: Any) -> dict[str, Any]:
     return body
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
     """Wait until `check()` returns something truthy (and return it), or fail with its last value."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -63,18 +65,26 @@ class Kubelet:
         return (self.run(name) or {}).get("status") or {}
 
     def condition(self, name: str, type_: str) -> dict[str, Any] | None:
-        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == type_), None)
+        return next(
+            (c for c in self.status(name).get("conditions") or [] if c["type"] == type_), None
+        )
 
     def jobs(self, run: str) -> list[dict[str, Any]]:
         return self.api.objects(JOBS, NAMESPACE, f"trainyard.dev/run={run}")
 
     def pods(self, job: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            p for p in self.api.objects(PODS, NAMESPACE)
-            if any(r["uid"] == job["metadata"]["uid"] for r in p["metadata"].get("ownerReferences") or [])
+            p
+            for p in self.api.objects(PODS, NAMESPACE)
+            if any(
+                r["uid"] == job["metadata"]["uid"]
+                for r in p["metadata"].get("ownerReferences") or []
+            )
         ]
 
-    async def start_pods(self, job: dict[str, Any], *, phase: str = "Running", pod_ip: str = "127.0.0.1") -> list[dict[str, Any]]:
+    async def start_pods(
+        self, job: dict[str, Any], *, phase: str = "Running", pod_ip: str = "127.0.0.1"
+    ) -> list[dict[str, Any]]:
         """Create one pod per completion index, as the Job controller does, in `phase`."""
         pods = []
         template = job["spec"]["template"]
@@ -92,30 +102,75 @@ class Kubelet:
                     "namespace": NAMESPACE,
                     "labels": labels,
                     "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
-                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}],
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": job["metadata"]["name"],
+                            "uid": job["metadata"]["uid"],
+                            "controller": True,
+                        }
+                    ],
                 },
                 "spec": template["spec"],
                 "status": {"phase": phase, "podIP": pod_ip},
             }
             pods.append(await self.api.put_object(PODS, pod))
-        await self.api.patch_object(JOBS, NAMESPACE, job["metadata"]["name"], {"status": {"active": len(pods)}}, status=True)
+        await self.api.patch_object(
+            JOBS, NAMESPACE, job["metadata"]["name"], {"status": {"active": len(pods)}}, status=True
+        )
         return pods
 
-    async def fail_pod(self, pod: dict[str, Any], *, reason: str = "Error", exit_code: int = 1, disruption: str | None = None) -> None:
+    async def fail_pod(
+        self,
+        pod: dict[str, Any],
+        *,
+        reason: str = "Error",
+        exit_code: int = 1,
+        disruption: str | None = None,
+    ) -> None:
         status: dict[str, Any] = {
             "phase": "Failed",
-            "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}],
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"terminated": {"exitCode": exit_code, "reason": reason}},
+                }
+            ],
         }
         if disruption:
-            status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": disruption, "message": "preempted"}]
-        await self.api.patch_object(PODS, NAMESPACE, pod["metadata"]["name"], {"status": status}, status=True)
+            status["conditions"] = [
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": disruption,
+                    "message": "preempted",
+                }
+            ]
+        await self.api.patch_object(
+            PODS, NAMESPACE, pod["metadata"]["name"], {"status": status}, status=True
+        )
 
     async def complete_job(self, job: dict[str, Any]) -> None:
         for pod in self.pods(job):
-            await self.api.patch_object(PODS, NAMESPACE, pod["metadata"]["name"], {"status": {"phase": "Succeeded"}}, status=True)
+            await self.api.patch_object(
+                PODS,
+                NAMESPACE,
+                pod["metadata"]["name"],
+                {"status": {"phase": "Succeeded"}},
+                status=True,
+            )
         await self.api.patch_object(
-            JOBS, NAMESPACE, job["metadata"]["name"],
-            {"status": {"succeeded": job["spec"]["completions"], "active": 0, "conditions": [{"type": "Complete", "status": "True"}]}},
+            JOBS,
+            NAMESPACE,
+            job["metadata"]["name"],
+            {
+                "status": {
+                    "succeeded": job["spec"]["completions"],
+                    "active": 0,
+                    "conditions": [{"type": "Complete", "status": "True"}],
+                }
+            },
             status=True,
         )
 
