@@ -27,6 +27,9 @@ it. The gaps it fills (what a real API server does and kmock 0.8 does not):
     owner-reference garbage collection deletes dependents (recursively) unless
     `propagationPolicy=Orphan`.
 11. `PUT` (replace) with the same checks as `PATCH`.
+12. Discovery of the core group says `groupVersion: v1` (kmock says `/v1`).
+13. The Namespace resource's own URLs (`/api/v1/namespaces[/NAME]`), which kmock's path
+    parser reads as a namespace prefix without a resource and fails on.
 
 Fault injection for tests (`server.faults`): answer the next N matching requests with a
 status (409, 429 with Retry-After, 503, 500…), end open watches with 410 Gone, refuse

@@ -13,6 +13,7 @@ kmock 0.8 gaps filled in `apiserver.py` (see its docstring for details):
 10. finalizers + deletionTimestamp; owner-reference garbage collection (recursive, unless Orphan)
 11. PUT (replace)
 12. the core group's discovery says groupVersion "v1" (kmock says "/v1")
+13. `/api/v1/namespaces[/NAME]` (kmock's path parser fails on the Namespace resource's own URLs)
 Fault injection: `api.faults.fail(verb, path_regex, status, times, retry_after)`, `api.expire_watches()`
 (open watches end with 410 Gone), `api.faults.watch_gone[rid] = n` (next n watches get 410),
 `api.faults.silent_until = loop.time() + s` (watch streams deliver nothing); `api.count(verb, path)`.
