@@ -160,7 +160,8 @@ def main() -> None:
     print(f"code-execution reward: {n} completions, 2 stages, isolation={isolation}, "
           f"{cpus} CPUs (load average {load:.1f}), median of {options.repeats}")
     print(f"mean score {statistics.mean(reference):.3f} (1.0 correct, 0.2 wrong, 0.0 not compiling)")
-    print("serial: in the calling process, namespaces made per stage; pool(k): k spawned workers")
+    print("serial: in the calling process (strict: namespaces made per stage); "
+          "pool(k): k spawned workers (strict: namespaces made once per worker)")
     print(f"{'':22}" + "".join(f"{name:>12}" for name in columns))
     print(f"{'seconds per batch':22}" + "".join(f"{median[c]:12.2f}" for c in columns))
     print(f"{'completions / s':22}" + "".join(f"{n / median[c]:12.1f}" for c in columns))
