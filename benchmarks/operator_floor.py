@@ -34,7 +34,11 @@ TEMPLATE_RUN = {
         "distributed": {"nodes": 2, "gpusPerNode": 1},
     },
 }
-PATHS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Service": "/api/v1/namespaces/{ns}/services", "Job": "/apis/batch/v1/namespaces/{ns}/jobs"}
+PATHS = {
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+}
 STATUS = {
     "phase": "Pending",
     "message": "waiting for workers: 0 of 2 running",
@@ -43,8 +47,22 @@ STATUS = {
     "restarts": 0,
     "preemptions": 0,
     "conditions": [
-        {"type": "Valid", "status": "True", "reason": "SpecValid", "message": "the spec is valid", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1},
-        {"type": "Running", "status": "False", "reason": "WaitingForPods", "message": "waiting for workers: 0 of 2 running", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1},
+        {
+            "type": "Valid",
+            "status": "True",
+            "reason": "SpecValid",
+            "message": "the spec is valid",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+            "observedGeneration": 1,
+        },
+        {
+            "type": "Running",
+            "status": "False",
+            "reason": "WaitingForPods",
+            "message": "waiting for workers: 0 of 2 running",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+            "observedGeneration": 1,
+        },
     ],
 }
 
@@ -55,7 +73,9 @@ def main() -> None:
     parser.add_argument("--namespace", required=True)
     args = parser.parse_args()
     # Same logging as `trainyard operator`, so both pay the same for kopf's messages.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     template = json.dumps(render_children(parse_resource(TEMPLATE_RUN), uid="zzuidzz"))
     registry = kopf.OperatorRegistry()
     session: dict[str, aiohttp.ClientSession] = {}
@@ -69,13 +89,21 @@ def main() -> None:
         client = session.get("s")
         if client is None:
             client = session["s"] = aiohttp.ClientSession(args.server)
-        children = json.loads(template.replace("zzrunzz", name).replace("zznszz", namespace).replace("zzuidzz", uid))
+        children = json.loads(
+            template.replace("zzrunzz", name).replace("zznszz", namespace).replace("zzuidzz", uid)
+        )
         run_path = f"/apis/trainyard.dev/v1alpha1/namespaces/{namespace}/trainingruns/{name}/status"
-        async with client.patch(run_path, json={"status": STATUS}, headers={"Content-Type": "application/merge-patch+json"}) as response:
+        async with client.patch(
+            run_path,
+            json={"status": STATUS},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ) as response:
             await response.read()
 
         async def post(manifest: dict[str, Any]) -> None:
-            async with client.post(PATHS[manifest["kind"]].format(ns=namespace), json=manifest) as response:
+            async with client.post(
+                PATHS[manifest["kind"]].format(ns=namespace), json=manifest
+            ) as response:
                 await response.read()
 
         await asyncio.gather(*(post(m) for m in children if m["kind"] != "Job"))
@@ -84,8 +112,14 @@ def main() -> None:
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING  # as `trainyard operator` sets it
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="trainyard.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="trainyard.dev", key="last-handled-configuration")
-    asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True, namespaces=[args.namespace]))
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="trainyard.dev", key="last-handled-configuration"
+    )
+    asyncio.run(
+        kopf.operator(
+            registry=registry, settings=settings, standalone=True, namespaces=[args.namespace]
+        )
+    )
 
 
 if __name__ == "__main__":

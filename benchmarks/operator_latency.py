@@ -67,7 +67,11 @@ class Result:
 
     @property
     def p99(self) -> float:
-        return statistics.quantiles(self.latencies, n=100)[98] if len(self.latencies) > 1 else self.latencies[0]
+        return (
+            statistics.quantiles(self.latencies, n=100)[98]
+            if len(self.latencies) > 1
+            else self.latencies[0]
+        )
 
     @property
     def rate(self) -> float:
@@ -116,31 +120,52 @@ async def post_runs(api: TrainyardApiServer, first: int, count: int, concurrency
         async def post(index: int) -> None:
             async with limit, session.post(RUNS_PATH, json=run_document(index)) as response:
                 if response.status != 201:
-                    raise SystemExit(f"creating run {index}: {response.status} {await response.text()}")
+                    raise SystemExit(
+                        f"creating run {index}: {response.status} {await response.text()}"
+                    )
 
         await asyncio.gather(*(post(i) for i in range(first, first + count)))
 
 
 def jobs_created(api: TrainyardApiServer) -> int:
-    return sum(1 for r in api.records if r.verb == "create" and r.status == 201 and r.path.endswith("/jobs"))
+    return sum(
+        1
+        for r in api.records
+        if r.verb == "create" and r.status == 201 and r.path.endswith("/jobs")
+    )
 
 
 def latencies(api: TrainyardApiServer) -> tuple[list[float], float]:
-    applied = {r.name: r.at for r in api.records if r.verb == "create" and r.status == 201 and r.path.endswith("/trainingruns")}
-    jobs = {r.name.removesuffix("-attempt-0"): r.at for r in api.records if r.verb == "create" and r.status == 201 and r.path.endswith("/jobs")}
+    applied = {
+        r.name: r.at
+        for r in api.records
+        if r.verb == "create" and r.status == 201 and r.path.endswith("/trainingruns")
+    }
+    jobs = {
+        r.name.removesuffix("-attempt-0"): r.at
+        for r in api.records
+        if r.verb == "create" and r.status == 201 and r.path.endswith("/jobs")
+    }
     values = [jobs[name] - at for name, at in applied.items() if name in jobs]
     return values, max(jobs.values()) - min(applied.values())
 
 
-async def measure(name: str, command: list[str], args: argparse.Namespace, *, watch_runs: int = 0) -> tuple[Result, list[float]]:
+async def measure(
+    name: str, command: list[str], args: argparse.Namespace, *, watch_runs: int = 0
+) -> tuple[Result, list[float]]:
     async with running_api_server() as api:
-        await api.put_object("v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        await api.put_object(
+            "v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+        )
         url = str(api.url).rstrip("/")
         log = Path(args.logs) / f"{name}.log"
         process = start([*command, "--server", url], log)
         memory: list[float] = []
         try:
-            await wait_for(lambda: api.count("watch", r"/trainingruns$") > 0, 60, f"{name} to watch")
+            await wait_for(
+                lambda: api.count("watch", r"/trainingruns$") > 0, 60, f"{name} to watch"
+            )
             await asyncio.sleep(1.0)  # let the other watches settle
             cpu_before = cpu_seconds(process.pid)
             await post_runs(api, 0, args.runs, args.concurrency)
@@ -150,7 +175,9 @@ async def measure(name: str, command: list[str], args: argparse.Namespace, *, wa
             cpu = cpu_seconds(process.pid) - cpu_before
             if watch_runs:
                 await post_runs(api, args.runs, watch_runs - args.runs, args.concurrency)
-                await wait_for(lambda: jobs_created(api) >= watch_runs, 600, f"{name}: {watch_runs} jobs")
+                await wait_for(
+                    lambda: jobs_created(api) >= watch_runs, 600, f"{name}: {watch_runs} jobs"
+                )
                 for _ in range(int(args.memory_seconds / 0.5)):  # resyncs included
                     memory.append(rss_mb(process.pid))
                     await asyncio.sleep(0.5)
@@ -163,31 +190,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--watch-runs", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=20, help="parallel POSTs of the applying client")
-    parser.add_argument("--resync-seconds", type=float, default=10.0, help="the operator's resync period")
-    parser.add_argument("--memory-seconds", type=float, default=15.0, help="how long memory is sampled")
+    parser.add_argument(
+        "--concurrency", type=int, default=20, help="parallel POSTs of the applying client"
+    )
+    parser.add_argument(
+        "--resync-seconds", type=float, default=10.0, help="the operator's resync period"
+    )
+    parser.add_argument(
+        "--memory-seconds", type=float, default=15.0, help="how long memory is sampled"
+    )
     parser.add_argument("--logs", default="/tmp", help="where the operators' logs go")
     args = parser.parse_args()
 
-    floor_cmd = [sys.executable, str(ROOT / "benchmarks" / "operator_floor.py"), "--namespace", NAMESPACE]
+    floor_cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "operator_floor.py"),
+        "--namespace",
+        NAMESPACE,
+    ]
     operator_cmd = [
-        sys.executable, "-c", "import sys; from trainyard.cli.operator_cmd import operator_command; sys.exit(operator_command(sys.argv[1:]))",
-        "-n", NAMESPACE, "--standalone", "--metrics-port", "-1", "--resync-seconds", str(args.resync_seconds),
+        sys.executable,
+        "-c",
+        "import sys; from trainyard.cli.operator_cmd import operator_command; sys.exit(operator_command(sys.argv[1:]))",
+        "-n",
+        NAMESPACE,
+        "--standalone",
+        "--metrics-port",
+        "-1",
+        "--resync-seconds",
+        str(args.resync_seconds),
     ]
     floor, _ = asyncio.run(measure("floor", floor_cmd, args))
-    operator, memory = asyncio.run(measure("trainyard", operator_cmd, args, watch_runs=args.watch_runs))
+    operator, memory = asyncio.run(
+        measure("trainyard", operator_cmd, args, watch_runs=args.watch_runs)
+    )
 
-    print(f"apply → Job created, {args.runs} TrainingRuns posted {args.concurrency} at a time (same API emulation, same machine)")
+    print(
+        f"apply → Job created, {args.runs} TrainingRuns posted {args.concurrency} at a time (same API emulation, same machine)"
+    )
     print(f"{'':12}{'p50 ms':>10}{'p99 ms':>10}{'runs/s':>10}{'CPU ms/run':>12}")
     for result in (floor, operator):
-        print(f"{result.name:12}{result.p50 * 1000:>10.1f}{result.p99 * 1000:>10.1f}{result.rate:>10.1f}{result.cpu_seconds / args.runs * 1000:>12.2f}")
+        print(
+            f"{result.name:12}{result.p50 * 1000:>10.1f}{result.p99 * 1000:>10.1f}{result.rate:>10.1f}{result.cpu_seconds / args.runs * 1000:>12.2f}"
+        )
     print(
         f"{'ratio':12}{operator.p50 / floor.p50:>9.2f}×{operator.p99 / floor.p99:>9.2f}×{floor.rate / operator.rate:>9.2f}×"
         f"{operator.cpu_seconds / floor.cpu_seconds:>11.2f}×  (trainyard / floor; runs/s: floor / trainyard)"
     )
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if memory:
-        print(f"trainyard operator resident memory watching {args.watch_runs} runs: max {max(memory):.0f} MB, last {memory[-1]:.0f} MB")
+        print(
+            f"trainyard operator resident memory watching {args.watch_runs} runs: max {max(memory):.0f} MB, last {memory[-1]:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ def build_batch(size: int) -> tuple[list[str], list[str]]:
     return completions, tests
 
 
-def score(completions: list[str], tests: list[str], workers: int, isolation: str) -> tuple[float, list]:
+def score(
+    completions: list[str], tests: list[str], workers: int, isolation: str
+) -> tuple[float, list]:
     started = time.perf_counter()
     scores = code_execution_reward(
         completions,
@@ -157,19 +159,27 @@ def main() -> None:
     n = options.completions
     cpus = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
-    print(f"code-execution reward: {n} completions, 2 stages, isolation={isolation}, "
-          f"{cpus} CPUs (load average {load:.1f}), median of {options.repeats}")
-    print(f"mean score {statistics.mean(reference):.3f} (1.0 correct, 0.2 wrong, 0.0 not compiling)")
-    print("serial: in the calling process (strict: namespaces made per stage); "
-          "pool(k): k spawned workers (strict: namespaces made once per worker)")
+    print(
+        f"code-execution reward: {n} completions, 2 stages, isolation={isolation}, "
+        f"{cpus} CPUs (load average {load:.1f}), median of {options.repeats}"
+    )
+    print(
+        f"mean score {statistics.mean(reference):.3f} (1.0 correct, 0.2 wrong, 0.0 not compiling)"
+    )
+    print(
+        "serial: in the calling process (strict: namespaces made per stage); "
+        "pool(k): k spawned workers (strict: namespaces made once per worker)"
+    )
     print(f"{'':22}" + "".join(f"{name:>12}" for name in columns))
     print(f"{'seconds per batch':22}" + "".join(f"{median[c]:12.2f}" for c in columns))
     print(f"{'completions / s':22}" + "".join(f"{n / median[c]:12.1f}" for c in columns))
     print(f"{'ms per completion':22}" + "".join(f"{1000 * median[c] / n:12.1f}" for c in columns))
     pool = f"pool({options.workers})"
-    print(f"{pool} vs serial: {median['serial'] / median[pool]:.2f}x (goal >= 1.8x on 2 cores); "
-          f"{pool} vs pool(1): {median['pool(1)'] / median[pool]:.2f}x; "
-          f"pool start-up once per run: {pool_start[options.workers]:.2f}s")
+    print(
+        f"{pool} vs serial: {median['serial'] / median[pool]:.2f}x (goal >= 1.8x on 2 cores); "
+        f"{pool} vs pool(1): {median['pool(1)'] / median[pool]:.2f}x; "
+        f"pool start-up once per run: {pool_start[options.workers]:.2f}s"
+    )
 
 
 if __name__ == "__main__":

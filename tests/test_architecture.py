@@ -20,9 +20,15 @@ CONTRACTS = (
 
 
 def test_import_contracts_are_kept():
-    command = shutil.which("lint-imports") or pytest.fail("lint-imports is missing: pip install import-linter")
+    command = shutil.which("lint-imports") or pytest.fail(
+        "lint-imports is missing: pip install import-linter"
+    )
     result = subprocess.run(
-        [command, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [command, "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "COLUMNS": "400"},
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -25,7 +25,10 @@ KUBECONFIG = os.environ.get("TRAINYARD_E2E_KUBECONFIG")
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.timeout(900),
-    pytest.mark.skipif(not KUBECONFIG, reason="no cluster: set TRAINYARD_E2E_KUBECONFIG to a kind/k3d kubeconfig to run the real-cluster suite"),
+    pytest.mark.skipif(
+        not KUBECONFIG,
+        reason="no cluster: set TRAINYARD_E2E_KUBECONFIG to a kind/k3d kubeconfig to run the real-cluster suite",
+    ),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = "/apis/trainyard.dev/v1alpha1/namespaces/{ns}/trainingruns"
@@ -71,7 +74,13 @@ async def client() -> AsyncIterator[Any]:
     connection = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
     async with KubeClient(connection) as api:
         crd = yaml.safe_load((ROOT / "crds" / "trainyard.dev_trainingruns.yaml").read_text())
-        await api.request("create", "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd, accept=(409,))
+        await api.request(
+            "create",
+            "POST",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            json=crd,
+            accept=(409,),
+        )
         await eventually(lambda: _served(api), timeout=60)
         yield api
 
@@ -84,7 +93,12 @@ async def _served(api: Any) -> bool:
 @pytest.fixture
 async def namespace(client: Any) -> AsyncIterator[str]:
     name = f"trainyard-e2e-{uuid.uuid4().hex[:6]}"
-    await client.request("create", "POST", "/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    await client.request(
+        "create",
+        "POST",
+        "/api/v1/namespaces",
+        json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+    )
     yield name
     await client.request("delete", "DELETE", f"/api/v1/namespaces/{name}", accept=(404,))
 
@@ -94,7 +108,9 @@ async def operator(namespace: str) -> AsyncIterator[None]:
     from trainyard.cli.operator_cmd import run_operator
     from trainyard.operator.settings import OperatorConfig
 
-    config = OperatorConfig(namespaces=[namespace], standalone=True, resync_seconds=1.0, metrics_port=None)
+    config = OperatorConfig(
+        namespaces=[namespace], standalone=True, resync_seconds=1.0, metrics_port=None
+    )
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_operator(config, stop_flag=stop, ready_flag=ready))
     await asyncio.wait_for(ready.wait(), 60)
@@ -117,14 +133,23 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
 async def children(client: Any, namespace: str, run: str) -> list[tuple[str, str]]:
     found = []
     for kind in ("ConfigMap", "Service", "Job"):
-        found += [(kind, o["metadata"]["name"]) for o in await client.list(kind, namespace, f"trainyard.dev/run={run}")]
+        found += [
+            (kind, o["metadata"]["name"])
+            for o in await client.list(kind, namespace, f"trainyard.dev/run={run}")
+        ]
     return sorted(found)
 
 
 async def test_run_gets_its_children_and_a_true_status(client, namespace):
     async with operator(namespace):
-        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("hello", namespace))
-        expected = [("ConfigMap", "hello-config"), ("Job", "hello-attempt-0"), ("Service", "hello-workers")]
+        await client.request(
+            "create", "POST", RUNS.format(ns=namespace), json=training_run("hello", namespace)
+        )
+        expected = [
+            ("ConfigMap", "hello-config"),
+            ("Job", "hello-attempt-0"),
+            ("Service", "hello-workers"),
+        ]
         assert await eventually(lambda: _equals(children(client, namespace, "hello"), expected))
         status = await eventually(lambda: status_of(client, namespace, "hello"))
         assert condition(status, "Valid")["status"] == "True"
@@ -134,8 +159,15 @@ async def test_run_gets_its_children_and_a_true_status(client, namespace):
 
 async def test_failing_workers_use_up_the_budget_and_fail_the_run(client, namespace):
     async with operator(namespace):
-        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("doomed", namespace, runPolicy={"maxRestarts": 1}))
-        status = await eventually(lambda: _phase(client, namespace, "doomed", "Failed"), timeout=600)
+        await client.request(
+            "create",
+            "POST",
+            RUNS.format(ns=namespace),
+            json=training_run("doomed", namespace, runPolicy={"maxRestarts": 1}),
+        )
+        status = await eventually(
+            lambda: _phase(client, namespace, "doomed", "Failed"), timeout=600
+        )
         assert status["restarts"] == 1 and status["restartAttempt"] == 1
         assert condition(status, "Failed")["reason"] == "RestartBudgetExhausted"
         await eventually(lambda: _equals(_jobs(client, namespace, "doomed"), []))
@@ -143,13 +175,30 @@ async def test_failing_workers_use_up_the_budget_and_fail_the_run(client, namesp
 
 async def test_suspend_and_resume(client, namespace):
     async with operator(namespace):
-        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("pausable", namespace, runPolicy={"maxRestarts": 50}))
+        await client.request(
+            "create",
+            "POST",
+            RUNS.format(ns=namespace),
+            json=training_run("pausable", namespace, runPolicy={"maxRestarts": 50}),
+        )
         await eventually(lambda: _jobs(client, namespace, "pausable"))
         path = RUNS.format(ns=namespace) + "/pausable"
-        await client.request("patch", "PATCH", path, json={"spec": {"suspend": True}}, content_type="application/merge-patch+json")
+        await client.request(
+            "patch",
+            "PATCH",
+            path,
+            json={"spec": {"suspend": True}},
+            content_type="application/merge-patch+json",
+        )
         await eventually(lambda: _phase(client, namespace, "pausable", "Suspended"))
         await eventually(lambda: _equals(_jobs(client, namespace, "pausable"), []))
-        await client.request("patch", "PATCH", path, json={"spec": {"suspend": False}}, content_type="application/merge-patch+json")
+        await client.request(
+            "patch",
+            "PATCH",
+            path,
+            json={"spec": {"suspend": False}},
+            content_type="application/merge-patch+json",
+        )
         status = await eventually(lambda: _resumed(client, namespace, "pausable"))
         assert condition(status, "Suspended")["reason"] == "Resumed"
 
@@ -157,7 +206,12 @@ async def test_suspend_and_resume(client, namespace):
 async def test_spec_the_crd_accepts_but_the_operator_rejects_gets_a_condition(client, namespace):
     from trainyard.api import validate_resource
 
-    bad = training_run("typo", namespace, method="grpo", grpo={"rewards": [{"name": "len", "builtin": "length", "args": {"minimum": 1}}]})
+    bad = training_run(
+        "typo",
+        namespace,
+        method="grpo",
+        grpo={"rewards": [{"name": "len", "builtin": "length", "args": {"minimum": 1}}]},
+    )
     problems = validate_resource(bad)
     assert problems
     async with operator(namespace):
@@ -167,9 +221,16 @@ async def test_spec_the_crd_accepts_but_the_operator_rejects_gets_a_condition(cl
         assert await children(client, namespace, "typo") == []
 
 
-async def test_deleting_a_run_deletes_its_children_and_a_restart_duplicates_nothing(client, namespace):
+async def test_deleting_a_run_deletes_its_children_and_a_restart_duplicates_nothing(
+    client, namespace
+):
     async with operator(namespace):
-        await client.request("create", "POST", RUNS.format(ns=namespace), json=training_run("once", namespace, runPolicy={"maxRestarts": 50}))
+        await client.request(
+            "create",
+            "POST",
+            RUNS.format(ns=namespace),
+            json=training_run("once", namespace, runPolicy={"maxRestarts": 50}),
+        )
         await eventually(lambda: _equals(_count(client, namespace, "once"), 3))
     async with operator(namespace):
         await asyncio.sleep(5)
@@ -184,7 +245,10 @@ async def _equals(value: Any, expected: Any) -> bool:
 
 
 async def _jobs(client: Any, namespace: str, run: str) -> list[str]:
-    return [j["metadata"]["name"] for j in await client.list("Job", namespace, f"trainyard.dev/run={run}")]
+    return [
+        j["metadata"]["name"]
+        for j in await client.list("Job", namespace, f"trainyard.dev/run={run}")
+    ]
 
 
 async def _count(client: Any, namespace: str, run: str) -> int:
@@ -199,4 +263,8 @@ async def _phase(client: Any, namespace: str, name: str, phase: str) -> dict[str
 async def _resumed(client: Any, namespace: str, name: str) -> dict[str, Any] | None:
     status = await status_of(client, namespace, name)
     jobs = await _jobs(client, namespace, name)
-    return status if f"{name}-attempt-1" in jobs or status.get("restartAttempt", 0) >= 1 and jobs else None
+    return (
+        status
+        if f"{name}-attempt-1" in jobs or status.get("restartAttempt", 0) >= 1 and jobs
+        else None
+    )

@@ -392,7 +392,9 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         verb = self._verb(request)
         path = request.url.path
-        name = request.name or (request.data.get("metadata", {}).get("name") if isinstance(request.data, dict) else None)
+        name = request.name or (
+            request.data.get("metadata", {}).get("name") if isinstance(request.data, dict) else None
+        )
         record = RequestRecord(verb, path, 200, asyncio.get_running_loop().time(), name)
         self.records.append(record)
         rid = (

@@ -166,7 +166,9 @@ async def test_second_reconcile_of_a_converged_run_makes_no_writes(
         assert api.writes(since=mark) == []
 
 
-async def test_child_watches_recover_from_410_gone_and_silence(api, kubelet, start_operator, operator_config):
+async def test_child_watches_recover_from_410_gone_and_silence(
+    api, kubelet, start_operator, operator_config
+):
     operator_config.watch_client_timeout = 1.0
     async with start_operator():
         await api.put_object(RUNS, training_run("watched"))
@@ -182,5 +184,7 @@ async def test_child_watches_recover_from_410_gone_and_silence(api, kubelet, sta
         api.faults.silent_until = asyncio.get_running_loop().time() + 0.5
         await kubelet.fail_pod(pods[0], exit_code=1)
         await eventually(lambda: api.get(JOBS, NAMESPACE, "watched-attempt-1"), timeout=15)
-        assert api.faults.dropped >= 1, "the failure reached the operator only through a re-opened watch"
+        assert api.faults.dropped >= 1, (
+            "the failure reached the operator only through a re-opened watch"
+        )
         assert kubelet.status("watched")["restarts"] == 1

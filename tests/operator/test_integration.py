@@ -217,17 +217,24 @@ async def test_finished_run_children_are_cleaned_up_after_the_ttl(api, kubelet, 
 async def test_grpo_rollout_server_comes_and_goes_with_the_gang(api, kubelet, start_operator):
     import yaml
 
-    run = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "grpo-run.yaml").read_text())
+    run = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "examples" / "grpo-run.yaml").read_text()
+    )
     run["metadata"]["namespace"] = NAMESPACE
     name = run["metadata"]["name"]
     async with start_operator():
         await api.put_object(RUNS, run)
         deployment = await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm"))
         assert api.get(SERVICES, NAMESPACE, f"{name}-vllm") is not None
-        assert deployment["metadata"]["ownerReferences"][0]["uid"] == kubelet.run(name)["metadata"]["uid"]
+        assert (
+            deployment["metadata"]["ownerReferences"][0]["uid"]
+            == kubelet.run(name)["metadata"]["uid"]
+        )
         await api.patch_object(RUNS, NAMESPACE, name, {"spec": {"suspend": True}})
         await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm") is None)
-        assert api.get(SERVICES, NAMESPACE, f"{name}-vllm") is not None, "Services hold no GPUs and stay"
+        assert api.get(SERVICES, NAMESPACE, f"{name}-vllm") is not None, (
+            "Services hold no GPUs and stay"
+        )
         await api.patch_object(RUNS, NAMESPACE, name, {"spec": {"suspend": False}})
         await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm"))
         job = await eventually(lambda: api.get(JOBS, NAMESPACE, f"{name}-attempt-1"))

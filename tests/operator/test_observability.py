@@ -20,7 +20,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-async def test_metrics_endpoint_tells_reconciles_phases_restarts_and_api_errors(api, kubelet, start_operator, operator_config):
+async def test_metrics_endpoint_tells_reconciles_phases_restarts_and_api_errors(
+    api, kubelet, start_operator, operator_config
+):
     operator_config.metrics_port = 0
     api.faults.fail("create", r"/configmaps$", 503, times=2)
     async with start_operator(operator_config) as metrics:
@@ -32,7 +34,10 @@ async def test_metrics_endpoint_tells_reconciles_phases_restarts_and_api_errors(
         await eventually(lambda: kubelet.status("observed").get("restarts") == 1)
         await eventually(lambda: metrics.runs.labels(phase="Restarting")._value.get() == 1)
         await eventually(lambda: metrics.reconciles.labels(result="converged")._value.get() >= 1)
-        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics.port}/metrics") as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{metrics.port}/metrics") as response,
+        ):
             assert response.status == 200
             scraped = samples(await response.text())
     assert scraped[("trainyard_operator_reconciles_total", (("result", "changed"),))] >= 3
@@ -41,15 +46,29 @@ async def test_metrics_endpoint_tells_reconciles_phases_restarts_and_api_errors(
     assert scraped[("trainyard_operator_runs", (("phase", "Restarting"),))] == 1
     assert scraped[("trainyard_operator_runs", (("phase", "Running"),))] == 0
     assert scraped[("trainyard_operator_restarts_total", (("reason", "OOMKilled"),))] == 1
-    assert scraped[("trainyard_operator_api_errors_total", (("code", "503"), ("verb", "create")))] == 2
+    assert (
+        scraped[("trainyard_operator_api_errors_total", (("code", "503"), ("verb", "create")))] == 2
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "argv", "expected"),
     [
-        ("namespaces", ["-n", "a", "-n", "b", "--standalone"], {"namespaces": ["a", "b"], "standalone": True, "clusterwide": False}),
-        ("cluster-wide", ["-A", "--resync-seconds", "5"], {"clusterwide": True, "resync_seconds": 5.0}),
-        ("backoffs and timeouts", ["-A", "--api-backoffs", "0.5,1", "--watch-client-timeout", "60"], {"api_backoffs": (0.5, 1.0), "watch_client_timeout": 60.0}),
+        (
+            "namespaces",
+            ["-n", "a", "-n", "b", "--standalone"],
+            {"namespaces": ["a", "b"], "standalone": True, "clusterwide": False},
+        ),
+        (
+            "cluster-wide",
+            ["-A", "--resync-seconds", "5"],
+            {"clusterwide": True, "resync_seconds": 5.0},
+        ),
+        (
+            "backoffs and timeouts",
+            ["-A", "--api-backoffs", "0.5,1", "--watch-client-timeout", "60"],
+            {"api_backoffs": (0.5, 1.0), "watch_client_timeout": 60.0},
+        ),
         ("metrics off", ["-A", "--metrics-port", "-1"], {"metrics_port": None}),
     ],
 )

@@ -37,7 +37,10 @@ class World:
         return self
 
     def with_children(self, attempt: int = 0) -> World:
-        run = parse_resource({k: v for k, v in self.run.items() if k != "status"} | {"metadata": {"name": "demo", "namespace": "ml"}})
+        run = parse_resource(
+            {k: v for k, v in self.run.items() if k != "status"}
+            | {"metadata": {"name": "demo", "namespace": "ml"}}
+        )
         for child in render_children(run, uid=UID, restart_attempt=attempt):
             child = copy.deepcopy(child)
             child["metadata"]["uid"] = f"uid-{child['metadata']['name']}"
@@ -45,18 +48,30 @@ class World:
         return self
 
     def job(self, attempt: int = 0) -> dict[str, Any]:
-        return next(c for c in self.children if c["kind"] == "Job" and c["metadata"]["name"] == f"demo-attempt-{attempt}")
+        return next(
+            c
+            for c in self.children
+            if c["kind"] == "Job" and c["metadata"]["name"] == f"demo-attempt-{attempt}"
+        )
 
     def with_pods(self, phase: str = "Running", attempt: int = 0, **failure: Any) -> World:
         job = self.job(attempt)
         for index in range(job["spec"]["completions"]):
             status: dict[str, Any] = {"phase": phase}
             if index == 0 and failure:
-                status = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": failure}}]}
-            self.pods.append({
-                "metadata": {"name": f"demo-attempt-{attempt}-{index}", "ownerReferences": [{"uid": job["metadata"]["uid"]}]},
-                "status": status,
-            })
+                status = {
+                    "phase": "Failed",
+                    "containerStatuses": [{"name": "trainer", "state": {"terminated": failure}}],
+                }
+            self.pods.append(
+                {
+                    "metadata": {
+                        "name": f"demo-attempt-{attempt}-{index}",
+                        "ownerReferences": [{"uid": job["metadata"]["uid"]}],
+                    },
+                    "status": status,
+                }
+            )
         return self
 
     def with_job_status(self, attempt: int = 0, **status: Any) -> World:
@@ -68,14 +83,30 @@ class World:
         return self
 
     def reconcile(self) -> Plan:
-        return reconcile(Observed(run=self.run, children=self.children, pods=self.pods, metrics=self.metrics, now=self.now))
+        return reconcile(
+            Observed(
+                run=self.run,
+                children=self.children,
+                pods=self.pods,
+                metrics=self.metrics,
+                now=self.now,
+            )
+        )
 
     def apply(self, plan: Plan) -> World:
         """What the I/O layer does with a plan, on the world's own state."""
         self.run["status"] = copy.deepcopy(plan.status)
         gone = {(d.kind, d.name) for d in plan.deletes}
         self.children = [c for c in self.children if (c["kind"], c["metadata"]["name"]) not in gone]
-        self.pods = [p for p in self.pods if not any(("Job", c["metadata"]["name"]) in gone and p["metadata"]["ownerReferences"][0]["uid"] == c["metadata"]["uid"] for c in self.children)]
+        self.pods = [
+            p
+            for p in self.pods
+            if not any(
+                ("Job", c["metadata"]["name"]) in gone
+                and p["metadata"]["ownerReferences"][0]["uid"] == c["metadata"]["uid"]
+                for c in self.children
+            )
+        ]
         for manifest in plan.creates:
             created = copy.deepcopy(manifest)
             created["metadata"]["uid"] = f"uid-{manifest['metadata']['name']}"
@@ -85,7 +116,10 @@ class World:
 
 def kinds(items) -> list[tuple[str, str]]:
     """(kind, name) of manifests to create or ChildRefs to delete."""
-    return [(m.kind, m.name) if hasattr(m, "kind") else (m["kind"], m["metadata"]["name"]) for m in items]
+    return [
+        (m.kind, m.name) if hasattr(m, "kind") else (m["kind"], m["metadata"]["name"])
+        for m in items
+    ]
 
 
 def condition(plan: Plan, type_: str) -> dict[str, Any] | None:
@@ -94,7 +128,11 @@ def condition(plan: Plan, type_: str) -> dict[str, Any] | None:
 
 def test_new_run_creates_its_children_and_reports_pending():
     plan = World().reconcile()
-    assert kinds(plan.creates) == [("ConfigMap", "demo-config"), ("Service", "demo-workers"), ("Job", "demo-attempt-0")]
+    assert kinds(plan.creates) == [
+        ("ConfigMap", "demo-config"),
+        ("Service", "demo-workers"),
+        ("Job", "demo-attempt-0"),
+    ]
     assert plan.deletes == ()
     assert plan.status["phase"] == "Pending" and plan.status["observedGeneration"] == 1
     assert condition(plan, "Valid")["status"] == "True"
@@ -125,7 +163,11 @@ def test_children_of_another_run_with_the_same_name_are_not_ours():
 
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
 def test_finished_runs_stay_finished(phase):
-    world = World().with_status(phase=phase, completionTime="2026-01-01T11:00:00Z", restartAttempt=0).with_children()
+    world = (
+        World()
+        .with_status(phase=phase, completionTime="2026-01-01T11:00:00Z", restartAttempt=0)
+        .with_children()
+    )
     world.children = [c for c in world.children if c["kind"] != "Job"]
     plan = world.reconcile()
     assert plan.creates == () and plan.deletes == ()
@@ -134,13 +176,22 @@ def test_finished_runs_stay_finished(phase):
 
 def test_invalid_spec_is_reported_with_the_validate_message_and_creates_nothing():
     world = World(distributed={"nodes": 0})
-    expected = validate_resource({k: v for k, v in world.run.items() if k != "status"} | {"metadata": {"name": "demo", "namespace": "ml"}})
+    expected = validate_resource(
+        {k: v for k, v in world.run.items() if k != "status"}
+        | {"metadata": {"name": "demo", "namespace": "ml"}}
+    )
     plan = world.reconcile()
     assert plan.creates == () and plan.status["phase"] == "Invalid"
     valid = condition(plan, "Valid")
-    assert (valid["status"], valid["reason"], valid["message"]) == ("False", reasons.INVALID_SPEC, "; ".join(expected))
+    assert (valid["status"], valid["reason"], valid["message"]) == (
+        "False",
+        reasons.INVALID_SPEC,
+        "; ".join(expected),
+    )
     assert valid["message"].startswith("spec.distributed.nodes:")
-    assert world.apply(plan).reconcile().is_empty, "no retry storm: the same invalid spec writes nothing again"
+    assert world.apply(plan).reconcile().is_empty, (
+        "no retry storm: the same invalid spec writes nothing again"
+    )
 
 
 @pytest.mark.parametrize(
@@ -150,23 +201,38 @@ def test_invalid_spec_is_reported_with_the_validate_message_and_creates_nothing(
         ("oom uses the budget", {"exitCode": 137, "reason": "OOMKilled"}, 1, 0, reasons.OOM_KILLED),
     ],
 )
-def test_failed_worker_restarts_the_gang_as_a_new_attempt(name, failure, restarts, preemptions, reason):
-    world = World().with_status(restartAttempt=0, restarts=0, preemptions=0, checkpoints={"latestStep": 40, "latestUri": "s3://ckpt/demo/step-40"})
+def test_failed_worker_restarts_the_gang_as_a_new_attempt(
+    name, failure, restarts, preemptions, reason
+):
+    world = World().with_status(
+        restartAttempt=0,
+        restarts=0,
+        preemptions=0,
+        checkpoints={"latestStep": 40, "latestUri": "s3://ckpt/demo/step-40"},
+    )
     world.with_children().with_pods(**failure)
     plan = world.reconcile()
     assert kinds(plan.deletes) == [("Job", "demo-attempt-0")], name
     assert kinds(plan.creates) == [("Job", "demo-attempt-1")], name
-    assert (plan.status["restarts"], plan.status["preemptions"], plan.status["restartAttempt"]) == (restarts, preemptions, 1)
+    assert (plan.status["restarts"], plan.status["preemptions"], plan.status["restartAttempt"]) == (
+        restarts,
+        preemptions,
+        1,
+    )
     assert plan.status["phase"] == "Restarting" and plan.restart_reason == reason
     assert "checkpoint step 40" in condition(plan, "Running")["message"]
 
 
 def test_exhausted_budget_fails_the_run_and_deletes_its_job():
-    world = World(runPolicy={"maxRestarts": 1}).with_status(restartAttempt=1, restarts=1, preemptions=0)
+    world = World(runPolicy={"maxRestarts": 1}).with_status(
+        restartAttempt=1, restarts=1, preemptions=0
+    )
     world.with_children(attempt=1).with_pods(attempt=1, exitCode=2, reason="Error")
     plan = world.reconcile()
     assert plan.creates == () and kinds(plan.deletes) == [("Job", "demo-attempt-1")]
-    assert plan.status["phase"] == "Failed" and plan.status["completionTime"] == "2026-01-01T12:00:00Z"
+    assert (
+        plan.status["phase"] == "Failed" and plan.status["completionTime"] == "2026-01-01T12:00:00Z"
+    )
     assert condition(plan, "Failed")["reason"] == reasons.RESTART_BUDGET_EXHAUSTED
     assert world.apply(plan).reconcile().is_empty
 
@@ -174,14 +240,19 @@ def test_exhausted_budget_fails_the_run_and_deletes_its_job():
 def test_a_stale_attempts_job_is_deleted():
     world = World().with_status(restartAttempt=1).with_children(attempt=0)
     plan = world.reconcile()
-    assert ("Job", "demo-attempt-0") in kinds(plan.deletes) and ("Job", "demo-attempt-1") in kinds(plan.creates)
+    assert ("Job", "demo-attempt-0") in kinds(plan.deletes) and ("Job", "demo-attempt-1") in kinds(
+        plan.creates
+    )
 
 
 def test_completed_job_succeeds_the_run():
     world = World().with_status(restartAttempt=0).with_children().with_pods("Succeeded")
     world.with_job_status(conditions=[{"type": "Complete", "status": "True"}], succeeded=2)
     plan = world.reconcile()
-    assert plan.status["phase"] == "Succeeded" and condition(plan, "Succeeded")["reason"] == reasons.JOB_COMPLETED
+    assert (
+        plan.status["phase"] == "Succeeded"
+        and condition(plan, "Succeeded")["reason"] == reasons.JOB_COMPLETED
+    )
     assert plan.creates == ()
 
 
@@ -204,7 +275,9 @@ def test_suspend_then_resume():
     [("stalled is reported", False, False), ("stalled restarts when asked", True, True)],
 )
 def test_stall_after_the_timeout(name, restart_on_stall, expect_restart):
-    world = World(runPolicy={"maxRestarts": 2, "stallTimeoutSeconds": 600, "restartOnStall": restart_on_stall})
+    world = World(
+        runPolicy={"maxRestarts": 2, "stallTimeoutSeconds": 600, "restartOnStall": restart_on_stall}
+    )
     world.with_children().with_pods()
     world.metrics = MetricsSample(step=7)
     world.apply(world.reconcile())
@@ -231,12 +304,18 @@ def test_progress_and_checkpoint_come_from_rank_0():
 
 
 def test_ttl_cleans_up_the_children_of_a_finished_run():
-    world = World(runPolicy={"ttlSecondsAfterFinished": 60}).with_status(phase="Succeeded", completionTime="2026-01-01T11:59:00Z", restartAttempt=0)
+    world = World(runPolicy={"ttlSecondsAfterFinished": 60}).with_status(
+        phase="Succeeded", completionTime="2026-01-01T11:59:00Z", restartAttempt=0
+    )
     world.with_children()
     early = world.at(NOW - timedelta(seconds=30)).reconcile()
     assert early.deletes == () and early.requeue_after == pytest.approx(30)
     due = world.at(NOW).reconcile()
-    assert sorted(kinds(due.deletes)) == [("ConfigMap", "demo-config"), ("Job", "demo-attempt-0"), ("Service", "demo-workers")]
+    assert sorted(kinds(due.deletes)) == [
+        ("ConfigMap", "demo-config"),
+        ("Job", "demo-attempt-0"),
+        ("Service", "demo-workers"),
+    ]
     assert condition(due, "CleanedUp")["reason"] == reasons.TTL_EXPIRED
 
 
@@ -254,7 +333,10 @@ def _example_runs():
 @pytest.mark.parametrize("attempt", [0, 2])
 def test_desired_names_match_what_the_builders_render(document, attempt):
     run = parse_resource(document)
-    rendered = {(m["kind"], m["metadata"]["name"]) for m in render_children(run, uid=UID, restart_attempt=attempt)}
+    rendered = {
+        (m["kind"], m["metadata"]["name"])
+        for m in render_children(run, uid=UID, restart_attempt=attempt)
+    }
     assert desired_names(run, attempt) == rendered
 
 
@@ -262,4 +344,6 @@ def test_converged_resync_still_notices_a_missing_child_by_name():
     world = World().with_children().with_pods()
     world.apply(world.reconcile())
     world.children = [c for c in world.children if c["kind"] != "ConfigMap"]
-    assert kinds(world.reconcile().creates) == [("ConfigMap", "demo-config")], "a missing child is noticed by name"
+    assert kinds(world.reconcile().creates) == [("ConfigMap", "demo-config")], (
+        "a missing child is noticed by name"
+    )

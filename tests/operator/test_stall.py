@@ -19,9 +19,19 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
         ("moving", T0, T0, T0 + timedelta(seconds=59), 60, False, 59),
         ("stuck exactly at the timeout", T0, T0, T0 + timedelta(seconds=60), 60, True, 60),
         ("no step yet: counts from the start", None, T0, T0 + timedelta(seconds=90), 60, True, 90),
-        ("a restart resets the clock", T0, T0 + timedelta(seconds=100), T0 + timedelta(seconds=130), 60, False, 30),
+        (
+            "a restart resets the clock",
+            T0,
+            T0 + timedelta(seconds=100),
+            T0 + timedelta(seconds=130),
+            60,
+            False,
+            30,
+        ),
     ],
 )
 def test_check_stall(name, last_progress, running_since, now, timeout, stalled, idle):
-    check = check_stall(last_progress=last_progress, running_since=running_since, now=now, timeout_seconds=timeout)
+    check = check_stall(
+        last_progress=last_progress, running_since=running_since, now=now, timeout_seconds=timeout
+    )
     assert (check.stalled, check.idle_seconds) == (stalled, idle), name

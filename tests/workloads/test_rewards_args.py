@@ -28,7 +28,9 @@ MINIMAL_ARGS = {
 
 
 def test_every_api_builtin_has_args_and_a_function():
-    assert set(BUILTIN_REWARD_ARGS) == set(API_BUILTINS) == set(BUILTIN_REWARDS) == set(MINIMAL_ARGS)
+    assert (
+        set(BUILTIN_REWARD_ARGS) == set(API_BUILTINS) == set(BUILTIN_REWARDS) == set(MINIMAL_ARGS)
+    )
 
 
 @pytest.mark.parametrize("builtin", sorted(BUILTIN_REWARD_ARGS))
@@ -40,13 +42,17 @@ def test_args_model_matches_the_function_keywords(builtin):
 
 @pytest.mark.parametrize("builtin", sorted(BUILTIN_REWARD_ARGS))
 def test_every_argument_is_documented(builtin):
-    undocumented = [n for n, f in BUILTIN_REWARD_ARGS[builtin].model_fields.items() if not f.description]
+    undocumented = [
+        n for n, f in BUILTIN_REWARD_ARGS[builtin].model_fields.items() if not f.description
+    ]
     assert undocumented == []
 
 
 @pytest.mark.parametrize("builtin", sorted(MINIMAL_ARGS))
 def test_minimal_args_validate_in_the_api_spec(builtin):
-    reward = RewardSpec.model_validate({"name": "r", "builtin": builtin, "args": MINIMAL_ARGS[builtin]})
+    reward = RewardSpec.model_validate(
+        {"name": "r", "builtin": builtin, "args": MINIMAL_ARGS[builtin]}
+    )
     assert parse_reward_args(reward.builtin, reward.args).model_dump()
 
 
@@ -54,15 +60,52 @@ def test_minimal_args_validate_in_the_api_spec(builtin):
     ("builtin", "args", "message"),
     [
         pytest.param("regex", {}, "args.pattern: required field is missing", id="regex-missing"),
-        pytest.param("regex", {"patern": "x"}, "args.patern: unknown field; did you mean 'pattern'", id="regex-typo"),
-        pytest.param("regex", {"pattern": "x", "scope": "words"}, "args.scope: 'words' is not allowed", id="regex-scope"),
-        pytest.param("regex", {"pattern": "[a-"}, "args.pattern: '\\[a-' is not a valid regular", id="regex-invalid"),
+        pytest.param(
+            "regex",
+            {"patern": "x"},
+            "args.patern: unknown field; did you mean 'pattern'",
+            id="regex-typo",
+        ),
+        pytest.param(
+            "regex",
+            {"pattern": "x", "scope": "words"},
+            "args.scope: 'words' is not allowed",
+            id="regex-scope",
+        ),
+        pytest.param(
+            "regex",
+            {"pattern": "[a-"},
+            "args.pattern: '\\[a-' is not a valid regular",
+            id="regex-invalid",
+        ),
         pytest.param("clause_presence", {"clauses": []}, "args.clauses", id="clauses-empty"),
-        pytest.param("clause_presence", {"clauses": ["("], "regex": True}, "not a valid regular", id="clause-regex"),
-        pytest.param("length", {"min": 50, "max": 10}, "min \\(50\\) must not be greater than max", id="length-window"),
-        pytest.param("length", {"max": "long"}, "args.max: must be a valid integer", id="length-type"),
-        pytest.param("length", {"max": 10, "unit": "tokens"}, "args.unit: 'tokens' is not allowed", id="length-unit"),
-        pytest.param("length", {"max": 10, "Min": 2}, "args.Min: unknown field; did you mean 'min'", id="length-case"),
+        pytest.param(
+            "clause_presence",
+            {"clauses": ["("], "regex": True},
+            "not a valid regular",
+            id="clause-regex",
+        ),
+        pytest.param(
+            "length",
+            {"min": 50, "max": 10},
+            "min \\(50\\) must not be greater than max",
+            id="length-window",
+        ),
+        pytest.param(
+            "length", {"max": "long"}, "args.max: must be a valid integer", id="length-type"
+        ),
+        pytest.param(
+            "length",
+            {"max": 10, "unit": "tokens"},
+            "args.unit: 'tokens' is not allowed",
+            id="length-unit",
+        ),
+        pytest.param(
+            "length",
+            {"max": 10, "Min": 2},
+            "args.Min: unknown field; did you mean 'min'",
+            id="length-case",
+        ),
         pytest.param(
             "reference_similarity",
             {"referenceField": "r", "modelPath": "/m"},
@@ -75,9 +118,14 @@ def test_minimal_args_validate_in_the_api_spec(builtin):
             "args.method: 'bleu' is not allowed",
             id="similarity-method",
         ),
-        pytest.param("count_match", {"referenceField": "r"}, "args.separator: required", id="count-separator"),
         pytest.param(
-            "redundancy_penalty", {"similarityThreshold": 0}, "args.similarityThreshold", id="redundancy-threshold"
+            "count_match", {"referenceField": "r"}, "args.separator: required", id="count-separator"
+        ),
+        pytest.param(
+            "redundancy_penalty",
+            {"similarityThreshold": 0},
+            "args.similarityThreshold",
+            id="redundancy-threshold",
         ),
         pytest.param(
             "code_execution",
@@ -138,4 +186,7 @@ def test_invalid_args(builtin, args, message):
 
 
 def test_snake_case_keys_are_accepted_too():
-    assert parse_reward_args("count_match", {"reference_field": "r", "separator": "|"}).reference_field == "r"
+    assert (
+        parse_reward_args("count_match", {"reference_field": "r", "separator": "|"}).reference_field
+        == "r"
+    )

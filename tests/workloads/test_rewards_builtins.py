@@ -42,13 +42,28 @@ def call(function, completion, **kwargs) -> float:
     [
         pytest.param(GOOD, {"pattern": STORY}, 1.0, id="story-matches"),
         pytest.param("Sure! " + GOOD, {"pattern": STORY}, 0.0, id="preamble-breaks-anchor"),
-        pytest.param("as a shopper, i want x so that y", {"pattern": STORY}, 0.0, id="case-sensitive"),
         pytest.param(
-            "as a shopper, i want x so that y", {"pattern": STORY, "ignore_case": True}, 1.0, id="ignore-case"
+            "as a shopper, i want x so that y", {"pattern": STORY}, 0.0, id="case-sensitive"
         ),
-        pytest.param(f"{GOOD}\n{GOOD}\nThanks!\n", {"pattern": STORY, "scope": "lines"}, 2 / 3, id="lines-fraction"),
+        pytest.param(
+            "as a shopper, i want x so that y",
+            {"pattern": STORY, "ignore_case": True},
+            1.0,
+            id="ignore-case",
+        ),
+        pytest.param(
+            f"{GOOD}\n{GOOD}\nThanks!\n",
+            {"pattern": STORY, "scope": "lines"},
+            2 / 3,
+            id="lines-fraction",
+        ),
         pytest.param("", {"pattern": STORY, "scope": "lines"}, 0.0, id="lines-empty"),
-        pytest.param(GOOD + " now", {"pattern": STORY + "later$", "mode": "fullmatch"}, 0.0, id="fullmatch-trailing"),
+        pytest.param(
+            GOOD + " now",
+            {"pattern": STORY + "later$", "mode": "fullmatch"},
+            0.0,
+            id="fullmatch-trailing",
+        ),
         pytest.param("a\nb", {"pattern": "^b$", "multiline": True}, 1.0, id="multiline"),
     ],
 )
@@ -60,13 +75,23 @@ def test_regex(completion, args, expected):
     ("completion", "args", "expected"),
     [
         pytest.param(GOOD, {"clauses": ["As a", "I want", "so that"]}, 1.0, id="all"),
-        pytest.param("As a user I want it", {"clauses": ["As a", "I want", "so that"]}, 0.667, id="two-of-three"),
-        pytest.param("AS A user", {"clauses": ["as a"], "ignore_case": False}, 0.0, id="case-sensitive"),
+        pytest.param(
+            "As a user I want it",
+            {"clauses": ["As a", "I want", "so that"]},
+            0.667,
+            id="two-of-three",
+        ),
+        pytest.param(
+            "AS A user", {"clauses": ["as a"], "ignore_case": False}, 0.0, id="case-sensitive"
+        ),
         pytest.param("total: 42", {"clauses": [r"\d+"], "regex": True}, 1.0, id="regex-clause"),
         pytest.param("total: 4.2", {"clauses": ["4.2"]}, 1.0, id="literal-dot"),
         pytest.param("total: 402", {"clauses": ["4.2"]}, 0.0, id="literal-not-regex"),
         pytest.param(
-            f"{GOOD}\nAs a cook", {"clauses": ["As a", "I want", "so that"], "scope": "lines"}, 0.667, id="per-line"
+            f"{GOOD}\nAs a cook",
+            {"clauses": ["As a", "I want", "so that"], "scope": "lines"},
+            0.667,
+            id="per-line",
         ),
     ],
 )
@@ -87,9 +112,16 @@ WINDOW = {"min": 20, "max": 120}
         pytest.param("w " * 180, WINDOW, 0.5, id="one-and-half-max"),
         pytest.param("w " * 300, WINDOW, 0.0, id="far-above-clamped"),
         pytest.param("w " * 130, {**WINDOW, "scale": 20}, 0.5, id="custom-scale"),
-        pytest.param("w " * 140, {**WINDOW, "decay": "exponential", "scale": 20}, math.exp(-1), id="exponential"),
+        pytest.param(
+            "w " * 140,
+            {**WINDOW, "decay": "exponential", "scale": 20},
+            math.exp(-1),
+            id="exponential",
+        ),
         pytest.param("x" * 30, {"min": 10, "max": 20, "unit": "chars"}, 0.5, id="chars"),
-        pytest.param("a\n\nb\nc", {"min": 1, "max": 2, "unit": "lines"}, 0.5, id="lines-skip-blank"),
+        pytest.param(
+            "a\n\nb\nc", {"min": 1, "max": 2, "unit": "lines"}, 0.5, id="lines-skip-blank"
+        ),
         pytest.param("don't stop-now", {"min": 4, "max": 4}, 1.0, id="words-are-word-tokens"),
     ],
 )
@@ -114,9 +146,7 @@ ISSUES = "Users can reset their password|||||Admins can ban users|||||Export ord
         pytest.param(ISSUES, {}, 1.0, id="completion-uses-separator"),
         pytest.param("Bake a cake", {}, 0.0, id="unrelated"),
         pytest.param("", {}, 0.0, id="empty"),
-        pytest.param(
-            "Users reset password", {"method": "token_f1"}, 0.375, id="token-f1-whole"
-        ),
+        pytest.param("Users reset password", {"method": "token_f1"}, 0.375, id="token-f1-whole"),
         pytest.param(
             "users can reset their password; admins can ban users; export orders as csv",
             {"completion_separator": ";"},
@@ -139,7 +169,9 @@ def test_reference_similarity(completion, args, expected):
 
 def test_reference_similarity_names_missing_column():
     with pytest.raises(KeyError, match=r"no column 'issues'.*columns passed to rewards: answer"):
-        reference_similarity_reward(["x"], reference_field="issues", answer=["y"], trainer_state=None)
+        reference_similarity_reward(
+            ["x"], reference_field="issues", answer=["y"], trainer_state=None
+        )
 
 
 @pytest.mark.parametrize(
@@ -197,7 +229,9 @@ def test_redundancy_penalty(completion, args, expected):
     ("completion", "args", "expected"),
     [
         pytest.param(GOOD, {}, 0.0, id="clean"),
-        pytest.param(f"Here you go:\n{GOOD}\nHope this helps!", {"unit": "lines"}, -2 / 3, id="lines"),
+        pytest.param(
+            f"Here you go:\n{GOOD}\nHope this helps!", {"unit": "lines"}, -2 / 3, id="lines"
+        ),
         pytest.param("Hi\n" + GOOD, {}, -2 / (2 + len(GOOD)), id="chars"),
         pytest.param("```\n" + GOOD + "\n```", {"unit": "lines"}, -2 / 3, id="fences"),
         pytest.param("", {}, 0.0, id="empty"),
@@ -214,7 +248,9 @@ def test_extraneous_content_penalty(completion, args, expected):
     [
         pytest.param("<think>plan</think>answer", "answer", id="block"),
         pytest.param("<think>a</think>x<think>b</think>y", "xy", id="two-blocks"),
-        pytest.param("plan from the prompt's open tag</think>\nanswer", "answer", id="opened-in-prompt"),
+        pytest.param(
+            "plan from the prompt's open tag</think>\nanswer", "answer", id="opened-in-prompt"
+        ),
         pytest.param("<think>never closed, out of tokens", "", id="unterminated"),
         pytest.param("answer <think>late thought", "answer", id="unterminated-after-answer"),
         pytest.param("<think>\nmulti\nline\n</think>\n\nanswer", "answer", id="multiline"),

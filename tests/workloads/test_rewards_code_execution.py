@@ -60,9 +60,14 @@ def score(completions, tests=TESTS, **kwargs):
             id="language-filter",
         ),
         pytest.param("```python\ndef add(a, b):\n    return a + b\n", {}, 1.0, id="unclosed-fence"),
-        pytest.param(CORRECT, {"extract_code_block": False}, 0.0, id="no-extraction-fence-is-syntax-error"),
         pytest.param(
-            "def add(a, b):\n    return a + b\n" + "# filler\n" * 400, {}, 0.1, id="degenerate-repetitive"
+            CORRECT, {"extract_code_block": False}, 0.0, id="no-extraction-fence-is-syntax-error"
+        ),
+        pytest.param(
+            "def add(a, b):\n    return a + b\n" + "# filler\n" * 400,
+            {},
+            0.1,
+            id="degenerate-repetitive",
         ),
         pytest.param(CORRECT, {"max_completion_chars": 20}, 0.1, id="degenerate-too-long"),
         pytest.param(
@@ -99,8 +104,12 @@ def test_stop_on_failure_false_runs_later_stages():
 def test_stage_timeout_overrides_the_default():
     stages = [
         {"name": "compile", "command": ["{python}", "-m", "py_compile", "{file}"], "weight": 1.0},
-        {"name": "slow", "command": ["{python}", "-c", "import time; time.sleep(5)"], "weight": 1.0,
-         "timeout_seconds": 0.5},
+        {
+            "name": "slow",
+            "command": ["{python}", "-c", "import time; time.sleep(5)"],
+            "weight": 1.0,
+            "timeout_seconds": 0.5,
+        },
     ]
     started = time.monotonic()
     assert score([CORRECT], stages=stages) == [0.5]
@@ -113,7 +122,7 @@ def test_c_compile_then_run():
         {"name": "compile", "command": ["gcc", "-O0", "-o", "{dir}/prog", "{file}"], "weight": 0.5},
         {"name": "run", "command": ["{dir}/prog"], "weight": 0.5},
     ]
-    good = "```c\n#include <stdio.h>\nint main(void) { puts(\"hi\"); return 0; }\n```"
+    good = '```c\n#include <stdio.h>\nint main(void) { puts("hi"); return 0; }\n```'
     crashes = "```c\nint main(void) { int *p = 0; return *p; }\n```"
     broken = "```c\nint main(void) { return }\n```"
     scores = code_execution_reward(
@@ -134,12 +143,17 @@ def test_pool_preserves_order():
 def test_stage_pass_rates_are_logged():
     logged = {}
     score([CORRECT, "def add(a, b):\n    return 0", "syntax error("], log_metric=logged.__setitem__)
-    assert logged == {"compile/pass_rate": pytest.approx(2 / 3), "tests/pass_rate": pytest.approx(1 / 3)}
+    assert logged == {
+        "compile/pass_rate": pytest.approx(2 / 3),
+        "tests/pass_rate": pytest.approx(1 / 3),
+    }
 
 
 def test_missing_test_column_is_a_clear_error():
     with pytest.raises(KeyError, match="no column 'tests'"):
-        code_execution_reward([CORRECT], stages=PYTHON_STAGES, test_field="tests", isolation="rlimits")
+        code_execution_reward(
+            [CORRECT], stages=PYTHON_STAGES, test_field="tests", isolation="rlimits"
+        )
 
 
 def test_extract_code_without_fence_returns_text():
@@ -201,7 +215,9 @@ def test_adversarial_batch_scores_compile_credit_only(trainer_port, tmp_path):
         for name, code in ADVERSARIAL.items()
     }
     # Each program defines a correct add(): only the sandbox stopping it can fail the tests.
-    batch = [f"```python\n{code}\ndef add(a, b):\n    return a + b\n```" for code in programs.values()]
+    batch = [
+        f"```python\n{code}\ndef add(a, b):\n    return a + b\n```" for code in programs.values()
+    ]
     batch.append(CORRECT)
     started = time.monotonic()
     scores = score(batch, workers=2, timeout_seconds=3, memory_mb=256, output_limit_bytes=8192)

@@ -74,7 +74,12 @@ def test_build_names_weights_and_scores_from_api_specs():
         ]
     )
     assert [get_callable_name(f) for f in functions] == [
-        "format", "length", "coverage", "count", "repeats", "extra"
+        "format",
+        "length",
+        "coverage",
+        "count",
+        "repeats",
+        "extra",
     ]
     assert weights == [2.0, 0.5, 1.0, 1.0, 0.3, 1.0]
     completion = [{"role": "assistant", "content": f"Here:\n{GOOD}\n{GOOD}"}]
@@ -90,7 +95,10 @@ def test_build_names_weights_and_scores_from_api_specs():
 
 @pytest.mark.parametrize(
     ("strip", "expected"),
-    [pytest.param(True, [1.0, 1.0, 0.0], id="stripped"), pytest.param(False, [0.0, 0.0, 0.0], id="kept")],
+    [
+        pytest.param(True, [1.0, 1.0, 0.0], id="stripped"),
+        pytest.param(False, [0.0, 0.0, 0.0], id="kept"),
+    ],
 )
 def test_strip_thinking_before_scoring(strip, expected):
     (function,), _ = build_reward_functions(
@@ -116,7 +124,7 @@ def user_module(tmp_path, monkeypatch):
     """A user's reward module on the trainer's PYTHONPATH."""
     (tmp_path / "team_rewards.py").write_text(
         textwrap.dedent(
-            '''
+            """
             def exclamations(completions, prompts=None, bonus=0.0, answer=None, **kwargs):
                 texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
                 assert prompts is not None and kwargs["trainer_state"] is None
@@ -135,7 +143,7 @@ def user_module(tmp_path, monkeypatch):
                 return [0.0]
 
             NOT_A_FUNCTION = 3
-            '''
+            """
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -145,7 +153,14 @@ def user_module(tmp_path, monkeypatch):
 
 def test_user_python_reward_gets_args_and_columns(user_module):
     (function,), weights = build_reward_functions(
-        [spec(name="excited", python=f"{user_module}:exclamations", weight=0.1, args={"bonus": 0.5})],
+        [
+            spec(
+                name="excited",
+                python=f"{user_module}:exclamations",
+                weight=0.1,
+                args={"bonus": 0.5},
+            )
+        ],
         strip_thinking=True,
     )
     assert weights == [0.1]
@@ -164,10 +179,16 @@ def test_async_user_reward_stays_async_for_trl(user_module):
 @pytest.mark.parametrize(
     ("python", "message"),
     [
-        pytest.param("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'", id="no-module"),
-        pytest.param("team_rewards:exclamation", "has no 'exclamation'.*exclamations", id="no-function"),
+        pytest.param(
+            "no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'", id="no-module"
+        ),
+        pytest.param(
+            "team_rewards:exclamation", "has no 'exclamation'.*exclamations", id="no-function"
+        ),
         pytest.param("team_rewards:NOT_A_FUNCTION", "is a int, not a function", id="not-callable"),
-        pytest.param("team_rewards:no_completions", r"must take TRL's reward arguments", id="bad-signature"),
+        pytest.param(
+            "team_rewards:no_completions", r"must take TRL's reward arguments", id="bad-signature"
+        ),
     ],
 )
 def test_user_reward_errors_at_build_time(user_module, python, message):
@@ -176,7 +197,9 @@ def test_user_reward_errors_at_build_time(user_module, python, message):
 
 
 def test_wrong_number_of_scores_is_an_error(user_module):
-    (function,), _ = build_reward_functions([Spec(name="short", python=f"{user_module}:wrong_count")])
+    (function,), _ = build_reward_functions(
+        [Spec(name="short", python=f"{user_module}:wrong_count")]
+    )
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
         trl_call(function, ["a", "b"])
 
@@ -200,19 +223,37 @@ def test_wrong_number_of_scores_is_an_error(user_module):
             "args.separator: must be a valid string",
             id="wrong-type",
         ),
-        pytest.param([Spec(name="x", builtin="regexp")], "did you mean 'regex'", id="unknown-builtin"),
+        pytest.param(
+            [Spec(name="x", builtin="regexp")], "did you mean 'regex'", id="unknown-builtin"
+        ),
         pytest.param([Spec(name="x", builtin="regex", python="m:f")], "exactly one of", id="both"),
         pytest.param([Spec(name="x"), Spec(name="x")], "repeated: x", id="duplicate-names"),
         pytest.param(
-            [Spec(name="x", builtin="reference_similarity",
-                  args={"referenceField": "r", "method": "embedding", "modelPath": "/nonexistent/minilm"})],
+            [
+                Spec(
+                    name="x",
+                    builtin="reference_similarity",
+                    args={
+                        "referenceField": "r",
+                        "method": "embedding",
+                        "modelPath": "/nonexistent/minilm",
+                    },
+                )
+            ],
             "not a local model directory.*use method coverage",
             id="embedding-model-missing",
         ),
         pytest.param(
-            [Spec(name="x", builtin="code_execution",
-                  args={"stages": [{"name": "compile", "command": ["no-such-compiler", "{file}"]}],
-                        "isolation": "rlimits"})],
+            [
+                Spec(
+                    name="x",
+                    builtin="code_execution",
+                    args={
+                        "stages": [{"name": "compile", "command": ["no-such-compiler", "{file}"]}],
+                        "isolation": "rlimits",
+                    },
+                )
+            ],
             "reward 'x': stage 'compile': program 'no-such-compiler' not found on the sandbox PATH",
             id="code-missing-program",
         ),
@@ -225,7 +266,11 @@ def test_build_errors(specs, message):
 
 def test_api_model_rejects_bad_args_with_path():
     with pytest.raises(ValueError, match=r"args.stages\[0\].command: unknown placeholder \{fiel\}"):
-        spec(name="x", builtin="code_execution", args={"stages": [{"name": "t", "command": ["{fiel}"]}]})
+        spec(
+            name="x",
+            builtin="code_execution",
+            args={"stages": [{"name": "t", "command": ["{fiel}"]}]},
+        )
 
 
 def test_combined_reward_is_the_weighted_sum_like_trl(user_module):
@@ -240,7 +285,9 @@ def test_combined_reward_is_the_weighted_sum_like_trl(user_module):
     per_reward = score_rewards(functions, [GOOD, "x\nx"], **columns)
     assert per_reward == {"format": [1.0, 0.0], "none": [None, None], "repeats": [0.0, -0.5]}
     assert combined_reward(functions, weights, [GOOD, "x\nx"], **columns) == [2.0, -0.5]
-    (only_none,), _ = build_reward_functions([Spec(name="n", python=f"{user_module}:not_applicable")])
+    (only_none,), _ = build_reward_functions(
+        [Spec(name="n", python=f"{user_module}:not_applicable")]
+    )
     assert math.isnan(combined_reward([only_none], [1.0], ["a"])[0])
 
 
@@ -254,7 +301,11 @@ except SandboxUnavailable:
 def test_code_execution_binding_logs_prefixed_stage_metrics():
     args = {
         "stages": [
-            {"name": "compile", "command": ["{python}", "-m", "py_compile", "{file}"], "weight": 0.2},
+            {
+                "name": "compile",
+                "command": ["{python}", "-m", "py_compile", "{file}"],
+                "weight": 0.2,
+            },
             {"name": "tests", "command": ["{python}", "{file}"], "weight": 0.8},
         ],
         "testField": "tests",
@@ -270,13 +321,17 @@ def test_code_execution_binding_logs_prefixed_stage_metrics():
         "def f(:",
     ]
     logged = {}
-    scores = trl_call(function, completions, tests=["assert f() == 1"] * 2, log_metric=logged.__setitem__)
+    scores = trl_call(
+        function, completions, tests=["assert f() == 1"] * 2, log_metric=logged.__setitem__
+    )
     assert scores == [0.2, 0.0], "not stripped: the draft in the reasoning is what gets tested"
     (function,), _ = build_reward_functions(
         [spec(name="unit_tests", builtin="code_execution", args=args)], strip_thinking=True
     )
     logged.clear()
-    scores = trl_call(function, completions, tests=["assert f() == 1"] * 2, log_metric=logged.__setitem__)
+    scores = trl_call(
+        function, completions, tests=["assert f() == 1"] * 2, log_metric=logged.__setitem__
+    )
     assert scores == [1.0, 0.0]
     assert logged == {
         "rewards/unit_tests/compile/pass_rate": 0.5,
@@ -291,8 +346,10 @@ def test_code_execution_refuses_an_interpreter_the_sandbox_cannot_run(tmp_path):
     hidden.mkdir(mode=0o700)
     (hidden / "python").write_text("#!/bin/sh\n")
     (hidden / "python").chmod(0o700)
-    args = {"stages": [{"name": "run", "command": ["{python}", "{file}"]}],
-            "pythonExecutable": str(hidden / "python")}
+    args = {
+        "stages": [{"name": "run", "command": ["{python}", "{file}"]}],
+        "pythonExecutable": str(hidden / "python"),
+    }
     with pytest.raises(SandboxUnavailable, match="not executable by other users"):
         build_reward_functions([spec(name="run", builtin="code_execution", args=args)])
 
@@ -306,7 +363,12 @@ def test_embedding_similarity_with_a_local_model():
             spec(
                 name="semantic",
                 builtin="reference_similarity",
-                args={"referenceField": "ref", "separator": "|||||", "method": "embedding", "modelPath": model_dir},
+                args={
+                    "referenceField": "ref",
+                    "separator": "|||||",
+                    "method": "embedding",
+                    "modelPath": model_dir,
+                },
             )
         ]
     )
@@ -332,7 +394,11 @@ def test_grpo_logs_each_reward_by_name(tmp_path):
         [
             spec(name="format", builtin="regex", args={"pattern": r"\d"}),
             spec(name="length", builtin="length", weight=0.5, args={"min": 1, "max": 8}),
-            spec(name="goals", builtin="count_match", args={"referenceField": "reference", "separator": "\n"}),
+            spec(
+                name="goals",
+                builtin="count_match",
+                args={"referenceField": "reference", "separator": "\n"},
+            ),
         ],
         strip_thinking=True,
     )

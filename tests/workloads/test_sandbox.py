@@ -64,7 +64,9 @@ def live_processes(uid: int | range, grace_seconds: float = 2.0) -> list[int]:
                 continue
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             owner = int(fields["Uid"].split()[0])
-            if (owner in uid if isinstance(uid, range) else owner == uid) and not fields["State"].strip().startswith("Z"):
+            if (owner in uid if isinstance(uid, range) else owner == uid) and not fields[
+                "State"
+            ].strip().startswith("Z"):
                 found.append(int(entry.name))
         if not found or time.monotonic() > deadline:
             return found
@@ -101,7 +103,9 @@ def test_cpu_limit_stops_a_busy_program_before_the_timeout():
 
 @strict_only
 def test_fork_bomb_is_contained_and_cleaned_up():
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    bomb = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     result, seconds, _, uid = run_python(bomb)
     assert not result.passed
     assert seconds < LIMITS.timeout_seconds + 3
@@ -125,7 +129,9 @@ def test_escaped_daemon_is_killed_after_the_run():
     )
     result, _, _, uid = run_python(daemon)
     assert result.passed, "the program itself exits 0"
-    assert live_processes(uid) == [], "its double-forked, setsid daemon does not survive the sandbox"
+    assert live_processes(uid) == [], (
+        "its double-forked, setsid daemon does not survive the sandbox"
+    )
 
 
 @strict_only
@@ -210,7 +216,11 @@ def outside_targets(tmp_path):
     directory (any user may write it, so only the read-only mounts stop the program)."""
     world_writable = Path(tempfile.mkdtemp(prefix="trainyard-outside-"))
     world_writable.chmod(0o777)
-    targets = [tmp_path / "escaped.txt", world_writable / "escaped.txt", Path("/dev/shm") / "trainyard-escaped"]
+    targets = [
+        tmp_path / "escaped.txt",
+        world_writable / "escaped.txt",
+        Path("/dev/shm") / "trainyard-escaped",
+    ]
     yield targets
     for target in targets:
         target.unlink(missing_ok=True)

@@ -261,3 +261,34 @@ def test_grpo_config_takes_the_options_by_their_trl_names(monkeypatch):
     assert config.reward_weights == [2.0]
     assert config.use_vllm and config.vllm_server_base_url == "http://vllm:8000"
     assert config.remove_unused_columns is False
+
+
+def test_operator_trainer_options_are_laid_over_the_derived_ones(monkeypatch, tmp_path):
+    from trainyard.workloads.methods.common import apply_trainer_options, read_trainer_options
+    from trainyard.workloads.methods.grpo import build_grpo_config
+
+    monkeypatch.setenv("TRAINYARD_VLLM_URL", "http://from-env:8000")
+    run = online({"vllm": {"mode": "server"}})
+    options_file = tmp_path / "trainer.json"
+    options_file.write_text(
+        '{"vllm_server_base_url": "http://run-vllm.ns.svc:8000", "vllm_server_timeout": 900}'
+    )
+    monkeypatch.setenv("TRAINYARD_TRAINER_OPTIONS", str(options_file))
+    trainer_options = read_trainer_options()
+    config = build_grpo_config(
+        run, training_arguments(run, str(tmp_path), CPU), None, trainer_options
+    )
+    # The operator's file wins over the environment; the rest of the spec still applies.
+    assert config.vllm_server_base_url == "http://run-vllm.ns.svc:8000"
+    assert config.vllm_server_timeout == 900
+    assert config.num_generations == 2
+
+    from trl import GRPOConfig
+
+    with pytest.raises(SpecError, match=r"'vllm_sever_timeout' is not an option of TRL GRPOConfig"):
+        apply_trainer_options(GRPOConfig, {}, {"vllm_sever_timeout": 1})
+    options_file.write_text("[1, 2]")
+    with pytest.raises(SpecError, match="must be a JSON object of TRL config options, got list"):
+        read_trainer_options()
+    monkeypatch.setenv("TRAINYARD_TRAINER_OPTIONS", str(tmp_path / "absent.json"))
+    assert read_trainer_options() == {}

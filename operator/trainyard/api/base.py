@@ -34,6 +34,8 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_attribute_docstrings=True,
         validate_default=False,
+        # No coercion: "16" is not 16, as the API server's schema check would say too.
+        strict=True,
         json_schema_extra=add_rules_to_schema,
     )
 

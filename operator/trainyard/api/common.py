@@ -5,25 +5,43 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from trainyard.api.base import ApiModel
+from trainyard.api.rules import Rule
 
 # A source URI names where a model, tokenizer or dataset comes from. Credentials never
 # go in it: `scheme://user:password@host` is refused (the CRD refuses it too).
 SOURCE_SCHEMES = ("hf", "s3", "file", "builtin", "run")
-SOURCE_PATTERN = r"^(hf|s3|file|builtin|run)://[^\s]+$"
-USERINFO_PATTERN = r"^[a-z0-9]+://[^/@]*:[^/@]*@"
+USERINFO_PATTERN = r"^[a-z0-9]+://[^/@]*@"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Env names that hold secrets: such a variable must come from a Secret, never a literal.
 SECRET_ENV_PATTERN = (
-    r"(?i).*(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL).*"
+    r"(?i)(^|[_.-])(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIALS?)"
+    r"([_.-]|$)"
 )
+"""Variable names that hold a credential: one of these words between `_`, `.`, `-` or the
+ends of the name (HF_TOKEN, AWS_SECRET_ACCESS_KEY, WANDB_API_KEY; not
+TOKENIZERS_PARALLELISM)."""
 
 Quantity = Annotated[
     int | str,
     Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
 ]
+
+
+def source_pattern(schemes: tuple[str, ...]) -> str:
+    """The URI pattern the CRD enforces: a known scheme, no user info before the path."""
+    return rf"^({'|'.join(schemes)})://[^\s/@]*(/\S*)?$"
+
+
+def source_uri(*schemes: str) -> Any:
+    """A str field holding a source URI of these schemes, checked here and in the CRD."""
+    return Annotated[
+        str,
+        AfterValidator(lambda value: check_source(value, schemes)),
+        Field(json_schema_extra={"pattern": source_pattern(schemes)}),
+    ]
 
 
 def check_source(value: str, allowed: tuple[str, ...] = SOURCE_SCHEMES) -> str:
@@ -59,7 +77,7 @@ class ObjectMeta(ApiModel):
 class ModelSource(ApiModel):
     """Where a model comes from."""
 
-    source: str
+    source: source_uri(*SOURCE_SCHEMES)
     """hf://org/name[@revision], s3://bucket/prefix, file://path, builtin://NAME, or run://RUN[/step-N] (a checkpoint of an earlier TrainingRun)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); overrides an @revision in the source."""
@@ -71,11 +89,6 @@ class ModelSource(ApiModel):
     """Attention kernel (transformers `attn_implementation`); the library's choice when left out."""
     quantization: Quantization | None = None
     """Load the base model quantized with bitsandbytes (QLoRA); needs a CUDA GPU."""
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str) -> str:
-        return check_source(value)
 
 
 class Quantization(ApiModel):
@@ -94,19 +107,16 @@ class Quantization(ApiModel):
 class TokenizerSource(ApiModel):
     """Where the tokenizer comes from, when not from the model's source."""
 
-    source: str
+    source: source_uri(*SOURCE_SCHEMES)
     """Same URI forms as model.source."""
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str) -> str:
-        return check_source(value)
 
 
 class S3Storage(ApiModel):
     """An S3-compatible object store (AWS S3, MinIO, Ceph…)."""
 
-    endpoint: str | None = None
+    endpoint: str | None = Field(
+        default=None, json_schema_extra={"pattern": r"^https?://[^\s/@]+(/\S*)?$"}
+    )
     """Endpoint URL, e.g. http://minio.storage.svc:9000; AWS when left out."""
     region: str | None = None
     """Region name passed to boto3."""
@@ -206,3 +216,30 @@ class Scheduling(ApiModel):
     """Kubernetes affinity, passed through as written."""
     service_account_name: str | None = None
     """ServiceAccount of the pods (workload identity for S3); the namespace default when left out."""
+
+
+ENV_RULES: tuple[Rule, ...] = (
+    Rule(
+        name="no-literal-credentials",
+        cel=(
+            "!has(self.env) || self.env.all(e, !has(e.value) || "
+            f"!e.name.matches('{SECRET_ENV_PATTERN}'))"
+        ),
+        message=(
+            "credentials must not be written in a spec: take variables named like "
+            "secrets from a Secret with valueFrom.secretKeyRef"
+        ),
+        field="env",
+        check=lambda s: all(
+            e.value is None or not re.search(SECRET_ENV_PATTERN, e.name) for e in s.env or []
+        ),
+    ),
+    Rule(
+        name="env-value-or-value-from",
+        cel="!has(self.env) || self.env.all(e, !(has(e.value) && has(e.valueFrom)))",
+        message="an env variable takes value or valueFrom, not both",
+        field="env",
+        check=lambda s: all(e.value is None or e.value_from is None for e in s.env or []),
+    ),
+)
+"""Rules of every spec with an `env` list."""

@@ -209,7 +209,6 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
         node.pop("type", None)
     if node.get("x-kubernetes-preserve-unknown-fields"):
         node.pop("additionalProperties", None)
-        node.setdefault("type", "object")
     if (
         node.get("type") == "object"
         and not node.get("properties")

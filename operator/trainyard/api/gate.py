@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
-from trainyard.api.common import ModelSource, ObjectMeta, Resources
+from trainyard.api.common import ModelSource, ObjectMeta, Resources, source_uri
 from trainyard.api.rules import Rule
 from trainyard.api.status import Condition
 
@@ -27,6 +27,16 @@ class Criterion(ApiModel):
     """Comparison."""
     value: float
     """Threshold."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # Text ("eval_loss <= 1.8") or an object: a structural CRD schema cannot say
+        # "string or object", so the API server keeps the item as written and the
+        # operator checks it (same message as `trainyard validate`).
+        return {
+            "description": "METRIC OP NUMBER as text (e.g. 'eval_loss <= 1.8'), or {metric, op, value}.",
+            "x-kubernetes-preserve-unknown-fields": True,
+        }
 
     @model_validator(mode="before")
     @classmethod
@@ -62,7 +72,7 @@ class Evaluation(ApiModel):
 
     suite: list[Literal["perplexity", "accuracy", "refusal_rate", "reward"]] = Field(min_length=1)
     """Metrics the evaluation computes."""
-    dataset: str
+    dataset: source_uri("hf", "s3", "file", "builtin")
     """Evaluation data (hf://, s3://, file://, builtin://)."""
     max_samples: int | None = Field(default=None, ge=1)
     """Evaluate at most this many records."""

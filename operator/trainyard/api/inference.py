@@ -7,7 +7,16 @@ from typing import Literal
 from pydantic import Field
 
 from trainyard.api.base import API_VERSION, ApiModel
-from trainyard.api.common import EnvVar, ModelSource, ObjectMeta, Resources, Scheduling, Storage
+from trainyard.api.common import (
+    ENV_RULES,
+    EnvVar,
+    ModelSource,
+    ObjectMeta,
+    Resources,
+    Scheduling,
+    Storage,
+    source_uri,
+)
 from trainyard.api.status import Condition
 
 
@@ -16,7 +25,7 @@ class ServedAdapter(ApiModel):
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
     """Model name clients ask for."""
-    source: str = Field(pattern=r"^(hf|s3|file|run)://\S+$")
+    source: source_uri("hf", "s3", "file", "run")
     """Where the adapter lies."""
 
 
@@ -62,8 +71,10 @@ class InferenceServerSpec(ApiModel):
     """Object storage settings for s3:// sources."""
     scheduling: Scheduling | None = None
     """Priority and node selection."""
-    env: list[EnvVar] | None = None
+    env: list[EnvVar] | None = Field(default=None, max_length=128)
     """Extra environment variables."""
+
+    rules = ENV_RULES
 
 
 class InferenceServerStatus(ApiModel):

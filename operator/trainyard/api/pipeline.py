@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from trainyard.api.base import API_VERSION, ApiModel
 from trainyard.api.common import ObjectMeta
 from trainyard.api.gate import Criterion, Evaluation
+from trainyard.api.rules import nested_error
 from trainyard.api.status import Condition
 from trainyard.api.training_run import TrainingRunSpec
 
@@ -46,9 +47,18 @@ class TrainingPipelineSpec(ApiModel):
         names = [s.name for s in self.stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+            raise nested_error(
+                [("stages", f"stage names must be unique; repeated: {', '.join(duplicates)}")]
+            )
         if self.stages[0].run.model.source == "run://previous":
-            raise ValueError("the first stage has no previous stage: give its model a source")
+            raise nested_error(
+                [
+                    (
+                        "stages[0].run.model.source",
+                        "the first stage has no previous stage: give its model a source",
+                    )
+                ]
+            )
         return self
 
 

@@ -6,21 +6,20 @@ library's own documentation explains them. Options left out take the library's d
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel, add_rules_to_schema
 from trainyard.api.common import (
-    SECRET_ENV_PATTERN,
+    ENV_RULES,
     EnvVar,
     ModelSource,
     ObjectMeta,
     Resources,
     Scheduling,
     Storage,
-    check_source,
+    source_uri,
 )
 from trainyard.api.rules import Rule, nested_error
 from trainyard.api.status import Condition
@@ -43,8 +42,10 @@ Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "F
 class DatasetSpec(ApiModel):
     """The training data and how its columns map onto the method's inputs."""
 
-    source: str
+    source: source_uri("hf", "s3", "file", "builtin")
     """hf://org/name[@revision] (a hub dataset id), s3://bucket/key.jsonl|.parquet, file://path, or builtin://datasets/NAME."""
+    config: str | None = None
+    """Configuration (subset) of a hub dataset, e.g. main for gsm8k (`datasets.load_dataset` name)."""
     format: Literal[
         "auto", "chat", "alpaca", "preference", "unpaired_preference", "prompt", "text"
     ] = "auto"
@@ -71,17 +72,22 @@ class DatasetSpec(ApiModel):
     """Alpaca input column (may be empty)."""
     output_field: str = "output"
     """Alpaca output column: the completion; instruction and input tokens are masked from the loss."""
-    eval_source: str | None = None
+    eval_source: source_uri("hf", "s3", "file", "builtin") | None = None
     """Separate evaluation data (same URI forms as source)."""
     eval_split: float | None = Field(default=None, gt=0, lt=1)
     """Fraction of the training data held out for evaluation when evalSource is left out."""
     max_samples: int | None = Field(default=None, ge=1)
     """Use at most this many training records."""
 
-    @field_validator("source", "eval_source")
-    @classmethod
-    def _source(cls, value: str | None) -> str | None:
-        return None if value is None else check_source(value, ("hf", "s3", "file", "builtin"))
+    rules = (
+        Rule(
+            name="config-needs-hub-dataset",
+            cel="!has(self.config) || self.source.startsWith('hf://')",
+            message="config names a subset of a hub dataset: it applies to hf:// sources only",
+            field="config",
+            check=lambda d: d.config is None or d.source.startswith("hf://"),
+        ),
+    )
 
 
 class LoraSpec(ApiModel):
@@ -332,7 +338,9 @@ class OnlineRLSpec(ApiModel):
         names = [r.name for r in self.rewards]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"reward names must be unique; repeated: {', '.join(duplicates)}")
+            raise nested_error(
+                [("rewards", f"reward names must be unique; repeated: {', '.join(duplicates)}")]
+            )
         return self
 
 
@@ -413,7 +421,7 @@ class DistributedSpec(ApiModel):
 class CheckpointSpec(ApiModel):
     """Where and how often checkpoints are kept."""
 
-    uri: str = Field(pattern=r"^(s3|file)://\S+$")
+    uri: source_uri("s3", "file")
     """s3://bucket/prefix or file://path; each save lands in URI/step-N/ with a manifest written last."""
     every_steps: int = Field(default=500, ge=1)
     """Save every this many optimizer steps (`save_steps`)."""
@@ -556,28 +564,7 @@ SPEC_RULES: tuple[Rule, ...] = (
             or s.distributed.deepspeed.zero_stage == 3
         ),
     ),
-    Rule(
-        name="no-literal-credentials",
-        cel=(
-            "!has(self.env) || self.env.all(e, !has(e.value) || "
-            f"!e.name.matches('{SECRET_ENV_PATTERN}'))"
-        ),
-        message=(
-            "credentials must not be written in a spec: take variables named like "
-            "secrets from a Secret with valueFrom.secretKeyRef"
-        ),
-        field="env",
-        check=lambda s: all(
-            e.value is None or not re.fullmatch(SECRET_ENV_PATTERN, e.name) for e in s.env or []
-        ),
-    ),
-    Rule(
-        name="env-value-or-value-from",
-        cel="!has(self.env) || self.env.all(e, !(has(e.value) && has(e.valueFrom)))",
-        message="an env variable takes value or valueFrom, not both",
-        field="env",
-        check=lambda s: all(e.value is None or e.value_from is None for e in s.env or []),
-    ),
+    *ENV_RULES,
 )
 
 

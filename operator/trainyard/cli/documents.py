@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from trainyard.api import manifests
+
 
 @dataclass(frozen=True)
 class Document:
@@ -36,7 +38,7 @@ def read_documents(path: str) -> list[Document]:
     except OSError as error:
         raise UnreadableFile(f"{path}: cannot read: {error.strerror}") from None
     try:
-        bodies = list(yaml.safe_load_all(text))
+        bodies = manifests.load_all(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

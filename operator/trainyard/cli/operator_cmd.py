@@ -21,25 +21,67 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reconcile TrainingRuns into Jobs, Services and ConfigMaps; keep their status true.",
     )
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", default=None,
-                       help="namespace to serve (repeatable; kopf globs allowed)")
-    scope.add_argument("-A", "--all-namespaces", action="store_true", dest="clusterwide",
-                       help="serve every namespace")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        default=None,
+        help="namespace to serve (repeatable; kopf globs allowed)",
+    )
+    scope.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        dest="clusterwide",
+        help="serve every namespace",
+    )
     parser.add_argument("--standalone", action="store_true", help="no peering with other replicas")
-    parser.add_argument("--peering", default="trainyard", help="KopfPeering name replicas coordinate through")
+    parser.add_argument(
+        "--peering", default="trainyard", help="KopfPeering name replicas coordinate through"
+    )
     parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
-    parser.add_argument("--resync-seconds", type=float, default=30.0, help="reconcile every run this often")
-    parser.add_argument("--watch-server-timeout", type=float, default=300.0, help="seconds a watch stays open")
-    parser.add_argument("--watch-client-timeout", type=float, default=330.0, help="seconds of silence before a watch is re-opened")
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds one API request may take")
-    parser.add_argument("--api-backoffs", default="0.1,0.2,0.5,1,2,4", help="comma-separated retry pauses for 429/5xx")
-    parser.add_argument("--metrics-port", type=int, default=8080, help="port of the operator's /metrics (0: any, -1: off)")
+    parser.add_argument(
+        "--resync-seconds", type=float, default=30.0, help="reconcile every run this often"
+    )
+    parser.add_argument(
+        "--watch-server-timeout", type=float, default=300.0, help="seconds a watch stays open"
+    )
+    parser.add_argument(
+        "--watch-client-timeout",
+        type=float,
+        default=330.0,
+        help="seconds of silence before a watch is re-opened",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds one API request may take"
+    )
+    parser.add_argument(
+        "--api-backoffs",
+        default="0.1,0.2,0.5,1,2,4",
+        help="comma-separated retry pauses for 429/5xx",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="port of the operator's /metrics (0: any, -1: off)",
+    )
     parser.add_argument("--run-metrics-url", default=None, help="URL template of rank 0's metrics")
     parser.add_argument("--trainer-image", default=None, help="image for runs that name none")
     parser.add_argument("--vllm-image", default=None, help="image of vLLM rollout servers")
-    parser.add_argument("--consistency-timeout", type=float, default=15.0, help="seconds kopf waits for its own patches to come back")
-    parser.add_argument("--server", default=None, help="API server URL without credentials (development)")
-    parser.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    parser.add_argument(
+        "--consistency-timeout",
+        type=float,
+        default=15.0,
+        help="seconds kopf waits for its own patches to come back",
+    )
+    parser.add_argument(
+        "--server", default=None, help="API server URL without credentials (development)"
+    )
+    parser.add_argument(
+        "--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -49,7 +91,9 @@ def config_from_args(argv: list[str]) -> OperatorConfig:
     try:
         backoffs = tuple(float(x) for x in args.api_backoffs.split(",") if x)
     except ValueError:
-        raise SystemExit(f"--api-backoffs: {args.api_backoffs!r} is not a list of numbers; allowed: e.g. 0.1,0.5,1") from None
+        raise SystemExit(
+            f"--api-backoffs: {args.api_backoffs!r} is not a list of numbers; allowed: e.g. 0.1,0.5,1"
+        ) from None
     overrides: dict[str, Any] = {
         "standalone": args.standalone,
         "peering_name": args.peering,
@@ -76,8 +120,13 @@ def config_from_args(argv: list[str]) -> OperatorConfig:
         overrides["default_vllm_image"] = args.vllm_image
     config = OperatorConfig.from_environment(**overrides)
     if not config.namespaces and not config.clusterwide:
-        raise SystemExit("trainyard operator: name the namespaces to serve (-n NAME, repeatable) or serve all (-A)")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        raise SystemExit(
+            "trainyard operator: name the namespaces to serve (-n NAME, repeatable) or serve all (-A)"
+        )
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     return config
 
 

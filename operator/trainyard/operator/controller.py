@@ -68,7 +68,15 @@ def child_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         "kind": kind,
         "metadata": {
             k: meta[k]
-            for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "deletionTimestamp")
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "labels",
+                "annotations",
+                "ownerReferences",
+                "deletionTimestamp",
+            )
             if k in meta
         },
     }
@@ -96,7 +104,9 @@ class Controller:
     # Expectations (as Kubernetes controllers keep them): children this operator just
     # created or deleted, until the watch-fed indexes show it, so a reconcile that runs
     # before the watch event arrives neither posts them again nor sees them still there.
-    _created: dict[str, dict[tuple[str, str], tuple[float, dict[str, Any]]]] = field(default_factory=dict)
+    _created: dict[str, dict[tuple[str, str], tuple[float, dict[str, Any]]]] = field(
+        default_factory=dict
+    )
     _deleted: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
 
     def start_resync(self) -> None:
@@ -112,7 +122,12 @@ class Controller:
                 try:
                     await self.reconcile(body)
                 except Exception as error:  # one run's trouble must not stop the others
-                    logger.info("resync of %s/%s deferred: %s", body["metadata"].get("namespace"), body["metadata"].get("name"), error)
+                    logger.info(
+                        "resync of %s/%s deferred: %s",
+                        body["metadata"].get("namespace"),
+                        body["metadata"].get("name"),
+                        error,
+                    )
 
         while True:
             await asyncio.sleep(self.config.resync_seconds)
@@ -135,11 +150,19 @@ class Controller:
         exact = [n for n in config.namespaces if not any(ch in n for ch in "*?[!,")]
         # kopf namespace globs are kopf's to resolve; children are then watched everywhere
         # (label-selected, so only Trainyard's children come back).
-        scopes: list[str | None] = exact if exact and len(exact) == len(config.namespaces) and not config.clusterwide else [None]
+        scopes: list[str | None] = (
+            exact
+            if exact and len(exact) == len(config.namespaces) and not config.clusterwide
+            else [None]
+        )
         for namespace in scopes:
             # The runs as the resync loop sees them (kopf watches them too, for its handlers).
             runs = k8s.Informer(
-                self.client, "TrainingRun", namespace, None, _whole,
+                self.client,
+                "TrainingRun",
+                namespace,
+                None,
+                _whole,
                 server_timeout=config.watch_server_timeout or 300.0,
                 client_timeout=config.watch_client_timeout or 330.0,
                 backoff=config.watch_reconnect_backoff,
@@ -148,7 +171,11 @@ class Controller:
             self._informer_tasks.append(asyncio.get_running_loop().create_task(runs.run()))
             for kind in WATCHED_KINDS:
                 informer = k8s.Informer(
-                    self.client, kind, namespace, RUN_LABEL, child_entry,
+                    self.client,
+                    kind,
+                    namespace,
+                    RUN_LABEL,
+                    child_entry,
                     server_timeout=config.watch_server_timeout or 300.0,
                     client_timeout=config.watch_client_timeout or 330.0,
                     backoff=config.watch_reconnect_backoff,
@@ -157,9 +184,13 @@ class Controller:
                 self._informer_tasks.append(asyncio.get_running_loop().create_task(informer.run()))
 
     async def _synced(self) -> None:
-        await asyncio.wait_for(asyncio.gather(*(i.synced.wait() for i in self._informers)), SYNC_TIMEOUT)
+        await asyncio.wait_for(
+            asyncio.gather(*(i.synced.wait() for i in self._informers)), SYNC_TIMEOUT
+        )
 
-    def _observed_children(self, namespace: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _observed_children(
+        self, namespace: str, name: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         label = run_label_value(name)
         children = [c for i in self._informers if i.kind != "Pod" for c in i.get(namespace, label)]
         pods = [p for i in self._informers if i.kind == "Pod" for p in i.get(namespace, label)]
@@ -169,8 +200,12 @@ class Controller:
     def client(self) -> k8s.KubeClient:
         if self._client is None:
             if self.connection is None:
-                raise RuntimeError("no Kubernetes connection yet: the kopf login handler has not run")
-            self._client = k8s.KubeClient(self.connection, self.config.api_settings(), self.metrics.record_api_error)
+                raise RuntimeError(
+                    "no Kubernetes connection yet: the kopf login handler has not run"
+                )
+            self._client = k8s.KubeClient(
+                self.connection, self.config.api_settings(), self.metrics.record_api_error
+            )
         return self._client
 
     @property
@@ -212,7 +247,14 @@ class Controller:
         if written is not None:
             based_on, result = written
             if body["metadata"].get("resourceVersion") == based_on:
-                return {**body, "status": result.get("status"), "metadata": {**body["metadata"], "resourceVersion": result["metadata"]["resourceVersion"]}}
+                return {
+                    **body,
+                    "status": result.get("status"),
+                    "metadata": {
+                        **body["metadata"],
+                        "resourceVersion": result["metadata"]["resourceVersion"],
+                    },
+                }
             self._written.pop(uid, None)
         return body
 
@@ -233,7 +275,11 @@ class Controller:
                 raise
             finally:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-        result = "converged" if plan.is_empty else ("invalid" if plan.status.get("phase") == "Invalid" else "changed")
+        result = (
+            "converged"
+            if plan.is_empty
+            else ("invalid" if plan.status.get("phase") == "Invalid" else "changed")
+        )
         self.metrics.reconciles.labels(result=result).inc()
         return plan
 
@@ -246,17 +292,37 @@ class Controller:
         children = self._expected_children(uid, indexed)
         now = datetime.now(UTC)
         sample = await self._read_metrics(raw, children, pods)
-        plan = reconcile(Observed(
-            run=raw, children=children, pods=pods, metrics=sample, now=now,
-            image=self.config.default_image, vllm_image=self.config.default_vllm_image,
-        ))
+        plan = reconcile(
+            Observed(
+                run=raw,
+                children=children,
+                pods=pods,
+                metrics=sample,
+                now=now,
+                image=self.config.default_image,
+                vllm_image=self.config.default_vllm_image,
+            )
+        )
         if plan.is_empty:
             self.metrics.record_phase(uid, (raw.get("status") or {}).get("phase"))
             return plan
-        applied = await k8s.apply_plan(self.client, plan, namespace=namespace, name=name, resource_version=meta.get("resourceVersion"))
+        applied = await k8s.apply_plan(
+            self.client,
+            plan,
+            namespace=namespace,
+            name=name,
+            resource_version=meta.get("resourceVersion"),
+        )
         self._expect(uid, plan)
-        if plan.status_patch is not None and applied.status is not None and applied.resource_version:
-            result = {"status": applied.status, "metadata": {"resourceVersion": applied.resource_version}}
+        if (
+            plan.status_patch is not None
+            and applied.status is not None
+            and applied.resource_version
+        ):
+            result = {
+                "status": applied.status,
+                "metadata": {"resourceVersion": applied.resource_version},
+            }
             self._written[uid] = (meta.get("resourceVersion", ""), result)
         if plan.restart_reason is not None:
             self.metrics.restarts.labels(reason=plan.restart_reason).inc()
@@ -268,7 +334,10 @@ class Controller:
         deadline = time.monotonic() + EXPECTATION_SECONDS
         created = self._created.setdefault(uid, {})
         for manifest in plan.creates:
-            created[(manifest["kind"], manifest["metadata"]["name"])] = (deadline, child_entry(manifest["kind"], manifest))
+            created[(manifest["kind"], manifest["metadata"]["name"])] = (
+                deadline,
+                child_entry(manifest["kind"], manifest),
+            )
         deleted = self._deleted.setdefault(uid, {})
         for ref in plan.deletes:
             deleted[(ref.kind, ref.name)] = deadline
@@ -288,21 +357,33 @@ class Controller:
         children = [c for c in indexed if (c["kind"], c["metadata"]["name"]) not in deleted]
         return children + [entry for _, entry in created.values()]
 
-    async def _read_metrics(self, raw: dict[str, Any], children: list[dict[str, Any]], pods: list[dict[str, Any]]) -> MetricsSample | None:
+    async def _read_metrics(
+        self, raw: dict[str, Any], children: list[dict[str, Any]], pods: list[dict[str, Any]]
+    ) -> MetricsSample | None:
         """Rank 0's metrics when the current attempt's rank 0 is running; else None."""
         status = raw.get("status") or {}
         if status.get("phase") in TERMINAL_PHASES:
             return None
         name = raw["metadata"]["name"]
         job_name = worker_job_name(name, int(status.get("restartAttempt") or 0))
-        job = next((c for c in children if c["kind"] == "Job" and c["metadata"]["name"] == job_name), None)
+        job = next(
+            (c for c in children if c["kind"] == "Job" and c["metadata"]["name"] == job_name), None
+        )
         if job is None:
             return None
         rank0 = next(
             (
-                p for p in pods
-                if any(ref.get("uid") == job["metadata"].get("uid") for ref in p["metadata"].get("ownerReferences") or [])
-                and "0" in ((p["metadata"].get("labels") or {}).get(COMPLETION_INDEX), (p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX))
+                p
+                for p in pods
+                if any(
+                    ref.get("uid") == job["metadata"].get("uid")
+                    for ref in p["metadata"].get("ownerReferences") or []
+                )
+                and "0"
+                in (
+                    (p["metadata"].get("labels") or {}).get(COMPLETION_INDEX),
+                    (p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX),
+                )
                 and (p.get("status") or {}).get("phase") == "Running"
             ),
             None,
@@ -311,8 +392,12 @@ class Controller:
             return None
         port = int(((raw.get("spec") or {}).get("metrics") or {}).get("port") or 9400)
         url = metrics_url(
-            self.config.run_metrics_url, run=name, namespace=raw["metadata"]["namespace"], job=job_name,
-            service=workers_service_name(name), port=port, pod_ip=(rank0.get("status") or {}).get("podIP"),
+            self.config.run_metrics_url,
+            run=name,
+            namespace=raw["metadata"]["namespace"],
+            job=job_name,
+            service=workers_service_name(name),
+            port=port,
+            pod_ip=(rank0.get("status") or {}).get("podIP"),
         )
         return await self.metrics_client.fetch(url)
-

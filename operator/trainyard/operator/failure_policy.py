@@ -52,7 +52,11 @@ def _disruption_condition(pod: dict[str, Any]) -> Disruption | None:
             kind, reason = DISRUPTION_REASONS.get(
                 condition.get("reason", ""), ("preemption", reasons.PREEMPTED)
             )
-            return Disruption(kind, reason, f"pod {_name(pod)}: {condition.get('reason')} {condition.get('message', '')}".strip())
+            return Disruption(
+                kind,
+                reason,
+                f"pod {_name(pod)}: {condition.get('reason')} {condition.get('message', '')}".strip(),
+            )
     return None
 
 
@@ -60,13 +64,19 @@ def _pod_reason(pod: dict[str, Any]) -> Disruption | None:
     status = pod.get("status", {})
     if status.get("reason") in POD_REASONS:
         kind, reason = POD_REASONS[status["reason"]]
-        return Disruption(kind, reason, f"pod {_name(pod)}: {status['reason']} {status.get('message', '')}".strip())
+        return Disruption(
+            kind,
+            reason,
+            f"pod {_name(pod)}: {status['reason']} {status.get('message', '')}".strip(),
+        )
     return None
 
 
 def _terminated(pod: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
     for container in pod.get("status", {}).get("containerStatuses") or []:
-        state = container.get("state", {}).get("terminated") or container.get("lastState", {}).get("terminated")
+        state = container.get("state", {}).get("terminated") or container.get("lastState", {}).get(
+            "terminated"
+        )
         if state:
             yield container.get("name", "?"), state
 
@@ -74,7 +84,11 @@ def _terminated(pod: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
 def _oom_killed(pod: dict[str, Any]) -> Disruption | None:
     for name, state in _terminated(pod):
         if state.get("reason") == "OOMKilled":
-            return Disruption("failure", reasons.OOM_KILLED, f"pod {_name(pod)}: container {name} was OOMKilled; raise resources.limits.memory or lower the batch size")
+            return Disruption(
+                "failure",
+                reasons.OOM_KILLED,
+                f"pod {_name(pod)}: container {name} was OOMKilled; raise resources.limits.memory or lower the batch size",
+            )
     return None
 
 
@@ -83,7 +97,11 @@ def _non_zero_exit(pod: dict[str, Any]) -> Disruption | None:
         return None
     for name, state in _terminated(pod):
         if state.get("exitCode", 0) != 0:
-            return Disruption("failure", reasons.NON_ZERO_EXIT, f"pod {_name(pod)}: container {name} exited with code {state['exitCode']}")
+            return Disruption(
+                "failure",
+                reasons.NON_ZERO_EXIT,
+                f"pod {_name(pod)}: container {name} exited with code {state['exitCode']}",
+            )
     return None
 
 
@@ -132,9 +150,19 @@ def classify_attempt(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> 
     if found:
         return found[0]
     if (failed := job_condition(job, "Failed")) is not None:
-        if failed.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in failed.get("message", ""):
-            return Disruption("preemption", reasons.PREEMPTED, f"job {(job or {}).get('metadata', {}).get('name')}: {failed.get('message', '')}")
-        return Disruption("failure", reasons.JOB_FAILED, f"job {(job or {}).get('metadata', {}).get('name')}: {failed.get('reason', '')} {failed.get('message', '')}".strip())
+        if failed.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in failed.get(
+            "message", ""
+        ):
+            return Disruption(
+                "preemption",
+                reasons.PREEMPTED,
+                f"job {(job or {}).get('metadata', {}).get('name')}: {failed.get('message', '')}",
+            )
+        return Disruption(
+            "failure",
+            reasons.JOB_FAILED,
+            f"job {(job or {}).get('metadata', {}).get('name')}: {failed.get('reason', '')} {failed.get('message', '')}".strip(),
+        )
     return None
 
 
@@ -149,12 +177,20 @@ class Decision:
     message: str
 
 
-def decide(disruption: Disruption, *, restarts: int, preemptions: int, max_restarts: int) -> Decision:
+def decide(
+    disruption: Disruption, *, restarts: int, preemptions: int, max_restarts: int
+) -> Decision:
     """Restart the gang within the budget; a preemption always restarts and costs nothing."""
     if disruption.kind == "preemption":
         return Decision(True, restarts, preemptions + 1, disruption.reason, disruption.message)
     if restarts < max_restarts:
-        return Decision(True, restarts + 1, preemptions, disruption.reason, f"{disruption.message} (restart {restarts + 1} of {max_restarts})")
+        return Decision(
+            True,
+            restarts + 1,
+            preemptions,
+            disruption.reason,
+            f"{disruption.message} (restart {restarts + 1} of {max_restarts})",
+        )
     return Decision(
         False,
         restarts,

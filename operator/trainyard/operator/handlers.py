@@ -20,7 +20,9 @@ def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         if config.api_server:
-            info = kopf.ConnectionInfo(server=config.api_server, insecure=True, default_namespace="default")
+            info = kopf.ConnectionInfo(
+                server=config.api_server, insecure=True, default_namespace="default"
+            )
         else:
             info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
         if info is not None:

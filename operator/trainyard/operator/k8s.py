@@ -44,7 +44,13 @@ class ApiError(Exception):
 
     def __init__(self, verb: str, path: str, status: int, reason: str, message: str):
         super().__init__(f"{verb} {path}: {status} {reason}: {message}")
-        self.verb, self.path, self.status, self.reason, self.message = verb, path, status, reason, message
+        self.verb, self.path, self.status, self.reason, self.message = (
+            verb,
+            path,
+            status,
+            reason,
+            message,
+        )
 
 
 class Conflict(ApiError):
@@ -83,11 +89,20 @@ def _ssl_context(connection: Any) -> ssl.SSLContext | bool:
         if "BEGIN CERTIFICATE" not in data:
             data = base64.b64decode(data).decode()
         context.load_verify_locations(cadata=data)
-    cert_path, key_path = getattr(connection, "certificate_path", None), getattr(connection, "private_key_path", None)
-    cert_data, key_data = getattr(connection, "certificate_data", None), getattr(connection, "private_key_data", None)
+    cert_path, key_path = (
+        getattr(connection, "certificate_path", None),
+        getattr(connection, "private_key_path", None),
+    )
+    cert_data, key_data = (
+        getattr(connection, "certificate_data", None),
+        getattr(connection, "private_key_data", None),
+    )
     if cert_data and key_data:
         # ssl loads client certificates from files only.
-        with tempfile.NamedTemporaryFile("wb", delete=False) as cert, tempfile.NamedTemporaryFile("wb", delete=False) as key:
+        with (
+            tempfile.NamedTemporaryFile("wb", delete=False) as cert,
+            tempfile.NamedTemporaryFile("wb", delete=False) as key,
+        ):
             for handle, blob in ((cert, cert_data), (key, key_data)):
                 raw = blob.encode() if isinstance(blob, str) else blob
                 handle.write(raw if b"BEGIN" in raw else base64.b64decode(raw))
@@ -101,9 +116,14 @@ def _auth_headers(connection: Any) -> dict[str, str]:
     token = getattr(connection, "token", None)
     if token:
         return {"Authorization": f"{getattr(connection, 'scheme', None) or 'Bearer'} {token}"}
-    username, password = getattr(connection, "username", None), getattr(connection, "password", None)
+    username, password = (
+        getattr(connection, "username", None),
+        getattr(connection, "password", None),
+    )
     if username and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+        return {
+            "Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        }
     return {}
 
 
@@ -135,9 +155,13 @@ class KubeClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout, connect=self.settings.connect_timeout)
+            timeout = aiohttp.ClientTimeout(
+                total=self.settings.request_timeout, connect=self.settings.connect_timeout
+            )
             self._session = aiohttp.ClientSession(
-                headers=self._headers, timeout=timeout, connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+                headers=self._headers,
+                timeout=timeout,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
             )
         return self._session
 
@@ -162,11 +186,18 @@ class KubeClient:
         while True:
             try:
                 async with self._client().request(
-                    method, self.server + path, json=json, params=params,
+                    method,
+                    self.server + path,
+                    json=json,
+                    params=params,
                     headers={"Content-Type": content_type} if json is not None else None,
                 ) as response:
                     status = response.status
-                    body = await response.json(content_type=None) if response.content_length != 0 else {}
+                    body = (
+                        await response.json(content_type=None)
+                        if response.content_length != 0
+                        else {}
+                    )
                     retry_after = response.headers.get("Retry-After")
             except (TimeoutError, aiohttp.ClientConnectionError) as error:
                 if not delays:
@@ -195,31 +226,49 @@ class KubeClient:
     async def create(self, manifest: dict[str, Any], namespace: str) -> bool:
         """Create unless it exists; True when this call created it."""
         status, _ = await self.request(
-            "create", "POST", collection_path(manifest["kind"], namespace), json=manifest, accept=(409,)
+            "create",
+            "POST",
+            collection_path(manifest["kind"], namespace),
+            json=manifest,
+            accept=(409,),
         )
         return status != 409
 
     async def delete(self, ref: ChildRef, namespace: str) -> bool:
         """Delete (dependents in the background) unless gone; True when this call deleted it."""
         status, _ = await self.request(
-            "delete", "DELETE", object_path(ref.kind, namespace, ref.name),
+            "delete",
+            "DELETE",
+            object_path(ref.kind, namespace, ref.name),
             json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
             accept=(404,),
         )
         return status != 404
 
-    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any], resource_version: str | None) -> dict[str, Any]:
+    async def patch_status(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None,
+    ) -> dict[str, Any]:
         """Merge-patch the status subresource; Conflict when the object moved past `resource_version`."""
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         _, result = await self.request(
-            "patch", "PATCH", object_path(kind, namespace, name) + "/status",
-            json=body, content_type="application/merge-patch+json",
+            "patch",
+            "PATCH",
+            object_path(kind, namespace, name) + "/status",
+            json=body,
+            content_type="application/merge-patch+json",
         )
         return result
 
-    async def list(self, kind: str, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+    async def list(
+        self, kind: str, namespace: str, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None
         _, body = await self.request("list", "GET", collection_path(kind, namespace), params=params)
         kind_items = body.get("items") or []
@@ -228,7 +277,9 @@ class KubeClient:
         return kind_items
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        status, body = await self.request("get", "GET", object_path(kind, namespace, name), accept=(404,))
+        status, body = await self.request(
+            "get", "GET", object_path(kind, namespace, name), accept=(404,)
+        )
         return None if status == 404 else body
 
 
@@ -242,11 +293,15 @@ class Applied:
     created: int
 
 
-async def apply_plan(client: KubeClient, plan: Plan, *, namespace: str, name: str, resource_version: str | None) -> Applied:
+async def apply_plan(
+    client: KubeClient, plan: Plan, *, namespace: str, name: str, resource_version: str | None
+) -> Applied:
     """Carry out a plan: status first, then deletes, then creates (see reconcile.py)."""
     new_body = None
     if plan.status_patch is not None:
-        new_body = await client.patch_status("TrainingRun", namespace, name, plan.status_patch, resource_version)
+        new_body = await client.patch_status(
+            "TrainingRun", namespace, name, plan.status_patch, resource_version
+        )
     deleted = sum(await asyncio.gather(*(client.delete(ref, namespace) for ref in plan.deletes)))
     # The Job goes last: its pods mount the ConfigMap and resolve each other through the Service.
     first = [m for m in plan.creates if m.get("kind") != "Job"]
@@ -284,8 +339,18 @@ class Informer:
         client_timeout: float = 330.0,
         backoff: float = 0.5,
     ):
-        self.client, self.kind, self.namespace, self.label, self.transform = client, kind, namespace, label, transform
-        self.server_timeout, self.client_timeout, self.backoff = server_timeout, client_timeout, backoff
+        self.client, self.kind, self.namespace, self.label, self.transform = (
+            client,
+            kind,
+            namespace,
+            label,
+            transform,
+        )
+        self.server_timeout, self.client_timeout, self.backoff = (
+            server_timeout,
+            client_timeout,
+            backoff,
+        )
         self.synced = asyncio.Event()
         self._by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._version: str | None = None
@@ -304,7 +369,9 @@ class Informer:
         meta = obj.get("metadata") or {}
         value = self._key_value(meta)
         if value is not None:
-            self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = self.transform(self.kind, obj)
+            self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = (
+                self.transform(self.kind, obj)
+            )
 
     def _drop(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -325,12 +392,19 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except (ApiError, aiohttp.ClientError, TimeoutError, ValueError) as error:
-                logger.info("watch of %s in %s interrupted (%s); re-watching", self.kind, self.namespace or "all namespaces", error)
+                logger.info(
+                    "watch of %s in %s interrupted (%s); re-watching",
+                    self.kind,
+                    self.namespace or "all namespaces",
+                    error,
+                )
                 await asyncio.sleep(self.backoff)
 
     async def _list(self) -> None:
         params = {"labelSelector": self.label} if self.label else None
-        _, body = await self.client.request("list", "GET", collection_path(self.kind, self.namespace), params=params)
+        _, body = await self.client.request(
+            "list", "GET", collection_path(self.kind, self.namespace), params=params
+        )
         self._by_key.clear()
         for item in body.get("items") or []:
             item.setdefault("kind", self.kind)
@@ -355,7 +429,9 @@ class Informer:
                 self._version = None
                 return
             if response.status >= 300:
-                raise ApiError("watch", url, response.status, response.reason or "", await response.text())
+                raise ApiError(
+                    "watch", url, response.status, response.reason or "", await response.text()
+                )
             async for line in response.content:
                 if not line.strip():
                     continue

@@ -17,13 +17,24 @@ logger = logging.getLogger("trainyard.operator.metrics_client")
 DEFAULT_URL_TEMPLATE = "http://{job}-0.{service}.{namespace}.svc:{port}/metrics"
 
 
-def metrics_url(template: str, *, run: str, namespace: str, job: str, service: str, port: int, pod_ip: str | None) -> str:
+def metrics_url(
+    template: str,
+    *,
+    run: str,
+    namespace: str,
+    job: str,
+    service: str,
+    port: int,
+    pod_ip: str | None,
+) -> str:
     """The metrics URL of rank 0 (fields: run, namespace, job, service, port, pod_ip).
 
     >>> metrics_url(DEFAULT_URL_TEMPLATE, run="r", namespace="ml", job="r-attempt-0", service="r-workers", port=9400, pod_ip=None)
     'http://r-attempt-0-0.r-workers.ml.svc:9400/metrics'
     """
-    return template.format(run=run, namespace=namespace, job=job, service=service, port=port, pod_ip=pod_ip or "")
+    return template.format(
+        run=run, namespace=namespace, job=job, service=service, port=port, pod_ip=pod_ip or ""
+    )
 
 
 class MetricsClient:

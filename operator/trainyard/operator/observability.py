@@ -18,20 +18,31 @@ class OperatorMetrics:
 
     def __post_init__(self) -> None:
         self.reconciles = Counter(
-            "trainyard_operator_reconciles", "Reconciles by result (converged, changed, invalid, conflict, error).",
-            ["result"], registry=self.registry,
+            "trainyard_operator_reconciles",
+            "Reconciles by result (converged, changed, invalid, conflict, error).",
+            ["result"],
+            registry=self.registry,
         )
         self.reconcile_seconds = Histogram(
-            "trainyard_operator_reconcile_duration_seconds", "Seconds one reconcile took, API calls included.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry,
+            "trainyard_operator_reconcile_duration_seconds",
+            "Seconds one reconcile took, API calls included.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
         )
-        self.runs = Gauge("trainyard_operator_runs", "TrainingRuns by phase.", ["phase"], registry=self.registry)
+        self.runs = Gauge(
+            "trainyard_operator_runs", "TrainingRuns by phase.", ["phase"], registry=self.registry
+        )
         self.restarts = Counter(
-            "trainyard_operator_restarts", "Gang restarts by reason.", ["reason"], registry=self.registry
+            "trainyard_operator_restarts",
+            "Gang restarts by reason.",
+            ["reason"],
+            registry=self.registry,
         )
         self.api_errors = Counter(
-            "trainyard_operator_api_errors", "Kubernetes API answers that were errors, by verb and HTTP status (0: no answer).",
-            ["verb", "code"], registry=self.registry,
+            "trainyard_operator_api_errors",
+            "Kubernetes API answers that were errors, by verb and HTTP status (0: no answer).",
+            ["verb", "code"],
+            registry=self.registry,
         )
         self._phases: dict[str, str] = {}
         self._server: Any = None

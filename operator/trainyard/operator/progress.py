@@ -116,7 +116,9 @@ def next_progress(
     return {k: v for k, v in progress.items() if v is not None}
 
 
-def estimate_eta(previous: dict[str, Any] | None, sample: MetricsSample, now: datetime) -> int | None:
+def estimate_eta(
+    previous: dict[str, Any] | None, sample: MetricsSample, now: datetime
+) -> int | None:
     """Seconds left at the pace since the previous reading (steps per second)."""
     if sample.total_steps is None or sample.step is None or previous is None:
         return None

@@ -76,7 +76,8 @@ def user_document(body: dict[str, Any]) -> dict[str, Any]:
     """The resource as its author wrote it: no status, no server-set metadata."""
     meta = body.get("metadata") or {}
     annotations = {
-        k: v for k, v in (meta.get("annotations") or {}).items()
+        k: v
+        for k, v in (meta.get("annotations") or {}).items()
         if not k.startswith(("kopf.zalando.org/", "kubectl.kubernetes.io/"))
         and not k.startswith("trainyard.dev/kopf")
     }
@@ -96,16 +97,21 @@ def _ref(obj: dict[str, Any]) -> ChildRef:
 
 
 def _is_owned(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+    return any(
+        ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or []
+    )
 
 
-def _attempt_pods(pods: list[dict[str, Any]], job: dict[str, Any] | None, attempt: int) -> list[dict[str, Any]]:
+def _attempt_pods(
+    pods: list[dict[str, Any]], job: dict[str, Any] | None, attempt: int
+) -> list[dict[str, Any]]:
     """Pods of this attempt's Job (by owner, or by the attempt label when owners are absent)."""
     if job is None:
         return []
     uid = job["metadata"].get("uid")
     return [
-        p for p in pods
+        p
+        for p in pods
         if (uid and _is_owned(p, uid))
         or (
             (p.get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
@@ -116,8 +122,10 @@ def _attempt_pods(pods: list[dict[str, Any]], job: dict[str, Any] | None, attemp
 
 def _running_pods(pods: list[dict[str, Any]]) -> int:
     return sum(
-        1 for p in pods
-        if p.get("status", {}).get("phase") == "Running" and not p.get("metadata", {}).get("deletionTimestamp")
+        1
+        for p in pods
+        if p.get("status", {}).get("phase") == "Running"
+        and not p.get("metadata", {}).get("deletionTimestamp")
     )
 
 
@@ -131,8 +139,13 @@ class _Status:
 
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         self.data["conditions"] = set_condition(
-            self.data.get("conditions"), type_, status, reason, message,
-            now=self.now, generation=self.generation,
+            self.data.get("conditions"),
+            type_,
+            status,
+            reason,
+            message,
+            now=self.now,
+            generation=self.generation,
         )
 
     def finish(self, phase: str, message: str) -> None:
@@ -176,9 +189,13 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         return _finished(status, old_status, spec, ours, now)
 
     attempt = int(status.data.get("restartAttempt") or 0)
-    transition = suspend.suspend_transition(suspend=spec.suspend, conditions=status.data.get("conditions"))
+    transition = suspend.suspend_transition(
+        suspend=spec.suspend, conditions=status.data.get("conditions")
+    )
     if transition in ("suspend", "stay-suspended"):
-        return _suspended(status, old_status, run, ours, uid, attempt, observed.image, observed.vllm_image)
+        return _suspended(
+            status, old_status, run, ours, uid, attempt, observed.image, observed.vllm_image
+        )
     if transition == "resume":
         attempt += 1
         status.condition("Suspended", False, reasons.RESUMED, "resumed from the latest checkpoint")
@@ -187,7 +204,9 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     status.data.setdefault("preemptions", 0)
 
     job_name = builder_names.worker_job_name(run.metadata.name, attempt)
-    job = next((c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] == job_name), None)
+    job = next(
+        (c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] == job_name), None
+    )
     attempt_pods = _attempt_pods(pods, job, attempt)
     stale_jobs = [c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] != job_name]
     deletes = [_ref(j) for j in stale_jobs]
@@ -210,7 +229,10 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
             preemptions=int(status.data.get("preemptions") or 0),
             max_restarts=spec.run_policy.max_restarts,
         )
-        status.data["restarts"], status.data["preemptions"] = decision.restarts, decision.preemptions
+        status.data["restarts"], status.data["preemptions"] = (
+            decision.restarts,
+            decision.preemptions,
+        )
         if not decision.restart:
             return _failed(status, old_status, decision, ours, deletes)
         if job is not None:
@@ -219,18 +241,34 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         restart_reason = decision.reason
         job, attempt_pods = None, []
 
-    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours} - {(d.kind, d.name) for d in deletes}
+    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours} - {
+        (d.kind, d.name) for d in deletes
+    }
     spec_seen = (old_status or {}).get("observedGeneration") == meta.get("generation")
     if spec_seen and desired_names(run, attempt) <= existing:
         creates = []  # converged: rendering would only confirm it (a spec change renders again)
     else:
-        desired = render_children(run, uid=uid, image=observed.image, vllm_image=observed.vllm_image, restart_attempt=attempt, suspend=False)
+        desired = render_children(
+            run,
+            uid=uid,
+            image=observed.image,
+            vllm_image=observed.vllm_image,
+            restart_attempt=attempt,
+            suspend=False,
+        )
         creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
 
     if restart_reason is None:
         _observe_running(status, spec, attempt_pods, job, now)
     plan = _plan(status, old_status, deletes, creates)
-    return Plan(plan.status_patch, plan.deletes, plan.creates, plan.status, restart_reason, plan.requeue_after)
+    return Plan(
+        plan.status_patch,
+        plan.deletes,
+        plan.creates,
+        plan.status,
+        restart_reason,
+        plan.requeue_after,
+    )
 
 
 def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
@@ -242,25 +280,47 @@ def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
         ("Job", builder_names.worker_job_name(name, attempt)),
     }
     if needs_rollout_server(run):
-        names |= {("Service", builder_names.rollout_server_name(name)), ("Deployment", builder_names.rollout_server_name(name))}
+        names |= {
+            ("Service", builder_names.rollout_server_name(name)),
+            ("Deployment", builder_names.rollout_server_name(name)),
+        }
     return names
 
 
-def _succeeded(status: _Status, old_status: dict[str, Any] | None, sample: MetricsSample | None, spec: Any, ours: list[dict[str, Any]], deletes: list[ChildRef], job_name: str, now: datetime) -> Plan:
+def _succeeded(
+    status: _Status,
+    old_status: dict[str, Any] | None,
+    sample: MetricsSample | None,
+    spec: Any,
+    ours: list[dict[str, Any]],
+    deletes: list[ChildRef],
+    job_name: str,
+    now: datetime,
+) -> Plan:
     status.condition("Running", False, reasons.JOB_COMPLETED, "all workers finished")
     status.condition("Succeeded", True, reasons.JOB_COMPLETED, f"job {job_name} completed")
     status.finish("Succeeded", "training finished")
     _take_progress(status, sample, spec, now)
-    deletes = deletes + [_ref(c) for c in ours if c.get("kind") == "Deployment"]  # free the rollout GPUs
+    deletes = deletes + [
+        _ref(c) for c in ours if c.get("kind") == "Deployment"
+    ]  # free the rollout GPUs
     return _plan(status, old_status, deletes, [])
 
 
-def _failed(status: _Status, old_status: dict[str, Any] | None, decision: failure_policy.Decision, ours: list[dict[str, Any]], deletes: list[ChildRef]) -> Plan:
+def _failed(
+    status: _Status,
+    old_status: dict[str, Any] | None,
+    decision: failure_policy.Decision,
+    ours: list[dict[str, Any]],
+    deletes: list[ChildRef],
+) -> Plan:
     """Out of budget: say why, and stop every pod (a broken gang would hold its GPUs forever)."""
     status.condition("Running", False, decision.reason, decision.message)
     status.condition("Failed", True, decision.reason, decision.message)
     status.finish("Failed", decision.message)
-    deletes = deletes + [_ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes]
+    deletes = deletes + [
+        _ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes
+    ]
     return _plan(status, old_status, deletes, [])
 
 
@@ -269,8 +329,14 @@ def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -
     attempt += 1
     status.data["restartAttempt"] = attempt
     checkpoint = (status.data.get("checkpoints") or {}).get("latestStep")
-    origin = f"checkpoint step {checkpoint}" if checkpoint is not None else "the start (no complete checkpoint yet)"
-    status.condition("Running", False, decision.reason, f"{decision.message}; restarting the gang from {origin}")
+    origin = (
+        f"checkpoint step {checkpoint}"
+        if checkpoint is not None
+        else "the start (no complete checkpoint yet)"
+    )
+    status.condition(
+        "Running", False, decision.reason, f"{decision.message}; restarting the gang from {origin}"
+    )
     status.data["phase"] = "Restarting"
     status.data["message"] = f"{decision.reason}: restarting from {origin}"
     if find_condition(status.data.get("conditions"), "Stalled") is not None:
@@ -278,7 +344,13 @@ def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -
     return attempt
 
 
-def _observe_running(status: _Status, spec: Any, pods: list[dict[str, Any]], job: dict[str, Any] | None, now: datetime) -> None:
+def _observe_running(
+    status: _Status,
+    spec: Any,
+    pods: list[dict[str, Any]],
+    job: dict[str, Any] | None,
+    now: datetime,
+) -> None:
     nodes = spec.distributed.nodes
     running = _running_pods(pods)
     if job is not None and running >= nodes:
@@ -292,7 +364,11 @@ def _observe_running(status: _Status, spec: Any, pods: list[dict[str, Any]], job
     waiting = f"waiting for workers: {running} of {nodes} running"
     status.data["message"] = waiting
     previous = find_condition(status.data.get("conditions"), "Running")
-    if previous is None or previous.get("status") == "True" or previous.get("reason") in (reasons.PODS_RUNNING, reasons.WAITING_FOR_PODS):
+    if (
+        previous is None
+        or previous.get("status") == "True"
+        or previous.get("reason") in (reasons.PODS_RUNNING, reasons.WAITING_FOR_PODS)
+    ):
         status.condition("Running", False, reasons.WAITING_FOR_PODS, waiting)
 
 
@@ -307,7 +383,9 @@ def _take_progress(status: _Status, sample: MetricsSample | None, spec: Any, now
         }
 
 
-def _stall_message(status: _Status, spec: Any, now: datetime, job: dict[str, Any] | None) -> str | None:
+def _stall_message(
+    status: _Status, spec: Any, now: datetime, job: dict[str, Any] | None
+) -> str | None:
     """Set the Stalled condition; the message when the run is stalled."""
     timeout = spec.run_policy.stall_timeout_seconds
     running = find_condition(status.data.get("conditions"), "Running")
@@ -315,7 +393,9 @@ def _stall_message(status: _Status, spec: Any, now: datetime, job: dict[str, Any
         return None
     last_progress = parse_time((status.data.get("progress") or {}).get("updatedAt"))
     running_since = parse_time(running.get("lastTransitionTime"))
-    check = stall.check_stall(last_progress=last_progress, running_since=running_since, now=now, timeout_seconds=timeout)
+    check = stall.check_stall(
+        last_progress=last_progress, running_since=running_since, now=now, timeout_seconds=timeout
+    )
     if check.stalled:
         # No idle counter in the message: it would change the status on every resync.
         since = max(t for t in (last_progress, running_since) if t is not None)
@@ -336,36 +416,66 @@ def _invalid(status: _Status, old_status: dict[str, Any] | None, problems: list[
     return _plan(status, old_status, [], [])
 
 
-def _finished(status: _Status, old_status: dict[str, Any] | None, spec: Any, ours: list[dict[str, Any]], now: datetime) -> Plan:
+def _finished(
+    status: _Status,
+    old_status: dict[str, Any] | None,
+    spec: Any,
+    ours: list[dict[str, Any]],
+    now: datetime,
+) -> Plan:
     completion = parse_time(status.data.get("completionTime"))
     ttl_seconds = spec.run_policy.ttl_seconds_after_finished
     if ttl.is_cleanup_due(completion_time=completion, ttl_seconds=ttl_seconds, now=now):
         deletes = [_ref(c) for c in ours]
         if deletes:
-            status.condition("CleanedUp", True, reasons.TTL_EXPIRED, f"children deleted {ttl_seconds}s after the run finished")
+            status.condition(
+                "CleanedUp",
+                True,
+                reasons.TTL_EXPIRED,
+                f"children deleted {ttl_seconds}s after the run finished",
+            )
         return _plan(status, old_status, deletes, [])
     plan = _plan(status, old_status, [], [])
     left = ttl.seconds_until_cleanup(completion_time=completion, ttl_seconds=ttl_seconds, now=now)
     return Plan(plan.status_patch, (), (), plan.status, None, left)
 
 
-def _suspended(status: _Status, old_status: dict[str, Any] | None, run: TrainingRun, ours: list[dict[str, Any]], uid: str, attempt: int, image: str | None, vllm_image: str | None) -> Plan:
+def _suspended(
+    status: _Status,
+    old_status: dict[str, Any] | None,
+    run: TrainingRun,
+    ours: list[dict[str, Any]],
+    uid: str,
+    attempt: int,
+    image: str | None,
+    vllm_image: str | None,
+) -> Plan:
     deletes = [_ref(c) for c in ours if not suspend.kept_while_suspended(c)]
     status.data["restartAttempt"] = attempt
     status.data["phase"] = "Suspended"
-    status.data["message"] = "suspended by spec.suspend; set it to false to resume from the latest checkpoint"
+    status.data["message"] = (
+        "suspended by spec.suspend; set it to false to resume from the latest checkpoint"
+    )
     status.condition("Suspended", True, reasons.SUSPENDED_BY_SPEC, status.data["message"])
     status.condition("Running", False, reasons.SUSPENDED_BY_SPEC, "suspended")
     existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
     kept = [
-        m for m in render_children(run, uid=uid, image=image, vllm_image=vllm_image, restart_attempt=attempt, suspend=True)
+        m
+        for m in render_children(
+            run, uid=uid, image=image, vllm_image=vllm_image, restart_attempt=attempt, suspend=True
+        )
         if suspend.kept_while_suspended(m)
     ]
     creates = [m for m in kept if (m["kind"], m["metadata"]["name"]) not in existing]
     return _plan(status, old_status, deletes, creates)
 
 
-def _plan(status: _Status, old_status: dict[str, Any] | None, deletes: list[ChildRef], creates: list[dict[str, Any]]) -> Plan:
+def _plan(
+    status: _Status,
+    old_status: dict[str, Any] | None,
+    deletes: list[ChildRef],
+    creates: list[dict[str, Any]],
+) -> Plan:
     return Plan(
         status_patch=status_patch(old_status, status.data),
         deletes=tuple(dict.fromkeys(deletes)),

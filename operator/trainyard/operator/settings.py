@@ -70,7 +70,9 @@ class OperatorConfig:
 
     def api_settings(self) -> ApiSettings:
         return ApiSettings(
-            request_timeout=self.request_timeout, connect_timeout=self.connect_timeout, backoffs=tuple(self.api_backoffs)
+            request_timeout=self.request_timeout,
+            connect_timeout=self.connect_timeout,
+            backoffs=tuple(self.api_backoffs),
         )
 
     @classmethod

@@ -13,7 +13,11 @@ class StallCheck:
 
 
 def check_stall(
-    *, last_progress: datetime | None, running_since: datetime | None, now: datetime, timeout_seconds: int | None
+    *,
+    last_progress: datetime | None,
+    running_since: datetime | None,
+    now: datetime,
+    timeout_seconds: int | None,
 ) -> StallCheck:
     """Idle time counts from the later of the last step change and the gang's start."""
     start = max((t for t in (last_progress, running_since) if t is not None), default=None)

@@ -9,13 +9,17 @@ from __future__ import annotations
 from datetime import datetime
 
 
-def seconds_until_cleanup(*, completion_time: datetime | None, ttl_seconds: int | None, now: datetime) -> float | None:
+def seconds_until_cleanup(
+    *, completion_time: datetime | None, ttl_seconds: int | None, now: datetime
+) -> float | None:
     """Seconds left before clean-up (≤ 0: due now), or None when there is no TTL or no finish."""
     if ttl_seconds is None or completion_time is None:
         return None
     return ttl_seconds - (now - completion_time).total_seconds()
 
 
-def is_cleanup_due(*, completion_time: datetime | None, ttl_seconds: int | None, now: datetime) -> bool:
+def is_cleanup_due(
+    *, completion_time: datetime | None, ttl_seconds: int | None, now: datetime
+) -> bool:
     left = seconds_until_cleanup(completion_time=completion_time, ttl_seconds=ttl_seconds, now=now)
     return left is not None and left <= 0

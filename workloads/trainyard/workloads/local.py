@@ -48,7 +48,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from trainyard.api import InvalidResource, TrainingRun, parse_resource
+from trainyard.api import InvalidResource, TrainingRun, manifests, parse_resource
 from trainyard.workloads.local_spec import (
     LocalOptions,
     OverrideError,
@@ -129,7 +129,7 @@ def load_training_run(path: str, overrides: list[str]) -> tuple[dict[str, Any], 
     except OSError as error:
         raise SpecProblem([f"{path}: cannot read: {error.strerror}"]) from None
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in manifests.load_all(text) if d is not None]
     except yaml.YAMLError as error:
         raise SpecProblem([f"{path}: not valid YAML: {error}"]) from None
     runs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "TrainingRun"]

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
+from trainyard.api import manifests
+
 # `a.b[0].c`: mapping keys separated by dots, list indexes in brackets.
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-# YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); on a command line it is a number.
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class OverrideError(ValueError):
@@ -64,11 +64,9 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if parts[0] not in ("spec", "metadata"):
         parts.insert(0, "spec")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = manifests.load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise OverrideError(f"--set {text!r}: the value is not valid YAML: {error}") from None
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)
     return parts, value
 
 

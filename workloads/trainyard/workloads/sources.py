@@ -253,11 +253,13 @@ def load_dataset_source(
     uri: str,
     *,
     split: str = "train",
+    config: str | None = None,
     storage: Any = None,
     field: str = "dataset.source",
 ) -> Dataset:
     """Load a dataset from a source URI: JSONL, JSON, Parquet or CSV files, a saved dataset,
-    a hub dataset id, or a built-in dataset."""
+    a hub dataset id (with its `config`, the subset, where it has several), or a built-in
+    dataset."""
     source = parse_source(uri, field)
     if source.scheme == "builtin":
         name = source.path.removeprefix("datasets/")
@@ -273,7 +275,7 @@ def load_dataset_source(
     if source.scheme == "hf":
         import datasets
 
-        return datasets.load_dataset(source.path, revision=source.revision, split=split)
+        return datasets.load_dataset(source.path, config, revision=source.revision, split=split)
     if source.scheme == "run":
         raise SourceError(f"{field}: run:// names a model checkpoint, not a dataset")
     local = _to_local(uri, S3Settings.from_spec(storage), field)

@@ -12,6 +12,8 @@ Environment:
   TRAINYARD_CACHE           where built-in models and S3 downloads are cached
   TRAINYARD_RUNS_URI        root of other runs' checkpoints, for run://RUN model sources
   TRAINYARD_VLLM_URL, TRAINYARD_VLLM_HOST, TRAINYARD_VLLM_PORT   the vLLM rollout server
+  TRAINYARD_TRAINER_OPTIONS a JSON file of TRL config options applied over the derived ones
+                            (the operator's trainer.json: vLLM connection, colocate settings)
 
 Output directory (rank 0 writes it): checkpoint-N/ (transformers), final/ (model or
 adapter + tokenizer), final-merged/ (with checkpoint.exportMerged and LoRA), progress.json
@@ -52,6 +54,7 @@ from trainyard.workloads.methods.common import (
     lora_config,
     model_init_kwargs,
     quantization_config,
+    read_trainer_options,
     training_arguments,
 )
 
@@ -87,8 +90,10 @@ def load_run(path: str | os.PathLike[str]):
     except json.JSONDecodeError:
         import yaml
 
+        from trainyard.api import manifests
+
         try:
-            document = yaml.safe_load(text)
+            document = manifests.load(text)
         except yaml.YAMLError as error:
             raise RunFileError(f"{path} is neither JSON nor YAML: {error}") from None
     try:
@@ -166,13 +171,19 @@ def load_tokenizer(spec: Any, model_path: str, model_kwargs: dict[str, Any]):
 def load_datasets(spec: Any):
     """Training and evaluation datasets in the layout of the method's trainer."""
     data = spec.dataset
-    train = sources.load_dataset_source(data.source, split=data.split, storage=spec.storage)
+    train = sources.load_dataset_source(
+        data.source, split=data.split, config=data.config, storage=spec.storage
+    )
     train = select_samples(train, data.max_samples)
     train = prepare_dataset(train, data, spec.method)
     evaluation = None
     if data.eval_source is not None:
         evaluation = sources.load_dataset_source(
-            data.eval_source, split=data.split, storage=spec.storage, field="dataset.evalSource"
+            data.eval_source,
+            split=data.split,
+            config=data.config,
+            storage=spec.storage,
+            field="dataset.evalSource",
         )
         evaluation = prepare_dataset(evaluation, data, spec.method)
     elif data.eval_split is not None:
@@ -315,8 +326,16 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
         quantization_config=quantization_config(spec.model),
         base_args=training_arguments(spec, str(output_dir), env),
         callbacks=early_stopping_callbacks(spec),
+        trainer_options=read_trainer_options(),
     )
     rl = spec.online_rl
+    if ctx.trainer_options and rl is None:
+        # Only GRPO/RLOO configs take them today; dropping them silently would hide a mismatch
+        # between operator and image.
+        raise SpecError(
+            f"TRAINYARD_TRAINER_OPTIONS: method {spec.method!r} takes no operator TRL options, "
+            f"got {sorted(ctx.trainer_options)}; they apply to grpo and rloo only"
+        )
     if rl is not None:
         from trainyard.workloads.methods.online import (
             build_reward_sources,

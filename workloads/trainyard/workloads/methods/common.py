@@ -77,6 +77,57 @@ class TrainContext:
     reward_funcs: list[Any] = field(default_factory=list)
     reward_weights: list[float] | None = None
     reward_processing_classes: list[Any] | None = None
+    trainer_options: dict[str, Any] = field(default_factory=dict)
+    """TRL config options from the operator (see `read_trainer_options`), applied last."""
+
+
+TRAINER_OPTIONS_ENV = "TRAINYARD_TRAINER_OPTIONS"
+"""Path of a JSON object of TRL config options only the operator decides (its
+`trainer.json`: the vLLM server address, timeout, group port, colocate memory share)."""
+
+
+def read_trainer_options() -> dict[str, Any]:
+    """The operator's TRL options, or {} when TRAINYARD_TRAINER_OPTIONS is unset or its
+    file is absent (a local run has none)."""
+    import json
+    import os
+
+    path = os.environ.get(TRAINER_OPTIONS_ENV)
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            options = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{TRAINER_OPTIONS_ENV} ({path}): not valid JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise SpecError(
+            f"{TRAINER_OPTIONS_ENV} ({path}): must be a JSON object of TRL config options, "
+            f"got {type(options).__name__}"
+        )
+    return options
+
+
+def apply_trainer_options(
+    config_class: type, options: dict[str, Any], trainer_options: dict[str, Any]
+) -> dict[str, Any]:
+    """`options` with the operator's `trainer_options` laid over them.
+
+    The operator's values win: it knows what the spec cannot (the rollout Service's
+    address, the colocate memory share beside training). A key `config_class` does not
+    take is refused by name rather than left to a bare TypeError deep in TRL.
+    """
+    from dataclasses import fields
+
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(trainer_options) - known)
+    if unknown:
+        raise SpecError(
+            f"{TRAINER_OPTIONS_ENV}: {', '.join(map(repr, unknown))} "
+            f"{'is not an option' if len(unknown) == 1 else 'are not options'} of TRL "
+            f"{config_class.__name__}; only its own option names are allowed"
+        )
+    return {**options, **trainer_options}
 
 
 def check_environment(spec: Any, env: Environment) -> None:

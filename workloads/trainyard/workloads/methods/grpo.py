@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.common import TrainContext, apply_trainer_options
 from trainyard.workloads.methods.online import generation_options, vllm_options
 
 
-def build_grpo_config(spec: Any, base_args: dict[str, Any], reward_weights: list[float] | None):
+def build_grpo_config(
+    spec: Any,
+    base_args: dict[str, Any],
+    reward_weights: list[float] | None,
+    trainer_options: dict[str, Any] | None = None,
+):
+    """`GRPOConfig` from the spec, with the operator's `trainer_options` applied over it."""
     from trl import GRPOConfig
 
     grpo = spec.grpo
@@ -21,13 +27,15 @@ def build_grpo_config(spec: Any, base_args: dict[str, Any], reward_weights: list
     options.update(vllm_options(spec.rollout))
     if reward_weights:
         options["reward_weights"] = reward_weights
-    return GRPOConfig(**base_args, **options)
+    return GRPOConfig(
+        **apply_trainer_options(GRPOConfig, {**base_args, **options}, trainer_options or {})
+    )
 
 
 def build_grpo_trainer(ctx: TrainContext):
     from trl import GRPOTrainer
 
-    config = build_grpo_config(ctx.spec, ctx.base_args, ctx.reward_weights)
+    config = build_grpo_config(ctx.spec, ctx.base_args, ctx.reward_weights, ctx.trainer_options)
     config.model_init_kwargs = ctx.model_init_kwargs
     return GRPOTrainer(
         model=ctx.model,

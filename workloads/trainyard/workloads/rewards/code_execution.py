@@ -137,7 +137,10 @@ def _pool(workers: int, isolation: Isolation) -> Executor:
         if isolation == "strict":
             root = sandbox_root()
             pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=context, initializer=isolate_worker, initargs=(root,)
+                max_workers=workers,
+                mp_context=context,
+                initializer=isolate_worker,
+                initargs=(root,),
             )
         else:
             root, pool = None, ProcessPoolExecutor(max_workers=workers, mp_context=context)
@@ -208,9 +211,7 @@ def code_execution_reward(
     [1.0, 0.2]
     """
     texts = completion_texts(completions)
-    tests = (
-        column_values(columns, test_field, "code_execution", len(texts)) if test_field else None
-    )
+    tests = column_values(columns, test_field, "code_execution", len(texts)) if test_field else None
     stage_list = tuple(
         stage if isinstance(stage, Stage) else _stage_from_args(stage) for stage in stages
     )
@@ -249,7 +250,9 @@ def code_execution_reward(
     if callable(log_metric) and results:
         # Which stage fails is the signal a code-RL run is read by (compiles? passes tests?).
         for stage in stage_list:
-            passed = sum(1 for r in results for name, ok, _ in r.stages if name == stage.name and ok)
+            passed = sum(
+                1 for r in results for name, ok, _ in r.stages if name == stage.name and ok
+            )
             log_metric(f"{stage.name}/pass_rate", passed / len(results))
     scores = []
     for text, result in zip(texts, results, strict=True):

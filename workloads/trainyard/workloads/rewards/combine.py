@@ -92,7 +92,9 @@ class NamedReward:
         return self._checked(self.function(completions, **kwargs), len(completions))
 
     def __repr__(self) -> str:
-        return f"NamedReward({self.__name__!r}, {getattr(self.function, '__name__', self.function)})"
+        return (
+            f"NamedReward({self.__name__!r}, {getattr(self.function, '__name__', self.function)})"
+        )
 
 
 class AsyncNamedReward(NamedReward):
@@ -121,15 +123,15 @@ def load_python_reward(reference: str, reward: str = "reward") -> RewardFunction
         ) from error
     function = getattr(module, function_name, None)
     if function is None:
-        public = sorted(
-            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-        )
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise ValueError(
             f"reward {reward!r}: module {module_name!r} has no {function_name!r}; "
             f"its callables: {', '.join(public) or 'none'}"
         )
     if not callable(function):
-        raise ValueError(f"reward {reward!r}: {reference!r} is a {type(function).__name__}, not a function")
+        raise ValueError(
+            f"reward {reward!r}: {reference!r} is a {type(function).__name__}, not a function"
+        )
     _check_signature(function, reward, reference)
     return function
 
@@ -212,7 +214,9 @@ def score_rewards(
     functions: Sequence[Callable[..., list[float | None]]], completions: list[Any], **columns: Any
 ) -> dict[str, list[float | None]]:
     """Each (synchronous) reward's scores by name, for code that is not TRL (evaluation)."""
-    return {function.__name__: function(completions=completions, **columns) for function in functions}
+    return {
+        function.__name__: function(completions=completions, **columns) for function in functions
+    }
 
 
 def combined_reward(

@@ -10,8 +10,10 @@ from trainyard.workloads.rewards.text import completion_texts, split_items, toke
 
 
 def _regex_flags(ignore_case: bool, multiline: bool = False, dotall: bool = False) -> int:
-    return (re.IGNORECASE if ignore_case else 0) | (re.MULTILINE if multiline else 0) | (
-        re.DOTALL if dotall else 0
+    return (
+        (re.IGNORECASE if ignore_case else 0)
+        | (re.MULTILINE if multiline else 0)
+        | (re.DOTALL if dotall else 0)
     )
 
 

@@ -37,7 +37,9 @@ def redundancy_penalty(
         for item in items:
             key = item.lower() if ignore_case else item
             tokens = set(tokenize(item, ignore_case))
-            if key in exact or any(_jaccard(tokens, other) >= similarity_threshold for other in seen):
+            if key in exact or any(
+                _jaccard(tokens, other) >= similarity_threshold for other in seen
+            ):
                 repeats += 1
             exact.add(key)
             seen.append(tokens)

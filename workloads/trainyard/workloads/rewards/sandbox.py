@@ -162,7 +162,9 @@ def _set_limits(limits: SandboxLimits) -> None:
     mib = 1024 * 1024
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mib, limits.memory_mb * mib))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_mb * mib, limits.file_size_mb * mib))
+    resource.setrlimit(
+        resource.RLIMIT_FSIZE, (limits.file_size_mb * mib, limits.file_size_mb * mib)
+    )
     resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -484,4 +486,3 @@ def require_isolation(isolation: Isolation) -> None:
             "capabilities add [SYS_ADMIN]), or set isolation: rlimits to run completions "
             "with limits and a timeout but without network or filesystem isolation."
         )
-

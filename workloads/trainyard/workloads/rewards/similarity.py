@@ -55,7 +55,9 @@ def reference_similarity_reward(
         reference = str(reference or "")
         if method == "token_f1":
             flat = reference.replace(separator, " ") if separator else reference
-            scores.append(round(token_f1(tokenize(text, ignore_case), tokenize(flat, ignore_case)), 3))
+            scores.append(
+                round(token_f1(tokenize(text, ignore_case), tokenize(flat, ignore_case)), 3)
+            )
             continue
         wanted = split_items(reference, separator) if separator else [reference.strip()]
         offered = completion_items(text, completion_separator, separator) if separator else [text]

@@ -105,12 +105,16 @@ def is_degenerate(text: str, max_chars: int, min_compression_ratio: float) -> bo
 def column_values(columns: dict[str, Any], name: str, reward: str, size: int) -> list[Any]:
     """The dataset column `name` from a reward's keyword arguments, one value per completion."""
     if name not in columns:
-        available = sorted(k for k in columns if k not in ("trainer_state", "log_extra", "log_metric"))
+        available = sorted(
+            k for k in columns if k not in ("trainer_state", "log_extra", "log_metric")
+        )
         raise KeyError(
             f"{reward}: the dataset has no column {name!r} (from the reward's args); "
             f"columns passed to rewards: {', '.join(available) or 'none'}"
         )
     values = list(columns[name])
     if len(values) != size:
-        raise ValueError(f"{reward}: column {name!r} has {len(values)} values for {size} completions")
+        raise ValueError(
+            f"{reward}: column {name!r} has {len(values)} values for {size} completions"
+        )
     return values

@@ -36,7 +36,9 @@ def strip_thinking_from_completion(completion: Any) -> Any:
         return strip_thinking(completion)
     stripped = []
     for message in completion:
-        if message.get("role", "assistant") == "assistant" and isinstance(message.get("content"), str):
+        if message.get("role", "assistant") == "assistant" and isinstance(
+            message.get("content"), str
+        ):
             message = {**message, "content": strip_thinking(message["content"])}
         stripped.append(message)
     return stripped
