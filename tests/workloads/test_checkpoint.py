@@ -363,3 +363,37 @@ def test_uploader_killed_midway_never_becomes_latest(
     sync.wait()
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert steps_in(store) == ["step-10", "step-30"]
+
+
+def test_node_parts_of_another_attempt_are_never_merged(store, save_checkpoint, tmp_path):
+    """Node 0 of a restarted gang must not vouch for node 1's files of an earlier attempt
+    at the same step: it waits for the part of its own attempt, and gives up loudly."""
+    from trainyard.workloads.checkpoint_store import upload_part
+
+    node1 = tmp_path / "node-1" / "checkpoint-4"
+    node1.mkdir(parents=True)
+    (node1 / "rng_state_1.pth").write_bytes(b"attempt 0")
+    upload_part(store, node1, "step-4", 4, node=1, attempt="0")
+
+    sync = CheckpointSync(store, nodes=2, attempt="1", part_timeout=1.0)
+    sync.submit(save_checkpoint(4), 4)
+    with pytest.raises(CheckpointUploadError, match=r"node\(s\) 1 did not upload their part"):
+        sync.wait()
+    assert store.get_bytes("step-4/manifest.json") is None and store.get_bytes("latest") is None
+
+    (node1 / "rng_state_1.pth").write_bytes(b"attempt 1, node 1")
+    part = CheckpointSync(store, node=1, nodes=2, attempt="1")
+    part.submit(node1, 4)
+    [part_result] = part.wait()
+    assert part_result.files == 1 and store.get_bytes("latest") is None  # node 0 commits
+    sync = CheckpointSync(store, nodes=2, attempt="1", part_timeout=5.0)
+    sync.submit(save_checkpoint.output_dir / "checkpoint-4", 4)
+    [result] = sync.wait()
+    manifest = json.loads(store.get_bytes("step-4/manifest.json"))
+    entry = next(f for f in manifest["files"] if f["path"] == "rng_state_1.pth")
+    assert entry["sha256"] == hashlib.sha256(b"attempt 1, node 1").hexdigest()
+    assert manifest["nodes"] == 2 and result.files == len(manifest["files"])
+    assert latest_step(store) == 4
+
+    restored = CheckpointSync(store).resume(tmp_path / "fresh")
+    assert (restored / "rng_state_1.pth").read_bytes() == b"attempt 1, node 1"

@@ -105,3 +105,85 @@ def test_deepspeed_zero_on_cpu(stage, tmp_path, cache, monkeypatch):
     saved = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
     start = load_file(str(builtin.model_path("tiny-qwen2") / "model.safetensors"))
     assert all(saved[name].shape == tensor.shape for name, tensor in start.items())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_nodes(document: dict, tmp_path: Path, cache: Path, attempt: str) -> dict:
+    """Two torchrun launches of one rank each, as two pods of the operator's indexed Job:
+    node ranks 0 and 1, a static rendezvous at node 0, and a disk of their own each.
+    Returns node 0's result.json."""
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps(document))
+    port = free_port()
+    launches = []
+    for node in (0, 1):
+        output = tmp_path / f"attempt-{attempt}" / f"node-{node}"
+        command = [
+            TORCHRUN or sys.executable,
+            *([] if TORCHRUN else ["-m", "torch.distributed.run"]),
+            "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+            "-m", "trainyard.workloads.train", str(run_json), "--output", str(output),
+        ]  # fmt: skip
+        environment = {
+            **os.environ,
+            "TRAINYARD_CACHE": str(cache),
+            "TRAINYARD_METRICS_PORT": "0",
+            "TRAINYARD_RESTART_ATTEMPT": attempt,
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+        }
+        log = open(tmp_path / f"attempt-{attempt}-node-{node}.log", "w")  # noqa: SIM115
+        launches.append((subprocess.Popen(command, env=environment, stdout=log, stderr=log), log))
+    for process, log in launches:
+        process.wait(timeout=420)
+        log.close()
+    for process, log in launches:
+        assert process.returncode == 0, Path(log.name).read_text()[-4000:]
+    return json.loads((tmp_path / f"attempt-{attempt}" / "node-0" / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_nodes_store_every_nodes_zero_shards_and_both_resume(tmp_path, cache):
+    """ZeRO-2 over two nodes: each node's disk holds its own rank's optimizer shard and
+    RNG state. The step is complete only with both nodes' files in its manifest, and a
+    restarted gang (fresh disks) resumes on both nodes from it."""
+    pytest.importorskip("deepspeed")
+    store = tmp_path / "store"
+    document = run_document(
+        distributed={"nodes": 2, "gpusPerNode": 1, "deepspeed": {"zeroStage": 2}},
+        checkpoint={"uri": f"file://{store}", "everySteps": 2, "keepLast": 2},
+    )
+    first = two_nodes(document, tmp_path, cache, attempt="0")
+    assert first["worldSize"] == 2 and first["globalStep"] == 2
+
+    manifest = json.loads((store / "step-2" / "manifest.json").read_text())
+    paths = {entry["path"] for entry in manifest["files"]}
+    shards = {p.rsplit("/", 1)[-1] for p in paths if "optim_states" in p}
+    assert shards == {
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    } or shards == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }, paths
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= paths
+    # Node 1's shard came from node 1's disk: node 0's never held it.
+    node0 = tmp_path / "attempt-0" / "node-0" / "checkpoint-2"
+    assert not any("pp_rank_1" in p.name for p in node0.rglob("*"))
+    assert manifest["nodes"] == 2 and json.loads((store / "latest").read_text())["step"] == 2
+
+    document["spec"]["training"]["maxSteps"] = 4
+    second = two_nodes(document, tmp_path, cache, attempt="1")
+    assert second["globalStep"] == 4
+    assert second["resumedFrom"].endswith("checkpoint-2")
+    resumed_on_node1 = tmp_path / "attempt-1" / "node-1" / "checkpoint-2"
+    assert any("pp_rank_1" in p.name for p in resumed_on_node1.rglob("*"))
+    assert json.loads((store / "latest").read_text())["step"] == 4

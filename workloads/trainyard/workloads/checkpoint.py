@@ -27,6 +27,7 @@ from trainyard.workloads.checkpoint_store import (
     FINAL,
     LATEST,
     MANIFEST,
+    PART_TIMEOUT_SECONDS,
     CheckpointUploadError,
     UploadResult,
     apply_retention,
@@ -78,6 +79,10 @@ class CheckpointSync:
     `on_upload` is called from the background thread with every UploadResult, failed
     ones included (metrics hook). Upload processes run `upload_niceness` steps nicer
     than training, so they take idle CPU rather than the training step's.
+
+    On a run of several `nodes`, every node's sync uploads the files its disk holds;
+    node 0's commits the step once the others' parts of the same restart `attempt` are
+    stored (checkpoint_store: parts).
     """
 
     def __init__(
@@ -87,6 +92,10 @@ class CheckpointSync:
         keep_last: int | None = None,
         on_upload: Callable[[UploadResult], None] | None = None,
         upload_niceness: int = 10,
+        node: int = 0,
+        nodes: int = 1,
+        attempt: str = "0",
+        part_timeout: float = PART_TIMEOUT_SECONDS,
         **store_options,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -95,6 +104,8 @@ class CheckpointSync:
         self.keep_last = keep_last
         self.on_upload = on_upload
         self.upload_niceness = upload_niceness
+        self.node, self.nodes, self.attempt = node, nodes, attempt
+        self.part_timeout = part_timeout
         # One worker: saves upload in order and never two at once, so `latest` only
         # moves forward and retention never races an upload.
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync")
@@ -116,7 +127,13 @@ class CheckpointSync:
         The files are hard-linked into a staging dir first (a copy where links are not
         possible), so the trainer may rotate the checkpoint away while it uploads.
         """
-        snapshot = snapshot_directory(Path(directory))
+        directory = Path(directory)
+        if self.node > 0 and not directory.is_dir():
+            # This node saved nothing of the step (plain DDP: node 0 saves); its empty
+            # part still tells node 0 it is done.
+            snapshot = directory
+        else:
+            snapshot = snapshot_directory(directory)
         future = self._worker.submit(self._upload_step, snapshot, step)
         with self._lock:
             self._pending.append(future)
@@ -130,6 +147,10 @@ class CheckpointSync:
             "--directory", str(snapshot),
             "--step", str(step),
             "--niceness", str(self.upload_niceness),
+            "--node", str(self.node),
+            "--nodes", str(self.nodes),
+            "--attempt", self.attempt,
+            "--part-timeout", str(self.part_timeout),
         ]  # fmt: skip
         if self.keep_last is not None:
             command += ["--keep-last", str(self.keep_last)]
@@ -250,25 +271,40 @@ def snapshot_directory(directory: Path) -> Path:
 
 
 class CheckpointSyncCallback(TrainerCallback):
-    """Uploads every checkpoint the Trainer saves (rank 0) and drains at train end."""
+    """Uploads every checkpoint the Trainer saves and drains at train end: the main
+    process, and on a run of several nodes each node's first process too (each node
+    holds its own ranks' shards)."""
 
     def __init__(self, sync: CheckpointSync) -> None:
         self.sync = sync
         self.uploaded: list[int] = []
 
+    def _uploads(self, state) -> bool:
+        return state.is_world_process_zero or (self.sync.nodes > 1 and state.is_local_process_zero)
+
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        # Every rank gets here after saving; some of its files (its RNG state) come after
+        # DeepSpeed's own barrier, so wait for all before the uploader snapshots the dir.
+        wait_for_every_rank()
+        if self._uploads(state):
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             self.sync.submit(checkpoint, state.global_step)
             self.uploaded.append(state.global_step)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if self._uploads(state):
             # Raises CheckpointUploadError: a run whose checkpoints did not reach
             # storage must not look successful.
             self.sync.wait()
         return control
+
+
+def wait_for_every_rank() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def find_latest_complete(uri: str, s3=None) -> str | None:

@@ -6,6 +6,14 @@ Layout under the checkpoint URI:
     step-N/manifest.json      written LAST: files, sizes, sha256 — marks step-N complete
     latest                    {"step": N, ...}, moved after the manifest is written
     final/<files>, final/manifest.json   the exported model/adapter, same protocol
+    step-N/.parts/node-K.json the files node K (K > 0) uploaded for step N
+
+On several nodes each node saves its own ranks' files to its own disk (DeepSpeed ZeRO
+optimizer and parameter shards, per-process RNG states). Every node uploads what it
+holds; node K > 0 ends its upload with a part manifest naming its files and the restart
+attempt it belongs to. Node 0 waits for the parts of its own attempt, and only then
+writes the step's manifest, listing every node's files: a step is complete only when
+all of it is stored, and a resume on any node downloads every shard.
 
 A step without a manifest is an upload that never finished; a step whose files do not
 match its manifest is corrupt. Neither is ever resumed from or named by `latest`.
@@ -40,6 +48,10 @@ LATEST = "latest"
 FINAL = "final"
 MANIFEST_FORMAT = "trainyard.dev/checkpoint/v1"
 STEP_PATTERN = re.compile(r"step-(\d+)")
+PARTS = ".parts"
+# How long node 0 waits for the other nodes' parts of a step; they save at the same
+# step, so a long wait means a node is gone (and its pod's failure restarts the gang).
+PART_TIMEOUT_SECONDS = 1800.0
 
 
 class CheckpointUploadError(RuntimeError):
@@ -93,34 +105,141 @@ def build_manifest(directory: Path, step: int | None) -> dict:
     }
 
 
-def upload_checkpoint(
-    store: ObjectStore, directory: Path, name: str, step: int | None
-) -> UploadResult:
-    """Upload directory to `name/`, then its manifest; the manifest is the commit."""
-    started = time.perf_counter()
+def _upload_files(store: ObjectStore, directory: Path, name: str, step: int | None) -> dict:
+    """Upload directory's files under `name/` while hashing them; their manifest, once
+    every object is stored with the right size."""
     files = list_local_files(directory)
-    if not files:
-        raise CheckpointUploadError(f"checkpoint directory {directory} holds no files")
-    # A manifest left from an earlier attempt at this name would vouch for files that
-    # are about to be replaced; drop it first so a crash leaves the name incomplete.
-    store.delete([f"{name}/{MANIFEST}"])
     with concurrent.futures.ThreadPoolExecutor(1) as hasher:
         manifest_future = hasher.submit(build_manifest, directory, step)
         store.upload_files({f"{name}/{rel}": path for rel, path in files.items()})
         manifest = manifest_future.result()
+    _check_stored(store, name, manifest["files"])
+    return manifest
+
+
+def _check_stored(store: ObjectStore, name: str, entries: list[dict]) -> None:
     stored = store.list_objects(name)
-    for entry in manifest["files"]:
+    for entry in entries:
         size = stored.get(f"{name}/{entry['path']}")
         if size != entry["size"]:
             raise CheckpointUploadError(
                 f"{store.uri}/{name}/{entry['path']} holds {size} bytes after upload, "
                 f"expected {entry['size']}; the manifest was not written"
             )
+
+
+def part_key(name: str, node: int) -> str:
+    return f"{name}/{PARTS}/node-{node}.json"
+
+
+def upload_part(
+    store: ObjectStore, directory: Path, name: str, step: int, node: int, attempt: str
+) -> UploadResult:
+    """Upload node `node`'s files of a step, then its part manifest (node > 0).
+
+    A node may hold no files of a step at all (plain DDP: only node 0 saves); its part
+    then lists none, so node 0 still knows it is done."""
+    started = time.perf_counter()
+    store.delete([part_key(name, node)])
+    if directory.is_dir():
+        manifest = _upload_files(store, directory, name, step)
+    else:
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "totalBytes": 0, "files": []}
+    part = {**manifest, "node": node, "attempt": attempt}
+    store.put_bytes(part_key(name, node), json.dumps(part, indent=1).encode())
+    return UploadResult(
+        name=f"{name}/{PARTS}/node-{node}",
+        step=step,
+        files=len(manifest["files"]),
+        bytes=manifest["totalBytes"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def collect_parts(
+    store: ObjectStore,
+    name: str,
+    nodes: int,
+    attempt: str,
+    timeout: float = PART_TIMEOUT_SECONDS,
+    poll: float = 1.0,
+) -> list[dict]:
+    """The file entries of nodes 1..nodes-1 for `name`, once each has uploaded its part
+    for this `attempt`. A part from an earlier attempt (a gang restarted past this step
+    before) is not this step's: it is waited past, never merged."""
+    deadline = time.monotonic() + timeout
+    parts: dict[int, dict] = {}
+    while True:
+        for node in range(1, nodes):
+            if node in parts:
+                continue
+            raw = store.get_bytes(part_key(name, node))
+            try:
+                part = json.loads(raw) if raw is not None else None
+            except ValueError:
+                part = None
+            if isinstance(part, dict) and str(part.get("attempt")) == attempt:
+                parts[node] = part
+        missing = [node for node in range(1, nodes) if node not in parts]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise CheckpointUploadError(
+                f"{store.uri}/{name}: node(s) {', '.join(map(str, missing))} did not upload "
+                f"their part of attempt {attempt} within {timeout:.0f}s; the manifest was "
+                "not written"
+            )
+        time.sleep(poll)
+    entries: list[dict] = []
+    for node in sorted(parts):
+        entries.extend(parts[node].get("files") or [])
+    return entries
+
+
+def upload_checkpoint(
+    store: ObjectStore,
+    directory: Path,
+    name: str,
+    step: int | None,
+    *,
+    nodes: int = 1,
+    attempt: str = "0",
+    part_timeout: float = PART_TIMEOUT_SECONDS,
+) -> UploadResult:
+    """Upload directory to `name/`, then its manifest; the manifest is the commit.
+
+    With nodes > 1 the manifest also lists the files the other nodes uploaded for this
+    attempt (see `upload_part`), and is written only once all of them are stored."""
+    started = time.perf_counter()
+    if not list_local_files(directory):
+        raise CheckpointUploadError(f"checkpoint directory {directory} holds no files")
+    # A manifest left from an earlier attempt at this name would vouch for files that
+    # are about to be replaced; drop it first so a crash leaves the name incomplete.
+    store.delete([f"{name}/{MANIFEST}"])
+    manifest = _upload_files(store, directory, name, step)
+    if nodes > 1:
+        own = {entry["path"]: entry for entry in manifest["files"]}
+        for entry in collect_parts(store, name, nodes, attempt, part_timeout):
+            seen = own.get(entry["path"])
+            if seen is not None and seen["sha256"] != entry["sha256"]:
+                raise CheckpointUploadError(
+                    f"{store.uri}/{name}/{entry['path']}: two nodes saved different "
+                    "contents under one name; the manifest was not written"
+                )
+            own.setdefault(entry["path"], entry)
+        entries = sorted(own.values(), key=lambda entry: entry["path"])
+        _check_stored(store, name, entries)
+        manifest = {
+            **manifest,
+            "nodes": nodes,
+            "totalBytes": sum(entry["size"] for entry in entries),
+            "files": entries,
+        }
     store.put_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     return UploadResult(
         name=name,
         step=step,
-        files=len(files),
+        files=len(manifest["files"]),
         bytes=manifest["totalBytes"],
         seconds=time.perf_counter() - started,
     )
@@ -217,10 +336,30 @@ def verify_download(
 
 
 def sync_step(
-    store: ObjectStore, directory: Path, step: int, keep_last: int | None
+    store: ObjectStore,
+    directory: Path,
+    step: int,
+    keep_last: int | None,
+    *,
+    node: int = 0,
+    nodes: int = 1,
+    attempt: str = "0",
+    part_timeout: float = PART_TIMEOUT_SECONDS,
 ) -> UploadResult:
-    """Upload directory as step-N, move `latest` to it, then apply retention."""
-    result = upload_checkpoint(store, directory, f"step-{step}", step)
+    """Upload directory as step-N, move `latest` to it, then apply retention.
+
+    On node K > 0 of several, only upload that node's part: node 0 commits the step."""
+    if node > 0:
+        return upload_part(store, directory, f"step-{step}", step, node, attempt)
+    result = upload_checkpoint(
+        store,
+        directory,
+        f"step-{step}",
+        step,
+        nodes=nodes,
+        attempt=attempt,
+        part_timeout=part_timeout,
+    )
     write_latest(store, step)
     deleted = apply_retention(store, keep_last)
     logger.info(
@@ -244,12 +383,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", required=True, type=int)
     parser.add_argument("--keep-last", type=int, default=None)
     parser.add_argument("--niceness", type=int, default=0, help="added to this process's nice")
+    parser.add_argument(
+        "--node", type=int, default=0, help="this node's rank (torchrun GROUP_RANK)"
+    )
+    parser.add_argument("--nodes", type=int, default=1, help="number of nodes of the run")
+    parser.add_argument("--attempt", default="0", help="restart attempt the upload belongs to")
+    parser.add_argument(
+        "--part-timeout",
+        type=float,
+        default=PART_TIMEOUT_SECONDS,
+        help="seconds node 0 waits for the other nodes' parts",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.niceness > 0:
         os.nice(args.niceness)
     store = open_store(args.uri, **json.loads(args.store_options))
-    result = sync_step(store, args.directory, args.step, args.keep_last)
+    result = sync_step(
+        store,
+        args.directory,
+        args.step,
+        args.keep_last,
+        node=args.node,
+        nodes=args.nodes,
+        attempt=args.attempt,
+        part_timeout=args.part_timeout,
+    )
     print(json.dumps(dataclasses.asdict(result)), flush=True)
     return 0
 

@@ -12,6 +12,7 @@ Environment:
   TRAINYARD_CACHE           where built-in models and S3 downloads are cached
   TRAINYARD_RUNS_URI        root of other runs' checkpoints, for run://RUN model sources
   TRAINYARD_VLLM_URL, TRAINYARD_VLLM_HOST, TRAINYARD_VLLM_PORT   the vLLM rollout server
+  TRAINYARD_RESTART_ATTEMPT the operator's restart attempt (ties the nodes' checkpoint parts)
   TRAINYARD_TRAINER_OPTIONS a JSON file of TRL config options applied over the derived ones
                             (the operator's trainer.json: vLLM connection, colocate settings)
 
@@ -62,6 +63,9 @@ logger = logging.getLogger("trainyard.train")
 
 OUTPUT_ENV = "TRAINYARD_OUTPUT_DIR"
 METRICS_PORT_ENV = "TRAINYARD_METRICS_PORT"
+# The operator's restart count of the gang: parts of a step from another attempt are
+# not merged into this attempt's manifest.
+RESTART_ATTEMPT_ENV = "TRAINYARD_RESTART_ATTEMPT"
 DEFAULT_OUTPUT = "trainyard-output"
 FINAL_DIR = "final"
 MERGED_DIR = "final-merged"
@@ -243,14 +247,26 @@ def build_observers(spec: Any, output_dir: Path, env: Environment) -> Observers:
 
         s3 = sources.S3Settings.from_spec(spec.storage)
         options = s3.store_options() if spec.checkpoint.uri.startswith("s3://") else {}
+        node, nodes = node_layout()
         observers.sync = CheckpointSync(
             spec.checkpoint.uri,
             keep_last=spec.checkpoint.keep_last,
+            node=node,
+            nodes=nodes,
+            attempt=os.environ.get(RESTART_ATTEMPT_ENV, "0"),
             on_upload=observers.metrics.record_checkpoint_upload if observers.metrics else None,
             **options,
         )
         observers.callbacks.append(CheckpointSyncCallback(observers.sync))
     return observers
+
+
+def node_layout() -> tuple[int, int]:
+    """(this node's rank, number of nodes) from torchrun's environment; (0, 1) outside it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", str(max(world // max(per_node, 1), 1))))
+    return int(os.environ.get("GROUP_RANK", "0")), nodes
 
 
 class CompletionLogCallback(TrainerCallback):
