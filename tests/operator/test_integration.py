@@ -137,6 +137,19 @@ async def test_exhausted_restart_budget_fails_the_run_and_frees_the_gpus(
         assert not kubelet.jobs("doomed") and kubelet.status("doomed")["phase"] == "Failed"
 
 
+async def test_active_deadline_fails_a_running_run_on_a_resync(api, kubelet, start_operator):
+    # No event arrives after the pods run: only the resync loop can notice the deadline.
+    async with start_operator():
+        await api.put_object(RUNS, training_run("slow", runPolicy={"activeDeadlineSeconds": 1}))
+        await _running(api, kubelet, "slow")
+        await eventually(lambda: kubelet.status("slow").get("phase") == "Failed")
+        failed = kubelet.condition("slow", "Failed")
+        assert failed["reason"] == reasons.DEADLINE_EXCEEDED
+        assert "activeDeadlineSeconds=1" in failed["message"]
+        await eventually(lambda: not kubelet.jobs("slow"))
+        assert kubelet.status("slow")["restarts"] == 0
+
+
 async def test_suspend_deletes_the_pods_and_resume_starts_a_new_attempt(
     api, kubelet, start_operator
 ):

@@ -347,3 +347,19 @@ def test_converged_resync_still_notices_a_missing_child_by_name():
     assert kinds(world.reconcile().creates) == [("ConfigMap", "demo-config")], (
         "a missing child is noticed by name"
     )
+
+
+def test_active_deadline_fails_the_run_and_stops_every_worker():
+    world = World(runPolicy={"activeDeadlineSeconds": 3600, "maxRestarts": 3})
+    world.with_children().with_pods()
+    world.apply(world.reconcile())
+    assert world.run["status"]["startTime"] == "2026-01-01T12:00:00Z"
+    assert world.at(NOW + timedelta(seconds=3599)).reconcile().is_empty
+
+    plan = world.at(NOW + timedelta(seconds=3600)).reconcile()
+    failed = condition(plan, "Failed")
+    assert plan.status["phase"] == "Failed" and failed["reason"] == reasons.DEADLINE_EXCEEDED
+    assert "runPolicy.activeDeadlineSeconds=3600" in failed["message"]
+    assert kinds(plan.deletes) == [("Job", "demo-attempt-0")] and plan.creates == ()
+    assert plan.status["restarts"] == 0, "a deadline is not a failure to retry"
+    assert world.apply(plan).at(NOW + timedelta(hours=5)).reconcile().is_empty

@@ -452,7 +452,7 @@ class RunPolicy(ApiModel):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the run's pods and services this long after it finished; the run and its checkpoints stay."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
-    """Fail the run after this long."""
+    """Fail the run (and stop its workers) once it has been active this long: counted from when all workers first ran, restarted on resume after a suspend."""
 
 
 _METHOD_BLOCKS = ("sft", "dpo", "kto", "reward", "grpo", "rloo", "pretrain")

@@ -15,7 +15,7 @@ from typing import Any
 
 from trainyard.api import InvalidResource, parse_resource
 from trainyard.api.training_run import TrainingRun
-from trainyard.operator import failure_policy, reasons, stall, suspend, ttl
+from trainyard.operator import deadline, failure_policy, reasons, stall, suspend, ttl
 from trainyard.operator.builders import UnrenderableRun, needs_rollout_server, render_children
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
@@ -214,6 +214,17 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     if failure_policy.job_condition(job, "Complete") is not None:
         return _succeeded(status, old_status, observed.metrics, spec, ours, deletes, job_name, now)
 
+    expired = _deadline_message(status, spec, now)
+    if expired is not None:
+        decision = failure_policy.Decision(
+            restart=False,
+            restarts=int(status.data.get("restarts") or 0),
+            preemptions=int(status.data.get("preemptions") or 0),
+            reason=reasons.DEADLINE_EXCEEDED,
+            message=expired,
+        )
+        return _failed(status, old_status, decision, ours, deletes)
+
     restart_reason = None
     disruption = failure_policy.classify_attempt(job, attempt_pods)
     if disruption is None:
@@ -381,6 +392,24 @@ def _take_progress(status: _Status, sample: MetricsSample | None, spec: Any, now
             "latestStep": sample.checkpoint_step,
             "latestUri": f"{spec.checkpoint.uri.rstrip('/')}/step-{sample.checkpoint_step}",
         }
+
+
+def _deadline_message(status: _Status, spec: Any, now: datetime) -> str | None:
+    """Why the run is past runPolicy.activeDeadlineSeconds, or None when it is not."""
+    limit = spec.run_policy.active_deadline_seconds
+    suspended = find_condition(status.data.get("conditions"), "Suspended")
+    resumed_at = None
+    if suspended is not None and suspended.get("status") == "False":
+        resumed_at = parse_time(suspended.get("lastTransitionTime"))
+    since = deadline.active_since(
+        start_time=parse_time(status.data.get("startTime")), resumed_at=resumed_at
+    )
+    if not deadline.is_exceeded(active_since=since, deadline_seconds=limit, now=now):
+        return None
+    return (
+        f"active since {format_time(since)} for more than "
+        f"runPolicy.activeDeadlineSeconds={limit}; stopping every worker"
+    )
 
 
 def _stall_message(

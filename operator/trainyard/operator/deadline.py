@@ -1,0 +1,31 @@
+"""`runPolicy.activeDeadlineSeconds`: fail a run that has been active for too long.
+
+The clock starts when all workers first ran (`status.startTime`), and starts again when
+a suspended run is resumed, as a Kubernetes Job's does: time spent suspended, or queued
+before the gang ever ran, does not count. Gang restarts do not stop it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+def active_since(*, start_time: datetime | None, resumed_at: datetime | None) -> datetime | None:
+    """When the deadline clock started: the later of the first start and the last resume."""
+    return max((t for t in (start_time, resumed_at) if t is not None), default=None)
+
+
+def seconds_left(
+    *, active_since: datetime | None, deadline_seconds: int | None, now: datetime
+) -> float | None:
+    """Seconds before the deadline (≤ 0: passed), or None without a deadline or a start."""
+    if deadline_seconds is None or active_since is None:
+        return None
+    return deadline_seconds - (now - active_since).total_seconds()
+
+
+def is_exceeded(
+    *, active_since: datetime | None, deadline_seconds: int | None, now: datetime
+) -> bool:
+    left = seconds_left(active_since=active_since, deadline_seconds=deadline_seconds, now=now)
+    return left is not None and left <= 0
