@@ -200,6 +200,9 @@ def main() -> None:
         "--memory-seconds", type=float, default=15.0, help="how long memory is sampled"
     )
     parser.add_argument("--logs", default="/tmp", help="where the operators' logs go")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="paired rounds (the median ratio is reported)"
+    )
     args = parser.parse_args()
 
     floor_cmd = [
@@ -220,27 +223,64 @@ def main() -> None:
         "--resync-seconds",
         str(args.resync_seconds),
     ]
-    floor, _ = asyncio.run(measure("floor", floor_cmd, args))
-    operator, memory = asyncio.run(
-        measure("trainyard", operator_cmd, args, watch_runs=args.watch_runs)
-    )
+    rounds: list[tuple[Result, Result]] = []
+    memory: list[float] = []
+    for index in range(args.rounds):
+        # Alternate who goes first, so a machine that slows down or warms up over the
+        # benchmark does not favour one side; memory is sampled in the last round only.
+        last = index == args.rounds - 1
+        order = ["floor", "trainyard"] if index % 2 == 0 else ["trainyard", "floor"]
+        results: dict[str, Result] = {}
+        for name in order:
+            if name == "floor":
+                results[name], _ = asyncio.run(measure("floor", floor_cmd, args))
+            else:
+                results[name], sampled = asyncio.run(
+                    measure(
+                        "trainyard", operator_cmd, args, watch_runs=args.watch_runs if last else 0
+                    )
+                )
+                memory = sampled or memory
+        rounds.append((results["floor"], results["trainyard"]))
 
     print(
-        f"apply → Job created, {args.runs} TrainingRuns posted {args.concurrency} at a time (same API emulation, same machine)"
+        f"apply → Job created, {args.runs} TrainingRuns posted {args.concurrency} at a time "
+        f"(same API emulation, same machine), {args.rounds} rounds, sides alternating"
     )
-    print(f"{'':12}{'p50 ms':>10}{'p99 ms':>10}{'runs/s':>10}{'CPU ms/run':>12}")
-    for result in (floor, operator):
-        print(
-            f"{result.name:12}{result.p50 * 1000:>10.1f}{result.p99 * 1000:>10.1f}{result.rate:>10.1f}{result.cpu_seconds / args.runs * 1000:>12.2f}"
+    print(f"{'':16}{'p50 ms':>10}{'p99 ms':>10}{'runs/s':>10}{'CPU ms/run':>12}")
+    ratios: list[tuple[float, float, float, float]] = []
+    for index, (floor, operator) in enumerate(rounds, 1):
+        for result in (floor, operator):
+            print(
+                f"{f'{result.name} #{index}':16}{result.p50 * 1000:>10.1f}{result.p99 * 1000:>10.1f}"
+                f"{result.rate:>10.1f}{result.cpu_seconds / args.runs * 1000:>12.2f}"
+            )
+        ratios.append(
+            (
+                operator.p50 / floor.p50,
+                operator.p99 / floor.p99,
+                floor.rate / operator.rate,
+                operator.cpu_seconds / floor.cpu_seconds,
+            )
         )
+    for index, ratio in enumerate(ratios, 1):
+        print(
+            f"{f'ratio #{index}':16}"
+            + "".join(f"{r:>9.2f}×" for r in ratio[:3])
+            + f"{ratio[3]:>11.2f}×"
+        )
+    median = [statistics.median(r[i] for r in ratios) for i in range(4)]
     print(
-        f"{'ratio':12}{operator.p50 / floor.p50:>9.2f}×{operator.p99 / floor.p99:>9.2f}×{floor.rate / operator.rate:>9.2f}×"
-        f"{operator.cpu_seconds / floor.cpu_seconds:>11.2f}×  (trainyard / floor; runs/s: floor / trainyard)"
+        f"{'median ratio':16}" + "".join(f"{r:>9.2f}×" for r in median[:3]) + f"{median[3]:>11.2f}×"
+        "  (trainyard / floor; runs/s: floor / trainyard). Goal: p50 and p99 ≤ 1.2×"
     )
+    rates = [operator.rate for _, operator in rounds]
+    print(f"trainyard runs/s: min {min(rates):.0f} (goal ≥ 50)")
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if memory:
         print(
-            f"trainyard operator resident memory watching {args.watch_runs} runs: max {max(memory):.0f} MB, last {memory[-1]:.0f} MB"
+            f"trainyard operator resident memory watching {args.watch_runs} runs: "
+            f"max {max(memory):.0f} MB, last {memory[-1]:.0f} MB (goal ≤ 300 MB)"
         )
 
 
