@@ -42,6 +42,14 @@ CASES = [
         f"spec.learningRate: unknown field; allowed: {SPEC_FIELDS}",
     ),
     case(
+        "unknown-metadata-field",
+        run().set("metadata.lables", {"team": "ml"}),
+        "metadata.lables: unknown field; did you mean 'labels'?",
+        # CRD schemas may not describe metadata; the API server's strict field
+        # validation (kubectl's default) refuses it without a CRD rule.
+        api_server=False,
+    ),
+    case(
         "unknown-nested-field",
         run().set("spec.training.learningRat", 1e-5),
         "spec.training.learningRat: unknown field; did you mean 'learningRate'?",

@@ -60,9 +60,9 @@ def check_source(value: str, allowed: tuple[str, ...] = SOURCE_SCHEMES) -> str:
 
 
 class ObjectMeta(ApiModel):
-    """The part of Kubernetes object metadata a Trainyard resource file uses."""
-
-    model_config = ApiModel.model_config | {"extra": "allow"}
+    """Kubernetes object metadata: what an author writes, and what the API server adds
+    (kept as it is, so `kubectl get -o yaml` output validates too). Any other key is a
+    typo (`lables`) that kubectl's strict field validation would refuse as well."""
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
     """Name of the resource: lowercase letters, digits, '-' and '.'."""
@@ -72,6 +72,28 @@ class ObjectMeta(ApiModel):
     """Labels, copied onto every child object."""
     annotations: dict[str, str] | None = None
     """Annotations of the resource."""
+    generate_name: str | None = None
+    """Prefix of a name the API server makes unique (set by the API server's clients)."""
+    uid: str | None = None
+    """Set by the API server."""
+    resource_version: str | None = None
+    """Set by the API server."""
+    generation: int | None = None
+    """Set by the API server."""
+    creation_timestamp: Any = None
+    """Set by the API server."""
+    deletion_timestamp: Any = None
+    """Set by the API server."""
+    deletion_grace_period_seconds: int | None = None
+    """Set by the API server."""
+    owner_references: list[dict[str, Any]] | None = None
+    """Owners of the resource (a pipeline owns its stages' runs)."""
+    finalizers: list[str] | None = None
+    """Finalizers of the resource."""
+    managed_fields: list[dict[str, Any]] | None = None
+    """Set by the API server (server-side apply)."""
+    self_link: str | None = None
+    """Set by old API servers."""
 
 
 class ModelSource(ApiModel):
