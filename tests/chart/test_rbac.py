@@ -223,14 +223,23 @@ def request_need(verb: str, path: str) -> tuple[str | None, Need] | None:
     return namespace, (group, resource, verb)
 
 
+def peering_objects(manifests: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(emulation resource id, manifest) of the chart's kopf peering objects."""
+    return [
+        (f"zalando.org/v1/{plural}", manifest)
+        for kind, plural in (
+            ("ClusterKopfPeering", "clusterkopfpeerings"),
+            ("KopfPeering", "kopfpeerings"),
+        )
+        for manifest in of_kind(manifests, kind)
+    ]
+
+
 async def run_operator_from_chart(
     api: TrainyardApiServer, manifests: list[dict[str, Any]], argv: list[str]
 ) -> None:
     """The operator with the chart's flags, pointed at the emulation; a run created, then restarted."""
-    for peering in of_kind(manifests, "ClusterKopfPeering") + of_kind(manifests, "KopfPeering"):
-        rid = "zalando.org/v1/" + (
-            "clusterkopfpeerings" if "Cluster" in peering["kind"] else "kopfpeerings"
-        )
+    for rid, peering in peering_objects(manifests):
         await api.put_object(rid, dict(peering))
     config = dataclasses.replace(
         config_from_args(argv),
@@ -261,10 +270,7 @@ async def run_operator_from_chart(
         await kubelet.fail_pod(pods[0], reason="OOMKilled", exit_code=137)
         await eventually(lambda: api.get(JOBS, NAMESPACE, f"{name}-attempt-1"))
         await eventually(lambda: api.get(JOBS, NAMESPACE, f"{name}-attempt-0") is None)
-        for peering in of_kind(manifests, "ClusterKopfPeering") + of_kind(manifests, "KopfPeering"):
-            rid = "zalando.org/v1/" + (
-                "clusterkopfpeerings" if "Cluster" in peering["kind"] else "kopfpeerings"
-            )
+        for rid, peering in peering_objects(manifests):  # kopf keeps alive in the chart's object
             meta = peering["metadata"]
             await eventually(
                 lambda rid=rid, meta=meta: (
