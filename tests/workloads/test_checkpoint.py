@@ -397,3 +397,26 @@ def test_node_parts_of_another_attempt_are_never_merged(store, save_checkpoint, 
 
     restored = CheckpointSync(store).resume(tmp_path / "fresh")
     assert (restored / "rng_state_1.pth").read_bytes() == b"attempt 1, node 1"
+
+
+def test_an_interrupted_run_keeps_its_own_error_over_a_failed_upload(s3_endpoint, save_checkpoint):
+    """Ctrl-C reaches the uploader's process group too: its failure is logged, and the
+    KeyboardInterrupt (exit 130) or the training error stays the one that surfaces."""
+    from trainyard.workloads.train import Observers
+
+    def observers_with_a_failed_upload() -> Observers:
+        observers = Observers()
+        observers.sync = CheckpointSync(
+            S3Store("bucket-that-does-not-exist", "x", endpoint=s3_endpoint)
+        )
+        observers.sync.submit(save_checkpoint(3), 3)
+        return observers
+
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            observers_with_a_failed_upload().close(interrupted=True)
+    # A run that trained to the end must not look successful with an upload missing.
+    with pytest.raises(CheckpointUploadError, match="NoSuchBucket"):
+        observers_with_a_failed_upload().close()

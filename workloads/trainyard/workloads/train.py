@@ -208,11 +208,24 @@ class Observers:
         self.completions = None
         self.callbacks: list[Any] = []
 
-    def close(self) -> None:
-        if self.sync is not None:
-            self.sync.close()
-        if self.metrics is not None:
-            self.metrics.shutdown()
+    def close(self, *, interrupted: bool = False) -> None:
+        """Drain the checkpoint uploads (raising if one failed) and stop serving metrics.
+
+        When training is already failing or was interrupted, an upload error is logged
+        instead: Ctrl-C reaches the uploader's process group too, and its failure must
+        not replace the KeyboardInterrupt (exit 130) or the error that stopped training.
+        """
+        try:
+            if self.sync is not None:
+                try:
+                    self.sync.close()
+                except Exception as error:
+                    if not interrupted:
+                        raise
+                    logger.warning("checkpoint uploads left unfinished: %s", error)
+        finally:
+            if self.metrics is not None:
+                self.metrics.shutdown()
 
 
 def metrics_port(spec: Any) -> int | None:
@@ -495,7 +508,7 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
             (output / RESULT_FILE).write_text(json.dumps(result, indent=1, default=str))
         return result
     finally:
-        observers.close()
+        observers.close(interrupted=sys.exc_info()[0] is not None)
 
 
 # --------------------------------------------------------------------------- CLI
