@@ -146,7 +146,7 @@ async def test_run_gets_its_children_and_a_true_status(client, namespace):
             "create", "POST", RUNS.format(ns=namespace), json=training_run("hello", namespace)
         )
         expected = [
-            ("ConfigMap", "hello-config"),
+            ("ConfigMap", "hello-config-0"),
             ("Job", "hello-attempt-0"),
             ("Service", "hello-workers"),
         ]

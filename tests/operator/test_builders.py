@@ -293,11 +293,16 @@ def test_child_name(run_name: str, suffix: str, expected: str):
 
 def test_long_names_stay_distinct_and_within_limits():
     first, second = "x" * 200 + "-one", "x" * 200 + "-two"
-    for make in (names.config_map_name, names.workers_service_name, names.rollout_server_name):
+    for make in (
+        lambda run: names.config_map_name(run, 0),
+        names.workers_service_name,
+        names.rollout_server_name,
+    ):
         assert make(first) != make(second)
         assert len(make(first)) <= 63 and DNS1035_LABEL.match(make(first))
     assert names.worker_job_name(first, 0) != names.worker_job_name(second, 0)
     assert names.worker_job_name(first, 0) != names.worker_job_name(first, 1)
+    assert names.config_map_name(first, 0) != names.config_map_name(first, 1)
     assert len(names.worker_job_name(first, 99)) <= names.JOB_NAME_MAX
     assert names.run_label_value(first) != names.run_label_value(second)
     assert len(names.run_label_value(first)) <= 63 and LABEL_VALUE.match(

@@ -31,7 +31,7 @@ async def test_conflict_on_the_status_write_is_retried_without_duplicates(
         await eventually(lambda: len(child_names(api, "contended")) == 3)
         assert conflict.served == 1
         assert child_names(api, "contended") == [
-            ("ConfigMap", "contended-config"),
+            ("ConfigMap", "contended-config-0"),
             ("Job", "contended-attempt-0"),
             ("Service", "contended-workers"),
         ]
@@ -112,7 +112,7 @@ async def test_operator_stopped_mid_reconcile_resumes_without_duplicates(
     assert "kopf" not in kubelet.status("interrupted")
     assert '"retries"' in next(iter(annotations.values()))
     assert child_names(api, "interrupted") == [
-        ("ConfigMap", "interrupted-config"),
+        ("ConfigMap", "interrupted-config-0"),
         ("Service", "interrupted-workers"),
     ]
 
@@ -130,7 +130,7 @@ async def test_operator_stopped_mid_reconcile_resumes_without_duplicates(
             )
         )
     assert child_names(api, "interrupted") == [
-        ("ConfigMap", "interrupted-config"),
+        ("ConfigMap", "interrupted-config-0"),
         ("Job", "interrupted-attempt-0"),
         ("Service", "interrupted-workers"),
     ]

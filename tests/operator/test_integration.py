@@ -31,7 +31,7 @@ async def test_run_goes_from_created_to_succeeded_with_progress(
         await api.put_object(RUNS, run)
         jobs = await eventually(lambda: kubelet.jobs("demo"))
         assert [j["metadata"]["name"] for j in jobs] == ["demo-attempt-0"]
-        assert api.get(CONFIGMAPS, NAMESPACE, "demo-config") is not None
+        assert api.get(CONFIGMAPS, NAMESPACE, "demo-config-0") is not None
         assert api.get(SERVICES, NAMESPACE, "demo-workers") is not None
         assert (await eventually(lambda: kubelet.status("demo").get("phase"))) == "Pending"
 
@@ -160,11 +160,24 @@ async def test_suspend_deletes_the_pods_and_resume_starts_a_new_attempt(
         await eventually(lambda: kubelet.status("pausable").get("phase") == "Suspended")
         await eventually(lambda: not kubelet.jobs("pausable"))
         assert not kubelet.pods(job)
-        assert api.get(CONFIGMAPS, NAMESPACE, "pausable-config") is not None
+        assert api.get(CONFIGMAPS, NAMESPACE, "pausable-config-0") is not None
         assert kubelet.condition("pausable", "Suspended")["status"] == "True"
 
+        # Edited while suspended: the resumed attempt's config carries the edit.
+        await api.patch_object(
+            RUNS, NAMESPACE, "pausable", {"spec": {"training": {"learningRate": 2.0e-5}}}
+        )
+        await eventually(
+            lambda: (kubelet.condition("pausable", "SpecApplied") or {}).get("status") == "False"
+        )
         await api.patch_object(RUNS, NAMESPACE, "pausable", {"spec": {"suspend": False}})
         await eventually(lambda: api.get(JOBS, NAMESPACE, "pausable-attempt-1"))
+        config = await eventually(lambda: api.get(CONFIGMAPS, NAMESPACE, "pausable-config-1"))
+        assert '"learningRate": 2e-05' in config["data"]["run.json"]
+        await eventually(lambda: api.get(CONFIGMAPS, NAMESPACE, "pausable-config-0") is None)
+        await eventually(
+            lambda: (kubelet.condition("pausable", "SpecApplied") or {}).get("status") == "True"
+        )
         status = kubelet.status("pausable")
         assert (status["restarts"], status["preemptions"]) == (0, 0)
         assert kubelet.condition("pausable", "Suspended")["reason"] == reasons.RESUMED
@@ -194,7 +207,7 @@ async def test_invalid_spec_gets_the_validate_message_and_no_children(api, kubel
         await asyncio.sleep(1.0)  # five resyncs: no retry storm, no writes
         assert api.writes(since=mark) == []
         assert (
-            not kubelet.jobs("broken") and api.get(CONFIGMAPS, NAMESPACE, "broken-config") is None
+            not kubelet.jobs("broken") and api.get(CONFIGMAPS, NAMESPACE, "broken-config-0") is None
         )
 
 

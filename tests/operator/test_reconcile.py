@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def condition(plan: Plan, type_: str) -> dict[str, Any] | None:
 def test_new_run_creates_its_children_and_reports_pending():
     plan = World().reconcile()
     assert kinds(plan.creates) == [
-        ("ConfigMap", "demo-config"),
+        ("ConfigMap", "demo-config-0"),
         ("Service", "demo-workers"),
         ("Job", "demo-attempt-0"),
     ]
@@ -213,7 +214,8 @@ def test_failed_worker_restarts_the_gang_as_a_new_attempt(
     world.with_children().with_pods(**failure)
     plan = world.reconcile()
     assert kinds(plan.deletes) == [("Job", "demo-attempt-0")], name
-    assert kinds(plan.creates) == [("Job", "demo-attempt-1")], name
+    # A new attempt gets its own config and Job; the old config goes on the next pass.
+    assert kinds(plan.creates) == [("ConfigMap", "demo-config-1"), ("Job", "demo-attempt-1")], name
     assert (plan.status["restarts"], plan.status["preemptions"], plan.status["restartAttempt"]) == (
         restarts,
         preemptions,
@@ -265,7 +267,7 @@ def test_suspend_then_resume():
     assert world.reconcile().is_empty, "staying suspended writes nothing"
     world.run["spec"]["suspend"] = False
     resumed = world.reconcile()
-    assert kinds(resumed.creates) == [("Job", "demo-attempt-1")]
+    assert kinds(resumed.creates) == [("ConfigMap", "demo-config-1"), ("Job", "demo-attempt-1")]
     assert condition(resumed, "Suspended")["reason"] == reasons.RESUMED
     assert (resumed.status["restarts"], resumed.status["preemptions"]) == (0, 0)
 
@@ -286,7 +288,8 @@ def test_stall_after_the_timeout(name, restart_on_stall, expect_restart):
     stalled = condition(plan, "Stalled")
     assert (plan.restart_reason == reasons.STALLED) == expect_restart, name
     if expect_restart:
-        assert plan.status["restarts"] == 1 and kinds(plan.creates) == [("Job", "demo-attempt-1")]
+        assert plan.status["restarts"] == 1
+        assert kinds(plan.creates) == [("ConfigMap", "demo-config-1"), ("Job", "demo-attempt-1")]
         assert (stalled["status"], stalled["reason"]) == ("False", reasons.RESTARTING)
     else:
         assert (stalled["status"], stalled["reason"]) == ("True", reasons.NO_PROGRESS)
@@ -312,7 +315,7 @@ def test_ttl_cleans_up_the_children_of_a_finished_run():
     assert early.deletes == () and early.requeue_after == pytest.approx(30)
     due = world.at(NOW).reconcile()
     assert sorted(kinds(due.deletes)) == [
-        ("ConfigMap", "demo-config"),
+        ("ConfigMap", "demo-config-0"),
         ("Job", "demo-attempt-0"),
         ("Service", "demo-workers"),
     ]
@@ -344,7 +347,7 @@ def test_converged_resync_still_notices_a_missing_child_by_name():
     world = World().with_children().with_pods()
     world.apply(world.reconcile())
     world.children = [c for c in world.children if c["kind"] != "ConfigMap"]
-    assert kinds(world.reconcile().creates) == [("ConfigMap", "demo-config")], (
+    assert kinds(world.reconcile().creates) == [("ConfigMap", "demo-config-0")], (
         "a missing child is noticed by name"
     )
 
@@ -363,3 +366,40 @@ def test_active_deadline_fails_the_run_and_stops_every_worker():
     assert kinds(plan.deletes) == [("Job", "demo-attempt-0")] and plan.creates == ()
     assert plan.status["restarts"] == 0, "a deadline is not a failure to retry"
     assert world.apply(plan).at(NOW + timedelta(hours=5)).reconcile().is_empty
+
+
+def test_a_spec_edit_applies_from_the_next_attempt_and_the_status_says_so():
+    world = World().with_children().with_pods()
+    world.apply(world.reconcile())
+    applied = world.run["status"]["appliedSpec"]
+    assert set(applied) >= {"method", "model", "dataset"}
+    assert "suspend" not in applied and "runPolicy" not in applied
+
+    # runPolicy is read at every reconcile: no pending change to report.
+    world.run["spec"]["runPolicy"] = {"maxRestarts": 7}
+    world.run["metadata"]["generation"] = 2
+    assert condition(world.reconcile(), "SpecApplied") is None
+
+    world.run["spec"].setdefault("training", {})["learningRate"] = 1e-4
+    world.run["metadata"]["generation"] = 3
+    plan = world.reconcile()
+    pending = condition(plan, "SpecApplied")
+    assert (pending["status"], pending["reason"]) == ("False", reasons.SPEC_CHANGE_PENDING)
+    assert pending["message"].startswith("spec.training changed")
+    assert plan.creates == () and plan.deletes == (), "the running attempt is left alone"
+    world.apply(plan)
+
+    world.run["spec"]["suspend"] = True
+    suspended = world.reconcile()
+    assert "applies when the run resumes" in condition(suspended, "SpecApplied")["message"]
+    world.apply(suspended)
+    world.run["spec"]["suspend"] = False
+    resumed = world.reconcile()
+    assert kinds(resumed.creates) == [("ConfigMap", "demo-config-1"), ("Job", "demo-attempt-1")]
+    run_json = json.loads(resumed.creates[0]["data"]["run.json"])
+    assert run_json["spec"]["training"]["learningRate"] == 1e-4
+    applied_now = condition(resumed, "SpecApplied")
+    assert (applied_now["status"], applied_now["reason"]) == ("True", reasons.SPEC_APPLIED)
+    # The suspended attempt's pods are gone: its config goes in the same pass.
+    assert kinds(resumed.deletes) == [("ConfigMap", "demo-config-0")]
+    assert world.apply(resumed).reconcile().is_empty

@@ -34,7 +34,7 @@ def test_grpo_example_renders_five_valid_manifests():
     assert (code, err) == (0, "")
     manifests = list(yaml.safe_load_all(out))
     assert [(m["kind"], m["metadata"]["name"]) for m in manifests] == [
-        ("ConfigMap", "sprint-stories-grpo-config"),
+        ("ConfigMap", "sprint-stories-grpo-config-0"),
         ("Service", "sprint-stories-grpo-workers"),
         ("Service", "sprint-stories-grpo-vllm"),
         ("Deployment", "sprint-stories-grpo-vllm"),
@@ -89,7 +89,7 @@ def test_invalid_run_lists_its_problems_and_fails_but_renders_the_rest(tmp_path)
     assert code == 1
     assert "broken" in err and "spec.distributed.nodes:" in err
     assert {m["metadata"]["name"] for m in yaml.safe_load_all(out)} == {
-        "dpo-run-config",
+        "dpo-run-config-0",
         "dpo-run-workers",
         "dpo-run-attempt-0",
     }

@@ -693,7 +693,7 @@ class TrainingRunStatus(ApiModel):
     phase: Phase | None = None
     """Pending, Running, Restarting, Suspended, Succeeded, Failed or Invalid."""
     conditions: list[Condition] | None = None
-    """Valid, Created, Running, Stalled, Suspended, Succeeded, Failed."""
+    """Valid, Created, Running, Stalled, Suspended, SpecApplied, Succeeded, Failed."""
     observed_generation: int | None = None
     """metadata.generation this status describes."""
     progress: Progress | None = None
@@ -712,6 +712,8 @@ class TrainingRunStatus(ApiModel):
     """When the run finished."""
     message: str | None = None
     """Why the run is in its phase."""
+    applied_spec: dict[str, str] | None = None
+    """A hash of each spec field as the current attempt's config was rendered from it (suspend and runPolicy apply at once and are left out); the SpecApplied condition names fields changed since."""
 
 
 class TrainingRun(ApiModel):

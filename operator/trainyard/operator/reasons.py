@@ -31,6 +31,10 @@ RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 NOT_FINISHED = "NotFinished"
 
+# Spec edits: a running attempt keeps the config it started with
+SPEC_APPLIED = "SpecApplied"
+SPEC_CHANGE_PENDING = "SpecChangePending"
+
 # Suspend
 SUSPENDED_BY_SPEC = "SuspendedBySpec"
 RESUMED = "Resumed"

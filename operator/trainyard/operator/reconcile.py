@@ -9,6 +9,7 @@ never restart twice for free), then deletes, then creates.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -194,7 +195,15 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     )
     if transition in ("suspend", "stay-suspended"):
         return _suspended(
-            status, old_status, run, ours, uid, attempt, observed.image, observed.vllm_image
+            status,
+            old_status,
+            run,
+            ours,
+            uid,
+            attempt,
+            observed.image,
+            observed.vllm_image,
+            observed.run,
         )
     if transition == "resume":
         attempt += 1
@@ -208,8 +217,15 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         (c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] == job_name), None
     )
     attempt_pods = _attempt_pods(pods, job, attempt)
-    stale_jobs = [c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] != job_name]
-    deletes = [_ref(j) for j in stale_jobs]
+    config_name = builder_names.config_map_name(run.metadata.name, attempt)
+    # Earlier attempts' Jobs and configs; a config goes once its attempt's pods are gone.
+    stale = [
+        c
+        for c in ours
+        if (c.get("kind") == "Job" and c["metadata"]["name"] != job_name)
+        or (c.get("kind") == "ConfigMap" and c["metadata"]["name"] != config_name)
+    ]
+    deletes = [_ref(c) for c in stale]
 
     if failure_policy.job_condition(job, "Complete") is not None:
         return _succeeded(status, old_status, observed.metrics, spec, ours, deletes, job_name, now)
@@ -268,6 +284,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
             suspend=False,
         )
         creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
+    _note_applied_spec(status, observed.run, creates)
 
     if restart_reason is None:
         _observe_running(status, spec, attempt_pods, job, now)
@@ -286,7 +303,7 @@ def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
     """(kind, name) of every child `render_children` makes for this attempt, without rendering."""
     name = run.metadata.name
     names = {
-        ("ConfigMap", builder_names.config_map_name(name)),
+        ("ConfigMap", builder_names.config_map_name(name, attempt)),
         ("Service", builder_names.workers_service_name(name)),
         ("Job", builder_names.worker_job_name(name, attempt)),
     }
@@ -412,6 +429,54 @@ def _deadline_message(status: _Status, spec: Any, now: datetime) -> str | None:
     )
 
 
+# Read by the operator at every reconcile, so an edit takes effect at once.
+LIVE_SPEC_FIELDS = frozenset({"suspend", "runPolicy"})
+
+
+def spec_fingerprint(body: dict[str, Any]) -> dict[str, str]:
+    """A short hash of each top-level spec field as the author wrote it (live fields left
+    out): what `status.appliedSpec` records when an attempt's config is rendered."""
+    spec = user_document(body).get("spec") or {}
+    return {
+        key: builder_names.short_hash(json.dumps(value, sort_keys=True))
+        for key, value in sorted(spec.items())
+        if key not in LIVE_SPEC_FIELDS
+    }
+
+
+def _note_applied_spec(
+    status: _Status,
+    body: dict[str, Any],
+    creates: list[dict[str, Any]] | tuple[dict[str, Any], ...],
+    *,
+    suspended: bool = False,
+) -> None:
+    """Record the spec an attempt's config is rendered from, and say when the spec has
+    moved on since: its pods keep the config they started with."""
+    current = spec_fingerprint(body)
+    if any(m.get("kind") == "ConfigMap" for m in creates) or not status.data.get("appliedSpec"):
+        status.data["appliedSpec"] = current
+    applied = status.data["appliedSpec"]
+    changed = sorted(k for k in set(applied) | set(current) if applied.get(k) != current.get(k))
+    if changed:
+        fields = ", ".join(f"spec.{k}" for k in changed)
+        when = (
+            "it applies when the run resumes"
+            if suspended
+            else "it applies from the next attempt: suspend and resume the run to apply it now"
+        )
+        status.condition(
+            "SpecApplied",
+            False,
+            reasons.SPEC_CHANGE_PENDING,
+            f"{fields} changed after this attempt's pods started with the run's config; {when}",
+        )
+    elif find_condition(status.data.get("conditions"), "SpecApplied") is not None:
+        status.condition(
+            "SpecApplied", True, reasons.SPEC_APPLIED, "the pods run the spec as it is"
+        )
+
+
 def _stall_message(
     status: _Status, spec: Any, now: datetime, job: dict[str, Any] | None
 ) -> str | None:
@@ -478,6 +543,7 @@ def _suspended(
     attempt: int,
     image: str | None,
     vllm_image: str | None,
+    run_body: dict[str, Any],
 ) -> Plan:
     deletes = [_ref(c) for c in ours if not suspend.kept_while_suspended(c)]
     status.data["restartAttempt"] = attempt
@@ -496,6 +562,7 @@ def _suspended(
         if suspend.kept_while_suspended(m)
     ]
     creates = [m for m in kept if (m["kind"], m["metadata"]["name"]) not in existing]
+    _note_applied_spec(status, run_body, creates, suspended=True)
     return _plan(status, old_status, deletes, creates)
 
 

@@ -17,7 +17,7 @@ Children and their names (all in the run's namespace, from `names`):
 
 | child | name | labels (besides app.kubernetes.io/*) |
 |---|---|---|
-| ConfigMap (run.json, trainer.json) | `<run>-config` | trainyard.dev/run, component=config |
+| ConfigMap (run.json, trainer.json) | `<run>-config-<attempt>` | trainyard.dev/run, component=config |
 | headless Service (rendezvous) | `<run>-workers` | trainyard.dev/run, component=rendezvous |
 | indexed Job, attempt N | `<run>-attempt-<N>` | + trainyard.dev/attempt=N, kueue.x-k8s.io/queue-name |
 | vLLM Deployment + Service (server mode) | `<run>-vllm` | component=rollout-server |
@@ -89,7 +89,7 @@ def render_children(
     if restart_attempt < 0:
         raise ValueError(f"restart_attempt must be >= 0, got {restart_attempt}")
     children = [
-        render_config_map(run, uid=uid),
+        render_config_map(run, uid=uid, restart_attempt=restart_attempt),
         render_workers_service(run, uid=uid),
     ]
     if needs_rollout_server(run):

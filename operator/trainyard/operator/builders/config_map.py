@@ -44,12 +44,12 @@ def run_document(run: TrainingRun) -> dict:
     }
 
 
-def render_config_map(run: TrainingRun, *, uid: str) -> dict:
+def render_config_map(run: TrainingRun, *, uid: str, restart_attempt: int = 0) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": labels.child_metadata(
-            run, names.config_map_name(run.metadata.name), labels.CONFIG, uid
+            run, names.config_map_name(run.metadata.name, restart_attempt), labels.CONFIG, uid
         ),
         "data": {
             RUN_CONFIG_KEY: json.dumps(run_document(run), indent=2) + "\n",

@@ -177,7 +177,7 @@ def render_worker_job(
         "volumes": [
             {
                 "name": CONFIG_VOLUME,
-                "configMap": {"name": names.config_map_name(run.metadata.name)},
+                "configMap": {"name": names.config_map_name(run.metadata.name, restart_attempt)},
             },
             *pod_settings.volumes(spec.resources),
             {"name": OUTPUT_VOLUME, "emptyDir": {}},

@@ -60,9 +60,11 @@ def run_label_value(run_name: str) -> str:
     return run_name[: DNS_LABEL_MAX - len(tail)].rstrip("-.") + tail
 
 
-def config_map_name(run_name: str) -> str:
-    """The ConfigMap holding the rendered run config."""
-    return child_name(run_name, "config")
+def config_map_name(run_name: str, restart_attempt: int) -> str:
+    """The ConfigMap holding the run config an attempt's pods read. One per attempt, like
+    the Job: a spec edited while the run is suspended (or before a restart) is rendered
+    afresh for the next attempt, while a running attempt keeps the config it started with."""
+    return child_name(run_name, f"config-{restart_attempt}")
 
 
 def workers_service_name(run_name: str) -> str:
