@@ -76,9 +76,13 @@ FIXTURES: dict[str, tuple[Doc, Doc]] = {
         spec("rloo"),
         spec("grpo").set("grpo.rewards", []),
     ),
-    "generation-batch-divisible": (
+    "grpo-generation-batch-divisible": (
         spec("grpo").set("training.perDeviceBatchSize", 3).set("distributed.nodes", 4),
         spec("grpo").set("training.perDeviceBatchSize", 6),
+    ),
+    "rloo-generation-batch-divisible": (
+        spec("rloo").set("training.perDeviceBatchSize", 4).set("rloo.numGenerations", 4),
+        spec("rloo").set("training.perDeviceBatchSize", 6).set("rloo.numGenerations", 4),
     ),
     "rollout-needs-online-rl": (
         spec("grpo").set("rollout.vllm.mode", "colocate"),
@@ -145,19 +149,23 @@ EXTRA: list[tuple[str, Doc, bool]] = [
         True,
     ),
     # gpusPerNode 0 (CPU) counts as one process per node.
-    ("generation-batch-divisible", spec("grpo").set("distributed.gpusPerNode", 0), True),
+    ("grpo-generation-batch-divisible", spec("grpo").set("distributed.gpusPerNode", 0), True),
     (
-        "generation-batch-divisible",
+        "grpo-generation-batch-divisible",
         spec("grpo").set("training.perDeviceBatchSize", 2).set("distributed.gpusPerNode", 2),
         True,
     ),
     (
-        "generation-batch-divisible",
+        "grpo-generation-batch-divisible",
         spec("grpo").set("training.perDeviceBatchSize", 2).set("distributed.gpusPerNode", 0),
         False,
     ),
     # Defaults matter: grpo numGenerations 8 against the default batch of 8 × 1.
-    ("generation-batch-divisible", spec("grpo").drop("training").drop("grpo.numGenerations"), True),
+    (
+        "grpo-generation-batch-divisible",
+        spec("grpo").drop("training").drop("grpo.numGenerations"),
+        True,
+    ),
     ("rollout-needs-online-rl", spec("rloo").set("rollout.vllm", {}), True),
     (
         "early-stopping-needs-eval",
@@ -343,7 +351,7 @@ def test_inference_server_and_pipeline_carry_rules_where_their_parts_have_them()
     kinds_by_rule: dict[str, set[str]] = {}
     for kind, _, _, rule in _crd_rules():
         kinds_by_rule.setdefault(rule["rule"], set()).add(kind)
-    assert kinds_by_rule[RULES["generation-batch-divisible"][1].cel] == {
+    assert kinds_by_rule[RULES["grpo-generation-batch-divisible"][1].cel] == {
         "TrainingRun",
         "TrainingPipeline",
     }

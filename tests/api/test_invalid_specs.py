@@ -202,6 +202,13 @@ CASES = [
         "grpo.numGenerations",
     ),
     case(
+        "rloo-batch-not-divisible",
+        run("rloo").set("spec.training.perDeviceBatchSize", 6).set("spec.rloo.numGenerations", 4),
+        "spec.rloo.numGenerations: the generation batch (perDeviceBatchSize × "
+        "gradientAccumulationSteps × nodes × gpusPerNode) must be a multiple of "
+        "rloo.numGenerations",
+    ),
+    case(
         "dpo-block-on-sft",
         run().set("spec.dpo", {"beta": 0.1}),
         "spec.dpo: dpo options only apply to method dpo",

@@ -487,24 +487,29 @@ SPEC_RULES: tuple[Rule, ...] = (
             )
         ),
     ),
-    Rule(
-        name="generation-batch-divisible",
-        cel=(
-            "!(self.method == 'grpo' && has(self.grpo)) || "
-            "(self.training.perDeviceBatchSize * self.training.gradientAccumulationSteps * "
-            "self.distributed.nodes * (self.distributed.gpusPerNode > 0 ? self.distributed.gpusPerNode : 1)) "
-            "% self.grpo.numGenerations == 0"
-        ),
-        message=(
-            "the generation batch (perDeviceBatchSize × gradientAccumulationSteps × nodes × "
-            "gpusPerNode) must be a multiple of grpo.numGenerations"
-        ),
-        field="grpo.numGenerations",
-        check=lambda s: (
-            s.method != "grpo"
-            or s.grpo is None
-            or s.generation_batch_size % s.grpo.num_generations == 0
-        ),
+    *(
+        Rule(
+            name=f"{method}-generation-batch-divisible",
+            cel=(
+                f"!(self.method == '{method}' && has(self.{method})) || "
+                "(self.training.perDeviceBatchSize * self.training.gradientAccumulationSteps * "
+                "self.distributed.nodes * (self.distributed.gpusPerNode > 0 ? self.distributed.gpusPerNode : 1)) "
+                f"% self.{method}.numGenerations == 0"
+            ),
+            message=(
+                "the generation batch (perDeviceBatchSize × gradientAccumulationSteps × nodes × "
+                f"gpusPerNode) must be a multiple of {method}.numGenerations"
+            ),
+            field=f"{method}.numGenerations",
+            check=lambda s, method=method: (
+                s.method != method
+                or getattr(s, method) is None
+                or s.generation_batch_size % getattr(s, method).num_generations == 0
+            ),
+        )
+        # TRL refuses both configs otherwise (`generation_batch_size (6) must be divisible
+        # by num_generations (4)`), but only in the pod, after the GPUs were scheduled.
+        for method in ("grpo", "rloo")
     ),
     Rule(
         name="rollout-needs-online-rl",
