@@ -109,6 +109,39 @@ def test_s3_single_jsonl_object_is_a_dataset(s3_endpoint, s3_bucket, fresh_cache
     assert dataset.to_list() == rows
 
 
+def test_s3_objects_uploaded_again_are_downloaded_again(s3_endpoint, s3_bucket, fresh_cache):
+    """The cache keeps a file only while the object's ETag is the one it was downloaded
+    with: a dataset fixed and uploaded again (same key, same size) is not served stale."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
+    first = {"prompt": "Say hi", "completion": "hi"}
+    second = {"prompt": "Say yo", "completion": "yo"}  # same length: same size
+    for key in ("data/train.jsonl", "shards/part-0.jsonl"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=json.dumps(first).encode() + b"\n")
+    single, prefix = f"s3://{s3_bucket}/data/train.jsonl", f"s3://{s3_bucket}/shards"
+    assert sources.load_dataset_source(single, storage=storage).to_list() == [first]
+    assert sources.load_dataset_source(prefix, storage=storage).to_list() == [first]
+    cached = sources.download_s3(single, sources.S3Settings.from_spec(storage))
+    stamp = cached.stat().st_mtime_ns
+    assert sources.download_s3(single, sources.S3Settings.from_spec(storage)) == cached
+    assert cached.stat().st_mtime_ns == stamp, "an unchanged object is not downloaded again"
+
+    for key in ("data/train.jsonl", "shards/part-0.jsonl"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=json.dumps(second).encode() + b"\n")
+    assert sources.load_dataset_source(single, storage=storage).to_list() == [second]
+    assert sources.load_dataset_source(prefix, storage=storage).to_list() == [second]
+    # A shard deleted from the prefix leaves the cached data too.
+    client.put_object(Bucket=s3_bucket, Key="shards/part-1.jsonl", Body=b'{"prompt": "a"}\n')
+    assert len(sources.load_dataset_source(prefix, storage=storage)) == 2
+    client.delete_object(Bucket=s3_bucket, Key="shards/part-1.jsonl")
+    assert sources.load_dataset_source(prefix, storage=storage).to_list() == [second]
+    # A key that only starts like the object is a different object.
+    client.put_object(Bucket=s3_bucket, Key="data/train.jsonl.bak", Body=b"not json")
+    assert sources.load_dataset_source(single, storage=storage).to_list() == [second]
+
+
 def test_missing_s3_object_is_a_clear_error(s3_endpoint, s3_bucket, fresh_cache):
     storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
     with pytest.raises(SourceError, match=r"dataset.source: nothing found at s3://"):

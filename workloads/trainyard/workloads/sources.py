@@ -108,10 +108,14 @@ def _locked(path: Path):
 def download_s3(uri: str, settings: S3Settings, field: str = "source") -> Path:
     """Download `s3://bucket/key` (every object under the prefix, or the one object) to the cache.
 
-    Returns the local directory or file. Files already present with the same size are
-    kept, so a restarted pod does not download a model again. Credentials come from the
+    Returns the local directory or file. A cached file is kept while the object's size
+    and ETag are those it was downloaded with (recorded beside the cache entry), so a
+    restarted pod does not download a model again, and a dataset uploaded again under
+    the same key, same size or not, is downloaded again. Credentials come from the
     storage module (mounted Secret, else boto3's default chain).
     """
+    import json
+
     from trainyard.workloads.storage import open_store
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
@@ -119,30 +123,46 @@ def download_s3(uri: str, settings: S3Settings, field: str = "source") -> Path:
     if not bucket or not key:
         raise SourceError(f"{field}: {uri!r} names no object; expected s3://bucket/key")
     target = cache_dir("s3") / bucket / key
+    record = target.with_name(f".{target.name}.versions.json")
     with _locked(target):
         store = open_store(f"s3://{bucket}/{key}", **settings.store_options())
-        objects = store.list_objects()
-        if objects:
-            missing = {
-                name: target / name
-                for name, size in objects.items()
-                if not name.endswith("/")
-                and not ((target / name).is_file() and (target / name).stat().st_size == size)
-            }
-            store.download_files(missing)
-            return target
-        # Not a prefix: a single object, e.g. a JSONL or Parquet file.
-        parent, _, name = key.rpartition("/")
-        store = open_store(f"s3://{bucket}/{parent}", **settings.store_options())
-        if not target.is_file():
-            partial = target.with_name(target.name + ".partial")
-            try:
-                store.download_files({name: partial})
-            except Exception as error:  # botocore raises ClientError(404) for a missing key
-                raise SourceError(
-                    f"{field}: nothing found at {uri} (no object and no objects under it): {error}"
-                ) from None
-            partial.rename(target)
+        listed = store.list_versions()
+        single = "" in listed and len(listed) == 1  # one object, e.g. a JSONL or Parquet file
+        if not listed:
+            raise SourceError(
+                f"{field}: nothing found at {uri} (no object and no objects under it)"
+            )
+        try:
+            cached = json.loads(record.read_text()) if record.is_file() else {}
+        except ValueError:
+            cached = {}
+        versions = {name: [size, etag] for name, (size, etag) in listed.items()}
+        stale = {}
+        for name, (size, etag) in versions.items():
+            if name.endswith("/") or (name == "" and not single):
+                continue
+            local = target if name == "" else target / name
+            if not (
+                local.is_file()
+                and local.stat().st_size == size
+                and cached.get(name) == [size, etag]
+            ):
+                stale[name] = local
+        if single:
+            if stale:
+                partial = target.with_name(target.name + ".partial")
+                parent, _, name = key.rpartition("/")
+                open_store(f"s3://{bucket}/{parent}", **settings.store_options()).download_files(
+                    {name: partial}
+                )
+                partial.replace(target)
+        else:
+            store.download_files(stale)
+            # An object deleted from the prefix must not stay in the data (a removed shard).
+            for local in [p for p in target.rglob("*") if p.is_file()]:
+                if local.relative_to(target).as_posix() not in versions:
+                    local.unlink()
+        record.write_text(json.dumps(versions))
     return target
 
 

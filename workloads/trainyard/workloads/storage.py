@@ -211,6 +211,23 @@ class S3Store:
                 found[obj["Key"][strip:]] = obj["Size"]
         return found
 
+    def list_versions(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        """Every key under prefix with its size and ETag (which changes with the content).
+
+        The prefix's own key (an object named exactly like the prefix) is listed as ''."""
+        root = _join(self.prefix, prefix)
+        found: dict[str, tuple[int, str]] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=root
+        ):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key == root:
+                    found[""] = (obj["Size"], obj["ETag"])
+                elif key.startswith(root + "/") or not root:
+                    found[key[len(root) + 1 if root else 0 :]] = (obj["Size"], obj["ETag"])
+        return found
+
     def list_children(self) -> list[str]:
         root = self.prefix + "/" if self.prefix else ""
         names = []
