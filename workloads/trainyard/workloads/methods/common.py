@@ -364,3 +364,27 @@ def model_init_kwargs(model: Any, env: Environment, extra: dict[str, Any]) -> di
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
     return kwargs
+
+
+def length_options(spec: Any) -> dict[str, Any]:
+    """`max_length` when `training.maxLength` is set; TRL's default otherwise."""
+    if spec.training.max_length is None:
+        return {}
+    return {"max_length": spec.training.max_length}
+
+
+def build_trainer(trainer_class: type, config: Any, ctx: TrainContext, **extra: Any):
+    """A TRL trainer with what every method passes the same way (model, data, tokenizer,
+    callbacks, PEFT, quantization); `extra` holds the method's own arguments."""
+    config.model_init_kwargs = ctx.model_init_kwargs
+    return trainer_class(
+        model=ctx.model,
+        args=config,
+        train_dataset=ctx.train_dataset,
+        eval_dataset=ctx.eval_dataset,
+        processing_class=ctx.tokenizer,
+        callbacks=ctx.callbacks,
+        peft_config=ctx.peft_config,
+        quantization_config=ctx.quantization_config,
+        **extra,
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.common import TrainContext, build_trainer, length_options
 
 
 def build_dpo_config(spec: Any, base_args: dict[str, Any]):
@@ -26,23 +26,11 @@ def build_dpo_config(spec: Any, base_args: dict[str, Any]):
             ref_model_sync_steps=dpo.ref_model_sync_steps,
             ref_model_mixup_alpha=dpo.ref_model_mixup_alpha,
         )
-    if spec.training.max_length is not None:
-        options["max_length"] = spec.training.max_length
+    options.update(length_options(spec))
     return DPOConfig(**base_args, **options)
 
 
 def build_dpo_trainer(ctx: TrainContext):
     from trl import DPOTrainer
 
-    config = build_dpo_config(ctx.spec, ctx.base_args)
-    config.model_init_kwargs = ctx.model_init_kwargs
-    return DPOTrainer(
-        model=ctx.model,
-        args=config,
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        callbacks=ctx.callbacks,
-        peft_config=ctx.peft_config,
-        quantization_config=ctx.quantization_config,
-    )
+    return build_trainer(DPOTrainer, build_dpo_config(ctx.spec, ctx.base_args), ctx)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext, apply_trainer_options
-from trainyard.workloads.methods.online import generation_options, vllm_options
+from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.online import build_online_config, build_online_trainer
 
 
 def build_grpo_config(
@@ -22,13 +22,15 @@ def build_grpo_config(
     from trl import GRPOConfig
 
     grpo = spec.grpo
-    options = generation_options(grpo)
-    options.update(loss_type=grpo.loss_type, scale_rewards=grpo.scale_rewards)
-    options.update(vllm_options(spec.rollout))
-    if reward_weights:
-        options["reward_weights"] = reward_weights
-    return GRPOConfig(
-        **apply_trainer_options(GRPOConfig, {**base_args, **options}, trainer_options or {})
+    return build_online_config(
+        GRPOConfig,
+        spec,
+        grpo,
+        base_args,
+        reward_weights,
+        trainer_options,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
     )
 
 
@@ -36,16 +38,4 @@ def build_grpo_trainer(ctx: TrainContext):
     from trl import GRPOTrainer
 
     config = build_grpo_config(ctx.spec, ctx.base_args, ctx.reward_weights, ctx.trainer_options)
-    config.model_init_kwargs = ctx.model_init_kwargs
-    return GRPOTrainer(
-        model=ctx.model,
-        reward_funcs=ctx.reward_funcs,
-        args=config,
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        reward_processing_classes=ctx.reward_processing_classes,
-        callbacks=ctx.callbacks,
-        peft_config=ctx.peft_config,
-        quantization_config=ctx.quantization_config,
-    )
+    return build_online_trainer(GRPOTrainer, config, ctx)

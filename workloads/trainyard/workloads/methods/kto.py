@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.common import TrainContext, build_trainer, length_options
 
 
 def build_kto_config(spec: Any, base_args: dict[str, Any]):
@@ -18,23 +18,11 @@ def build_kto_config(spec: Any, base_args: dict[str, Any]):
             desirable_weight=kto.desirable_weight,
             undesirable_weight=kto.undesirable_weight,
         )
-    if spec.training.max_length is not None:
-        options["max_length"] = spec.training.max_length
+    options.update(length_options(spec))
     return KTOConfig(**base_args, **options)
 
 
 def build_kto_trainer(ctx: TrainContext):
     from trl import KTOTrainer
 
-    config = build_kto_config(ctx.spec, ctx.base_args)
-    config.model_init_kwargs = ctx.model_init_kwargs
-    return KTOTrainer(
-        model=ctx.model,
-        args=config,
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        callbacks=ctx.callbacks,
-        peft_config=ctx.peft_config,
-        quantization_config=ctx.quantization_config,
-    )
+    return build_trainer(KTOTrainer, build_kto_config(ctx.spec, ctx.base_args), ctx)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trainyard.workloads.methods.common import SpecError
+from trainyard.workloads.methods.common import (
+    SpecError,
+    TrainContext,
+    apply_trainer_options,
+    build_trainer,
+)
 
 # Set by the operator (the rollout Service) or the local runner in server mode.
 VLLM_HOST_ENV = "TRAINYARD_VLLM_HOST"
@@ -37,6 +42,36 @@ def generation_options(rl: Any) -> dict[str, Any]:
     if rl.beta is not None:
         options["beta"] = rl.beta
     return options
+
+
+def build_online_config(
+    config_class: type,
+    spec: Any,
+    rl: Any,
+    base_args: dict[str, Any],
+    reward_weights: list[float] | None,
+    trainer_options: dict[str, Any] | None,
+    **method_options: Any,
+):
+    """A `GRPOConfig`/`RLOOConfig`: the shared generation and vLLM options, the method's
+    own (`method_options`), reward weights, then the operator's `trainer_options` over all."""
+    options = {**generation_options(rl), **method_options, **vllm_options(spec.rollout)}
+    if reward_weights:
+        options["reward_weights"] = reward_weights
+    return config_class(
+        **apply_trainer_options(config_class, {**base_args, **options}, trainer_options or {})
+    )
+
+
+def build_online_trainer(trainer_class: type, config: Any, ctx: TrainContext):
+    """A `GRPOTrainer`/`RLOOTrainer` with the run's reward functions and their tokenizers."""
+    return build_trainer(
+        trainer_class,
+        config,
+        ctx,
+        reward_funcs=ctx.reward_funcs,
+        reward_processing_classes=ctx.reward_processing_classes,
+    )
 
 
 def vllm_options(rollout: Any, max_length: int | None = None) -> dict[str, Any]:

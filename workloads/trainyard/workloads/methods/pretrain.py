@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.common import TrainContext, build_trainer
 
 
 def build_pretrain_config(spec: Any, base_args: dict[str, Any]):
@@ -34,15 +34,4 @@ def build_pretrain_config(spec: Any, base_args: dict[str, Any]):
 def build_pretrain_trainer(ctx: TrainContext):
     from trl import SFTTrainer
 
-    config = build_pretrain_config(ctx.spec, ctx.base_args)
-    config.model_init_kwargs = ctx.model_init_kwargs
-    return SFTTrainer(
-        model=ctx.model,
-        args=config,
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        callbacks=ctx.callbacks,
-        peft_config=ctx.peft_config,
-        quantization_config=ctx.quantization_config,
-    )
+    return build_trainer(SFTTrainer, build_pretrain_config(ctx.spec, ctx.base_args), ctx)

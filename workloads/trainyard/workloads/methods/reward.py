@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.common import TrainContext, build_trainer, length_options
 
 
 def build_reward_config(spec: Any, base_args: dict[str, Any]):
@@ -17,23 +17,11 @@ def build_reward_config(spec: Any, base_args: dict[str, Any]):
     options: dict[str, Any] = {}
     if spec.reward is not None and spec.reward.center_rewards_coefficient is not None:
         options["center_rewards_coefficient"] = spec.reward.center_rewards_coefficient
-    if spec.training.max_length is not None:
-        options["max_length"] = spec.training.max_length
+    options.update(length_options(spec))
     return RewardConfig(**base_args, **options)
 
 
 def build_reward_trainer(ctx: TrainContext):
     from trl import RewardTrainer
 
-    config = build_reward_config(ctx.spec, ctx.base_args)
-    config.model_init_kwargs = ctx.model_init_kwargs
-    return RewardTrainer(
-        model=ctx.model,
-        args=config,
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        callbacks=ctx.callbacks,
-        peft_config=ctx.peft_config,
-        quantization_config=ctx.quantization_config,
-    )
+    return build_trainer(RewardTrainer, build_reward_config(ctx.spec, ctx.base_args), ctx)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainyard.workloads.methods.common import TrainContext, apply_trainer_options
-from trainyard.workloads.methods.online import generation_options, vllm_options
+from trainyard.workloads.methods.common import TrainContext
+from trainyard.workloads.methods.online import build_online_config, build_online_trainer
 
 
 def build_rloo_config(
@@ -22,13 +22,14 @@ def build_rloo_config(
     from trl import RLOOConfig
 
     rloo = spec.rloo
-    options = generation_options(rloo)
-    options["normalize_advantages"] = rloo.normalize_advantages
-    options.update(vllm_options(spec.rollout))
-    if reward_weights:
-        options["reward_weights"] = reward_weights
-    return RLOOConfig(
-        **apply_trainer_options(RLOOConfig, {**base_args, **options}, trainer_options or {})
+    return build_online_config(
+        RLOOConfig,
+        spec,
+        rloo,
+        base_args,
+        reward_weights,
+        trainer_options,
+        normalize_advantages=rloo.normalize_advantages,
     )
 
 
@@ -36,16 +37,4 @@ def build_rloo_trainer(ctx: TrainContext):
     from trl import RLOOTrainer
 
     config = build_rloo_config(ctx.spec, ctx.base_args, ctx.reward_weights, ctx.trainer_options)
-    config.model_init_kwargs = ctx.model_init_kwargs
-    return RLOOTrainer(
-        model=ctx.model,
-        reward_funcs=ctx.reward_funcs,
-        args=config,
-        train_dataset=ctx.train_dataset,
-        eval_dataset=ctx.eval_dataset,
-        processing_class=ctx.tokenizer,
-        reward_processing_classes=ctx.reward_processing_classes,
-        callbacks=ctx.callbacks,
-        peft_config=ctx.peft_config,
-        quantization_config=ctx.quantization_config,
-    )
+    return build_online_trainer(RLOOTrainer, config, ctx)
