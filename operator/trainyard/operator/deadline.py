@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from trainyard.operator import status
+
 
 def active_since(*, start_time: datetime | None, resumed_at: datetime | None) -> datetime | None:
     """When the deadline clock started: the later of the first start and the last resume."""
@@ -19,9 +21,7 @@ def seconds_left(
     *, active_since: datetime | None, deadline_seconds: int | None, now: datetime
 ) -> float | None:
     """Seconds before the deadline (≤ 0: passed), or None without a deadline or a start."""
-    if deadline_seconds is None or active_since is None:
-        return None
-    return deadline_seconds - (now - active_since).total_seconds()
+    return status.seconds_left(active_since, deadline_seconds, now)
 
 
 def is_exceeded(

@@ -44,6 +44,66 @@ class OperatorMetrics:
             ["verb", "code"],
             registry=self.registry,
         )
+        self.queue_depth = Gauge(
+            "trainyard_operator_queue_depth",
+            "Objects waiting in the work queue for a reconcile, by kind (delayed requeues not counted).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "trainyard_operator_queue_wait_seconds",
+            "Seconds an object waited in the work queue between its first event and its reconcile.",
+            ["kind"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.watch_restarts = Counter(
+            "trainyard_operator_watch_restarts",
+            "Watch streams re-opened (expired, closed by the server, or failed), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "trainyard_operator_leader",
+            "1 while this replica is the active one (kopf peering), 0 while it stands by.",
+            registry=self.registry,
+        )
+        self.gate_verdicts = Counter(
+            "trainyard_gate_verdicts",
+            "PromotionGate verdicts reached, by namespace, gate and verdict.",
+            ["namespace", "gate", "verdict"],
+            registry=self.registry,
+        )
+        self.gate_verdict = Gauge(
+            "trainyard_gate_verdict",
+            "A gate's current verdict: 1 for the verdict it holds, 0 for the others.",
+            ["namespace", "gate", "verdict"],
+            registry=self.registry,
+        )
+        self.gate_criterion_value = Gauge(
+            "trainyard_gate_criterion_value",
+            "The observed value of each criterion of a gate.",
+            ["namespace", "gate", "criterion"],
+            registry=self.registry,
+        )
+        self.gate_criterion_threshold = Gauge(
+            "trainyard_gate_criterion_threshold",
+            "The threshold each criterion of a gate is judged against.",
+            ["namespace", "gate", "criterion"],
+            registry=self.registry,
+        )
+        self.pipeline_stage = Gauge(
+            "trainyard_pipeline_stage",
+            "A pipeline's current stage (its 0-based index), by namespace and pipeline.",
+            ["namespace", "pipeline"],
+            registry=self.registry,
+        )
+        self.inference_servers_ready = Gauge(
+            "trainyard_inference_server_ready",
+            "1 while an InferenceServer has all its replicas ready.",
+            ["namespace", "server"],
+            registry=self.registry,
+        )
         self._phases: dict[str, str] = {}
         self._server: Any = None
         self.port: int | None = None

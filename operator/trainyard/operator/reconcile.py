@@ -436,7 +436,7 @@ LIVE_SPEC_FIELDS = frozenset({"suspend", "runPolicy"})
 def spec_fingerprint(body: dict[str, Any]) -> dict[str, str]:
     """A short hash of each top-level spec field as the author wrote it (live fields left
     out): what `status.appliedSpec` records when an attempt's config is rendered."""
-    spec = user_document(body).get("spec") or {}
+    spec = body.get("spec") or {}
     return {
         key: builder_names.short_hash(json.dumps(value, sort_keys=True))
         for key, value in sorted(spec.items())

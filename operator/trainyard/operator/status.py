@@ -29,6 +29,14 @@ def parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def seconds_left(since: datetime | None, limit_seconds: int | None, now: datetime) -> float | None:
+    """Seconds before `limit_seconds` have passed since `since` (≤ 0: passed), or None
+    without a limit or a start: the clock of TTLs and deadlines."""
+    if limit_seconds is None or since is None:
+        return None
+    return limit_seconds - (now - since).total_seconds()
+
+
 def find_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions or [] if c.get("type") == type_), None)
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from trainyard.operator.status import seconds_left
+
 
 def seconds_until_cleanup(
     *, completion_time: datetime | None, ttl_seconds: int | None, now: datetime
 ) -> float | None:
     """Seconds left before clean-up (≤ 0: due now), or None when there is no TTL or no finish."""
-    if ttl_seconds is None or completion_time is None:
-        return None
-    return ttl_seconds - (now - completion_time).total_seconds()
+    return seconds_left(completion_time, ttl_seconds, now)
 
 
 def is_cleanup_due(
