@@ -9,24 +9,47 @@ from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
 from trainyard.api.common import ModelSource, ObjectMeta, Resources, source_uri
-from trainyard.api.rules import Rule
+from trainyard.api.rules import Rule, nested_error
 from trainyard.api.status import Condition
 
 Operator = Literal["<", "<=", ">", ">=", "==", "!="]
+_NUMBER = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?\.\d+(?:[eE][-+]?\d+)?"
 _CRITERION = re.compile(
-    r"^\s*([A-Za-z_][\w./-]*)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$"
+    rf"^\s*(?P<metric>[A-Za-z_][\w./-]*)\s*(?P<op><=|>=|==|!=|<|>)\s*"
+    rf"(?:(?P<value>{_NUMBER})"
+    rf"|baseline(?:\s*\*\s*(?P<scale>{_NUMBER}))?(?:\s*(?P<sign>[-+])\s*(?P<offset>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?)"
+    r"\s*$"
 )
+BOUNDED_OPS = ("<", "<=", ">", ">=")
+"""Operators a confidence bound applies to: `==` and `!=` have no side to be confident of."""
+
+
+class BaselineThreshold(ApiModel):
+    """A threshold taken from the baseline model's value: baseline × scale + offset."""
+
+    scale: float = 1.0
+    """Factor on the baseline's value (eval_loss <= baseline * 1.02 is scale 1.02)."""
+    offset: float = 0.0
+    """Added after scaling (accuracy >= baseline - 0.01 is offset -0.01)."""
 
 
 class Criterion(ApiModel):
-    """One comparison on a metric, e.g. eval_loss <= 1.8."""
+    """One comparison on a metric: `eval_loss <= 1.8`, `eval_loss <= baseline * 1.02`,
+    or an object with a confidence level (`{metric: accuracy, op: '>=', value: 0.6,
+    confidence: 0.95}`) or `advisory: true`."""
 
     metric: str = Field(pattern=r"^[A-Za-z_][\w./-]*$")
     """Metric name as the run or evaluation reports it (eval_loss, perplexity, accuracy, refusal_rate, reward_mean…)."""
     op: Operator
     """Comparison."""
-    value: float
-    """Threshold."""
+    value: float | None = None
+    """Fixed threshold; leave out when the threshold comes from the baseline."""
+    baseline: BaselineThreshold | None = None
+    """Threshold relative to the baseline model evaluated in the same job (evaluation.baseline)."""
+    confidence: float | None = Field(default=None, gt=0.5, lt=1)
+    """Pass only when the bootstrap bound at this level clears the threshold; Inconclusive while the interval straddles it."""
+    advisory: bool = False
+    """Reported, never blocking."""
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
@@ -34,7 +57,11 @@ class Criterion(ApiModel):
         # "string or object", so the API server keeps the item as written and the
         # operator checks it (same message as `trainyard validate`).
         return {
-            "description": "METRIC OP NUMBER as text (e.g. 'eval_loss <= 1.8'), or {metric, op, value}.",
+            "description": (
+                "METRIC OP NUMBER or METRIC OP baseline [* FACTOR] [+|- OFFSET] as text "
+                "(e.g. 'eval_loss <= 1.8', 'eval_loss <= baseline * 1.02'), or "
+                "{metric, op, value | baseline: {scale, offset}, confidence, advisory}."
+            ),
             "x-kubernetes-preserve-unknown-fields": True,
         }
 
@@ -44,38 +71,158 @@ class Criterion(ApiModel):
         if isinstance(data, str):
             match = _CRITERION.match(data)
             if not match:
+                if "baseline" in data:
+                    raise ValueError(
+                        f"{data!r} is not a criterion; write METRIC OP baseline [* FACTOR] "
+                        "[+|- OFFSET], e.g. 'eval_loss <= baseline * 1.02' "
+                        "(OP one of <, <=, >, >=, ==, !=)"
+                    )
                 raise ValueError(
                     f"{data!r} is not a criterion; write METRIC OP NUMBER, e.g. 'eval_loss <= 1.8' "
                     "(OP one of <, <=, >, >=, ==, !=)"
                 )
-            return {"metric": match[1], "op": match[2], "value": float(match[3])}
+            parsed: dict[str, Any] = {"metric": match["metric"], "op": match["op"]}
+            if match["value"] is not None:
+                parsed["value"] = float(match["value"])
+            else:
+                offset = float(match["offset"] or 0) * (-1 if match["sign"] == "-" else 1)
+                parsed["baseline"] = {"scale": float(match["scale"] or 1), "offset": offset}
+            return parsed
         return data
 
-    def holds(self, observed: float) -> bool:
+    @model_validator(mode="after")
+    def _threshold(self) -> Criterion:
+        problems = []
+        if (self.value is None) == (self.baseline is None):
+            problems.append(("value", "set exactly one of value or baseline"))
+        if self.confidence is not None and self.op not in BOUNDED_OPS:
+            problems.append(
+                (
+                    "confidence",
+                    f"a confidence bound needs one of {', '.join(BOUNDED_OPS)}, not {self.op}",
+                )
+            )
+        if problems:
+            raise nested_error(problems)
+        return self
+
+    @property
+    def text(self) -> str:
+        """The criterion as a person writes it.
+
+        >>> Criterion.model_validate("eval_loss <= baseline * 1.02").text
+        'eval_loss <= baseline * 1.02'
+        >>> Criterion.model_validate("accuracy >= baseline - 0.01").text
+        'accuracy >= baseline - 0.01'
+        >>> Criterion(metric="accuracy", op=">=", value=0.6, confidence=0.95).text
+        'accuracy >= 0.6 (95% confidence)'
+        """
+        if self.baseline is None:
+            threshold = f"{self.value:g}"
+        else:
+            threshold = "baseline"
+            if self.baseline.scale != 1:
+                threshold += f" * {self.baseline.scale:g}"
+            if self.baseline.offset:
+                sign = "-" if self.baseline.offset < 0 else "+"
+                threshold += f" {sign} {abs(self.baseline.offset):g}"
+        text = f"{self.metric} {self.op} {threshold}"
+        notes = []
+        if self.confidence is not None:
+            notes.append(f"{self.confidence * 100:g}% confidence")
+        if self.advisory:
+            notes.append("advisory")
+        return text + (f" ({', '.join(notes)})" if notes else "")
+
+    def threshold(self, baseline: float | None = None) -> float | None:
+        """The value compared against: fixed, or from the baseline's (None without one).
+
+        >>> Criterion.model_validate("eval_loss <= baseline * 1.5 + 0.1").threshold(2.0)
+        3.1
+        """
+        if self.baseline is None:
+            return self.value
+        if baseline is None:
+            return None
+        return baseline * self.baseline.scale + self.baseline.offset
+
+    def holds(self, observed: float, threshold: float | None = None) -> bool:
         """Whether an observed value meets the criterion.
 
         >>> Criterion(metric="eval_loss", op="<=", value=1.8).holds(1.5)
         True
         """
+        limit = self.value if threshold is None else threshold
         return {
-            "<": observed < self.value,
-            "<=": observed <= self.value,
-            ">": observed > self.value,
-            ">=": observed >= self.value,
-            "==": observed == self.value,
-            "!=": observed != self.value,
+            "<": observed < limit,
+            "<=": observed <= limit,
+            ">": observed > limit,
+            ">=": observed >= limit,
+            "==": observed == limit,
+            "!=": observed != limit,
         }[self.op]
+
+
+EVALUATION_SUITES = ("perplexity", "accuracy", "refusal_rate", "reward")
+"""What an evaluation can compute: perplexity gives eval_loss and perplexity; refusal_rate
+gives refusal_rate and over_refusal_rate; reward gives reward_mean and one
+reward/NAME per component, scored with the judged run's own reward spec."""
+
+
+class Generation(ApiModel):
+    """How completions are generated for accuracy, refusal and reward suites; recorded in eval.json."""
+
+    max_new_tokens: int = Field(default=128, ge=1, le=32768)
+    """Tokens generated per prompt at most (`max_new_tokens`)."""
+    temperature: float = Field(default=0.0, ge=0)
+    """0 is greedy decoding (the default, so a verdict is reproducible)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling (`top_p`); used when temperature > 0."""
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    """Prompts generated together."""
+
+
+class AccuracyOptions(ApiModel):
+    """How a completion is compared with the labelled answer."""
+
+    match: Literal["auto", "exact", "choice", "regex", "final-answer"] = "auto"
+    """exact (whole answer), choice (option letter), regex (first group of pattern), final-answer (number after ####, GSM8K), auto (by the row)."""
+    pattern: str | None = None
+    """Regular expression for match: regex; its first group (if any) is the answer."""
+    ignore_case: bool = True
+    """Compare answers case-insensitively."""
+
+
+class UserMetric(ApiModel):
+    """A metric computed by your own function."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][\w./-]*$")
+    """Metric name criteria refer to."""
+    python: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """module:function(completions, prompts, **columns) -> list[float | None]; the metric is the mean."""
 
 
 class Evaluation(ApiModel):
     """An evaluation Job the gate runs on the candidate model before judging."""
 
-    suite: list[Literal["perplexity", "accuracy", "refusal_rate", "reward"]] = Field(min_length=1)
+    suite: list[Literal[EVALUATION_SUITES]] = Field(min_length=1)  # type: ignore[valid-type]
     """Metrics the evaluation computes."""
     dataset: source_uri("hf", "s3", "file", "builtin")
     """Evaluation data (hf://, s3://, file://, builtin://)."""
     max_samples: int | None = Field(default=None, ge=1)
     """Evaluate at most this many records."""
+    baseline: ModelSource | None = None
+    """A model evaluated on the same records (e.g. the stage's input model) for baseline criteria."""
+    seed: int = 0
+    """Seed of sampling and of the bootstrap; recorded in eval.json."""
+    generation: Generation = Field(default_factory=Generation)
+    """Generation settings; recorded in eval.json."""
+    accuracy: AccuracyOptions = Field(default_factory=AccuracyOptions)
+    """How answers are matched."""
+    refusal_patterns: list[str] | None = None
+    """Regular expressions that mark a refusal; common refusal phrases when left out."""
+    metrics: list[UserMetric] = Field(default_factory=list, max_length=32)
+    """Your own metrics."""
     image: str | None = None
     """Evaluation image; the trainer image when left out."""
     resources: Resources | None = None
@@ -90,11 +237,13 @@ class PromotionGateSpec(ApiModel):
     model: ModelSource | None = None
     """A model or checkpoint judged instead of a run's."""
     criteria: list[Criterion] = Field(min_length=1)
-    """All must hold for the gate to pass."""
+    """What the model must show; advisory criteria are reported but never block."""
+    require: Literal["all", "any"] = "all"
+    """all: every blocking criterion must pass; any: one passing blocking criterion is enough."""
     evaluation: Evaluation | None = None
     """Run an evaluation Job first and judge its metrics."""
     manual_approval: bool = False
-    """After the criteria pass, wait for annotation trainyard.dev/approved=true."""
+    """After the criteria pass, wait for annotation trainyard.dev/approved-by: NAME (rejected-by rejects)."""
 
     rules = (
         Rule(
@@ -106,16 +255,83 @@ class PromotionGateSpec(ApiModel):
         ),
     )
 
+    @model_validator(mode="after")
+    def _baseline_criteria(self) -> PromotionGateSpec:
+        problems = criteria_problems(self.criteria, self.evaluation)
+        if problems:
+            raise nested_error(problems)
+        return self
+
+
+def criteria_problems(
+    criteria: list[Criterion], evaluation: Evaluation | None
+) -> list[tuple[str, str]]:
+    """What a gate asks that its evaluation cannot give: a baseline threshold without a
+    baseline model, a confidence bound without per-example values."""
+    problems = []
+    for i, criterion in enumerate(criteria):
+        if criterion.baseline is not None and (evaluation is None or evaluation.baseline is None):
+            problems.append(
+                (
+                    f"criteria[{i}]",
+                    f"{criterion.text!r} compares with a baseline: set evaluation.baseline "
+                    "(the model evaluated beside the candidate)",
+                )
+            )
+        if criterion.confidence is not None and evaluation is None:
+            problems.append(
+                (
+                    f"criteria[{i}].confidence",
+                    "a confidence bound needs per-example values: set evaluation "
+                    "(a run's final metrics are single numbers)",
+                )
+            )
+    return problems
+
+
+Verdict = Literal["Pending", "Evaluating", "AwaitingApproval", "Inconclusive", "Passed", "Failed"]
+VERDICTS: tuple[str, ...] = Verdict.__args__  # type: ignore[attr-defined]
+CriterionOutcome = Literal["Passed", "Failed", "Inconclusive"]
+
 
 class CriterionResult(ApiModel):
-    """The observed value of one criterion."""
+    """One criterion judged: what was observed, against what, by how much, how sure."""
 
     criterion: str
     """The criterion as text."""
+    metric: str
+    """The metric judged."""
+    result: CriterionOutcome
+    """Passed, Failed, or Inconclusive (its confidence interval straddles the threshold)."""
     observed: float | None = None
     """Value observed; missing when the metric was not reported."""
-    passed: bool
-    """Whether it held."""
+    threshold: float | None = None
+    """Value compared against (from the baseline for baseline-relative criteria)."""
+    baseline: float | None = None
+    """The baseline model's value of the metric."""
+    margin: float | None = None
+    """How far the observed value clears the threshold; negative when it misses."""
+    margin_lower: float | None = None
+    """Lower confidence bound of the margin (confidence criteria)."""
+    margin_upper: float | None = None
+    """Upper confidence bound of the margin (confidence criteria)."""
+    confidence: float | None = None
+    """Confidence level of the bounds."""
+    samples: int | None = None
+    """Examples behind the value (paired examples when compared with the baseline)."""
+    advisory: bool = False
+    """Reported only; does not block."""
+    message: str = ""
+    """Why, for humans."""
+
+
+class PersonDecision(ApiModel):
+    """An approval or rejection given by annotation."""
+
+    by: str
+    """Who (the annotation's value)."""
+    at: str
+    """When the operator first saw it (RFC 3339)."""
 
 
 class PromotionGateStatus(ApiModel):
@@ -123,12 +339,36 @@ class PromotionGateStatus(ApiModel):
 
     model_config = ApiModel.model_config | {"extra": "allow"}
 
-    verdict: Literal["Pending", "Evaluating", "AwaitingApproval", "Passed", "Failed"] | None = None
+    verdict: Verdict | None = None
     """The gate's decision."""
+    reason: str | None = None
+    """One CamelCase word saying why (CriteriaMet, CriterionFailed, MetricMissing, Inconclusive, Approved, Rejected…)."""
+    message: str | None = None
+    """The decision for humans: which criteria held or failed, and by how much."""
     results: list[CriterionResult] | None = None
-    """Each criterion with its observed value."""
+    """Each criterion with its observed value, threshold, margin and bounds."""
+    model: str | None = None
+    """URI of the model judged."""
+    baseline_model: str | None = None
+    """URI of the baseline model evaluated beside it."""
     promoted_model: str | None = None
     """URI of the model that passed."""
+    evaluation_job: str | None = None
+    """The evaluation Job."""
+    evaluation_attempts: int | None = None
+    """Evaluation Jobs started so far."""
+    eval_results: str | None = None
+    """URI of the eval.json the verdict was reached on."""
+    report: str | None = None
+    """URI of the evaluation's Markdown report."""
+    awaiting_since: str | None = None
+    """When the criteria first passed or became inconclusive; only approvals given later count."""
+    approval: PersonDecision | None = None
+    """The approval that counted."""
+    rejection: PersonDecision | None = None
+    """The rejection that decided."""
+    decided_at: str | None = None
+    """When the gate reached Passed or Failed."""
     conditions: list[Condition] | None = None
     """Valid, Evaluated, Passed."""
     observed_generation: int | None = None
