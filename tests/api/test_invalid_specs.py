@@ -23,7 +23,10 @@ SPEC_FIELDS = (
     "pretrain, rollout, distributed, checkpoint, storage, metrics, resources, scheduling, "
     "image, imagePullPolicy, env, runPolicy, suspend"
 )
-SOURCES = "hf://…, s3://…, file://…, builtin://…, run://…"
+SOURCES = (
+    "hf://org/name[@revision], s3://bucket/key, file://path, builtin://NAME, "
+    "run://RUN[/step-N|final|latest]"
+)
 SECRET_ENV = (
     "spec.env: credentials must not be written in a spec: take variables named like "
     "secrets from a Secret with valueFrom.secretKeyRef"

@@ -8,12 +8,18 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator
 
 from trainyard.api.base import ApiModel
+from trainyard.api.contract import (
+    SOURCE_SCHEMES,
+    USERINFO_PATTERN,
+    SourceURIError,
+    parse_source,
+    source_pattern,
+)
 from trainyard.api.rules import Rule
 
-# A source URI names where a model, tokenizer or dataset comes from. Credentials never
-# go in it: `scheme://user:password@host` is refused (the CRD refuses it too).
-SOURCE_SCHEMES = ("hf", "s3", "file", "builtin", "run")
-USERINFO_PATTERN = r"^[a-z0-9]+://[^/@]*@"
+# A source URI names where a model, tokenizer or dataset comes from; its grammar is the
+# pod contract's (`trainyard.api.contract`). Credentials never go in it:
+# `scheme://user:password@host` is refused (the CRD refuses it too).
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Env names that hold secrets: such a variable must come from a Secret, never a literal.
 SECRET_ENV_PATTERN = (
@@ -30,11 +36,6 @@ Quantity = Annotated[
 ]
 
 
-def source_pattern(schemes: tuple[str, ...]) -> str:
-    """The URI pattern the CRD enforces: a known scheme, no user info before the path."""
-    return rf"^({'|'.join(schemes)})://[^\s/@]*(/\S*)?$"
-
-
 def source_uri(*schemes: str) -> Any:
     """A str field holding a source URI of these schemes, checked here and in the CRD."""
     return Annotated[
@@ -46,16 +47,10 @@ def source_uri(*schemes: str) -> Any:
 
 def check_source(value: str, allowed: tuple[str, ...] = SOURCE_SCHEMES) -> str:
     """Refuse sources with an unknown scheme or embedded credentials."""
-    if re.match(USERINFO_PATTERN, value):
-        raise ValueError(
-            "credentials must not be written in a source URI; "
-            "put them in a Secret and reference it from storage.s3.credentialsSecret"
-        )
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme not in allowed or not rest.strip():
-        raise ValueError(
-            f"{value!r} is not a source URI; allowed: " + ", ".join(f"{s}://…" for s in allowed)
-        )
+    try:
+        parse_source(value, allowed)
+    except SourceURIError as error:
+        raise ValueError(str(error)) from None
     return value
 
 

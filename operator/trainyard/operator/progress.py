@@ -1,7 +1,7 @@
 """Training progress from rank 0: Prometheus text or the progress JSON → `status.progress`.
 
-The workload (`trainyard.workloads.metrics`) exports gauges named `trainyard_<name>`;
-an unknown value is NaN there and left out here. Progress only changes when the step
+The workload (`trainyard.workloads.metrics`) exports the gauges the pod contract names
+(`trainyard.api.contract.Metric`); an unknown value is NaN there and left out here. Progress only changes when the step
 moves, so `progress.updatedAt` says when the run last advanced (the stall clock).
 """
 
@@ -15,19 +15,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainyard.api.contract import PROGRESS_GAUGES
 from trainyard.operator.status import format_time, parse_time
 
-# status.progress field → workload gauge (unlabelled samples only)
-GAUGES: dict[str, str] = {
-    "step": "trainyard_step",
-    "totalSteps": "trainyard_total_steps",
-    "epoch": "trainyard_epoch",
-    "loss": "trainyard_loss",
-    "rewardMean": "trainyard_reward_mean",
-    "kl": "trainyard_kl",
-    "tokensPerSecond": "trainyard_tokens_per_second",
-    "checkpointStep": "trainyard_checkpoint_last_step",
-}
+# status.progress field → workload gauge (unlabelled samples only), from the pod contract.
+GAUGES: dict[str, str] = PROGRESS_GAUGES
 INTEGER_FIELDS = frozenset({"step", "totalSteps", "checkpointStep"})
 
 

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainyard.api.contract import Env
+
 # Bump when the tokenizer, corpus or model recipe changes, so stale caches are not reused.
 RECIPE_VERSION = "2"
 
@@ -300,7 +302,7 @@ def build_tokenizer():
 
 def cache_root() -> Path:
     """Where built artifacts are kept between runs."""
-    root = os.environ.get("TRAINYARD_CACHE")
+    root = os.environ.get(Env.CACHE)
     return Path(root) if root else Path.home() / ".cache" / "trainyard"
 
 

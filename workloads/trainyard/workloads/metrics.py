@@ -11,7 +11,8 @@ access). The numbers come from the log dicts transformers and TRL hand to
   completions/mean_length, num_tokens.
 
 Every numeric key is also exported as `trainyard_train_log{key=...}` so promotion
-gates can use any of them.
+gates can use any of them. The metric names are the pod contract's
+(`trainyard.api.contract.Metric`), which the operator reads too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from transformers import TrainerCallback
+
+from trainyard.api.contract import COMPONENT_LABEL, LOG_KEY_LABEL, Metric
 
 COMPONENT_KEY = re.compile(r"rewards/(?P<name>.+)/(?P<stat>mean|std)")
 # Log key → progress-file field, for the scalar gauges.
@@ -58,50 +61,54 @@ class TrainingMetrics:
         self._last_tokens: tuple[float, float] | None = None  # (tokens seen, time)
 
         def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
-            return Gauge(f"trainyard_{name}", doc, labels, registry=self.registry)
+            return Gauge(name, doc, labels, registry=self.registry)
 
-        self.step = gauge("step", "Optimizer steps done (TrainerState.global_step).")
-        self.total_steps = gauge("total_steps", "Steps the run will take (TrainerState.max_steps).")
-        self.epoch = gauge("epoch", "Fractional epoch.")
+        self.step = gauge(Metric.STEP, "Optimizer steps done (TrainerState.global_step).")
+        self.total_steps = gauge(
+            Metric.TOTAL_STEPS, "Steps the run will take (TrainerState.max_steps)."
+        )
+        self.epoch = gauge(Metric.EPOCH, "Fractional epoch.")
         self.tokens_per_second = gauge(
-            "tokens_per_second", "Training tokens per second since the previous log."
+            Metric.TOKENS_PER_SECOND, "Training tokens per second since the previous log."
         )
         self.scalars = {
-            "loss": gauge("loss", "Training loss of the last logging window."),
-            "learning_rate": gauge("learning_rate", "Current learning rate."),
-            "grad_norm": gauge("grad_norm", "Gradient norm before clipping."),
-            "reward": gauge("reward_mean", "Mean total reward (GRPO/RLOO)."),
-            "reward_std": gauge("reward_std", "Standard deviation of the total reward."),
-            "kl": gauge("kl", "KL divergence to the reference model."),
+            "loss": gauge(Metric.LOSS, "Training loss of the last logging window."),
+            "learning_rate": gauge(Metric.LEARNING_RATE, "Current learning rate."),
+            "grad_norm": gauge(Metric.GRAD_NORM, "Gradient norm before clipping."),
+            "reward": gauge(Metric.REWARD_MEAN, "Mean total reward (GRPO/RLOO)."),
+            "reward_std": gauge(Metric.REWARD_STD, "Standard deviation of the total reward."),
+            "kl": gauge(Metric.KL, "KL divergence to the reference model."),
             "completions/mean_length": gauge(
-                "completion_length", "Mean completion length in tokens."
+                Metric.COMPLETION_LENGTH, "Mean completion length in tokens."
             ),
-            "eval_loss": gauge("eval_loss", "Loss on the evaluation set."),
+            "eval_loss": gauge(Metric.EVAL_LOSS, "Loss on the evaluation set."),
         }
         self.component_mean = gauge(
-            "reward_component_mean", "Mean reward per reward function.", ["component"]
+            Metric.REWARD_COMPONENT_MEAN, "Mean reward per reward function.", [COMPONENT_LABEL]
         )
         self.component_std = gauge(
-            "reward_component_std", "Reward std per reward function.", ["component"]
+            Metric.REWARD_COMPONENT_STD, "Reward std per reward function.", [COMPONENT_LABEL]
         )
-        self.train_log = gauge("train_log", "Every numeric value of the last trainer log.", ["key"])
+        self.train_log = gauge(
+            Metric.TRAIN_LOG, "Every numeric value of the last trainer log.", [LOG_KEY_LABEL]
+        )
         self.checkpoint_last_step = gauge(
-            "checkpoint_last_step",
+            Metric.CHECKPOINT_LAST_STEP,
             "Newest step whose checkpoint upload completed (manifest written).",
         )
         self.checkpoint_upload_seconds = Histogram(
-            "trainyard_checkpoint_upload_seconds",
+            Metric.CHECKPOINT_UPLOAD_SECONDS,
             "Seconds one checkpoint upload took.",
             buckets=UPLOAD_BUCKETS,
             registry=self.registry,
         )
         self.checkpoint_upload_bytes = Counter(
-            "trainyard_checkpoint_upload_bytes",
+            Metric.CHECKPOINT_UPLOAD_BYTES,
             "Bytes of checkpoints uploaded.",
             registry=self.registry,
         )
         self.checkpoint_upload_failures = Counter(
-            "trainyard_checkpoint_upload_failures",
+            Metric.CHECKPOINT_UPLOAD_FAILURES,
             "Checkpoint uploads that failed.",
             registry=self.registry,
         )
@@ -178,7 +185,7 @@ class TrainingMetrics:
             for key, value in logs.items():
                 if not _number(value):
                     continue
-                self.train_log.labels(key=key).set(value)
+                self.train_log.labels(**{LOG_KEY_LABEL: key}).set(value)
                 if key in SCALARS:
                     summary[SCALARS[key]] = float(value)
                     self.scalars[key].set(value)
@@ -186,7 +193,7 @@ class TrainingMetrics:
                     name, stat = match["name"], match["stat"]
                     summary["rewards"].setdefault(name, {})[stat] = float(value)
                     gauge = self.component_mean if stat == "mean" else self.component_std
-                    gauge.labels(component=name).set(value)
+                    gauge.labels(**{COMPONENT_LABEL: name}).set(value)
             rate = self._tokens_per_second(logs, now)
             if rate is not None:
                 summary["tokensPerSecond"] = rate

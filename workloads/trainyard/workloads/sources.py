@@ -4,10 +4,13 @@ A source URI is resolved to something transformers or datasets can open: a local
 directory or file, or a hub id with a revision. S3 objects are downloaded once into the
 cache directory under a file lock, so the ranks of one node share a single download.
 
+The URI grammar and what `run://` names are the pod contract's
+(`trainyard.api.contract`), shared with the operator; this module only resolves.
+
 >>> parse_source("hf://Qwen/Qwen2.5-0.5B@main")
-Source(scheme='hf', path='Qwen/Qwen2.5-0.5B', revision='main')
+SourceURI(scheme='hf', path='Qwen/Qwen2.5-0.5B', revision='main')
 >>> parse_source("run://sft-stage/step-200")
-Source(scheme='run', path='sft-stage/step-200', revision=None)
+SourceURI(scheme='run', path='sft-stage/step-200', revision=None)
 """
 
 from __future__ import annotations
@@ -15,48 +18,30 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainyard.api import contract
 from trainyard.workloads import builtin
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-SCHEMES = ("hf", "s3", "file", "builtin", "run")
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-RUN_PATTERN = re.compile(
-    r"^(?P<run>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)(/(?P<ckpt>step-\d+|final|latest))?/?$"
-)
+Source = contract.SourceURI
 
 
 class SourceError(ValueError):
     """A source URI that cannot be resolved; the message says which field and what is allowed."""
 
 
-@dataclass(frozen=True)
-class Source:
-    """A parsed source URI."""
-
-    scheme: str
-    path: str
-    revision: str | None = None
-
-
 def parse_source(uri: str, field: str = "source") -> Source:
-    """Split a source URI into scheme, path and (for `hf://`) revision."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme not in SCHEMES or not rest:
-        raise SourceError(
-            f"{field}: {uri!r} is not a source URI; allowed: "
-            "hf://org/name[@revision], s3://bucket/key, file://path, builtin://NAME, run://RUN[/step-N]"
-        )
-    revision = None
-    if scheme == "hf" and "@" in rest:
-        rest, revision = rest.rsplit("@", 1)
-    return Source(scheme, rest, revision)
+    """Split a source URI into scheme, path and (for `hf://`) revision (the contract's grammar)."""
+    try:
+        return contract.parse_source(uri)
+    except contract.SourceURIError as error:
+        raise SourceError(f"{field}: {error}") from None
 
 
 # --------------------------------------------------------------------------- S3
@@ -172,32 +157,27 @@ def download_s3(uri: str, settings: S3Settings, field: str = "source") -> Path:
 def run_checkpoint_uri(uri: str, own_checkpoint_uri: str | None, field: str = "source") -> str:
     """Where the checkpoint named by `run://RUN[/step-N|final|latest]` lies.
 
-    A run's checkpoints live under its `checkpoint.uri`. Runs of one pipeline share a
-    root (`…/RUN/`), so the root comes from `$TRAINYARD_RUNS_URI` when the operator or
-    the local runner sets it, otherwise from the parent of this run's own checkpoint URI.
-    Without a step the run's exported `final/` model is meant.
+    The contract's rule (`trainyard.api.contract.runs_root`): under `$TRAINYARD_RUNS_URI`
+    when the operator or the local runner sets it, otherwise under the parent of this
+    run's own checkpoint URI. Without a checkpoint the run's exported `final/` model is meant.
     """
-    match = RUN_PATTERN.match(uri.removeprefix("run://"))
-    if not match:
-        raise SourceError(
-            f"{field}: {uri!r} is not a run reference; expected run://RUN, run://RUN/step-N, "
-            "run://RUN/final or run://RUN/latest"
-        )
-    root = os.environ.get("TRAINYARD_RUNS_URI")
-    if not root and own_checkpoint_uri:
-        root = own_checkpoint_uri.rstrip("/").rsplit("/", 1)[0]
+    try:
+        reference = contract.parse_run_reference(uri)
+    except contract.SourceURIError as error:
+        raise SourceError(f"{field}: {error}") from None
+    root = contract.runs_root(own_checkpoint_uri, os.environ)
     if not root:
         raise SourceError(
             f"{field}: {uri!r} needs to know where runs keep checkpoints: set checkpoint.uri "
-            "(runs share its parent) or TRAINYARD_RUNS_URI"
+            f"(runs share its parent) or {contract.Env.RUNS_URI}"
         )
-    return f"{root.rstrip('/')}/{match['run']}/{match['ckpt'] or 'final'}"
+    return contract.run_checkpoint_uri(reference, root)
 
 
 def _resolve_run(uri: str, own_checkpoint_uri: str | None, s3: S3Settings, field: str) -> Path:
     location = run_checkpoint_uri(uri, own_checkpoint_uri, field)
-    if location.endswith("/latest"):
-        location = _latest_checkpoint(location.removesuffix("/latest"), s3, field)
+    if location.endswith("/" + contract.CHECKPOINT_LATEST):
+        location = _latest_checkpoint(location.rsplit("/", 1)[0], s3, field)
     local = _to_local(location, s3, field)
     if not local.exists():
         raise SourceError(f"{field}: {uri} resolves to {location}, which does not exist")

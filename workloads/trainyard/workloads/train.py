@@ -6,7 +6,7 @@ is trained with the TRL trainer of its method, in this process or as one rank un
 `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from the environment; gloo on CPU,
 NCCL on GPU, as accelerate picks).
 
-Environment:
+Environment (the pod contract, `trainyard.api.contract.Env`):
   TRAINYARD_OUTPUT_DIR      output directory when --output is not given (default ./trainyard-output)
   TRAINYARD_METRICS_PORT    overrides spec.metrics.port; 0 picks a free port, "off" serves none
   TRAINYARD_CACHE           where built-in models and S3 downloads are cached
@@ -39,6 +39,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from trainyard.api.contract import Env
 from trainyard.workloads import sources
 from trainyard.workloads.dataset_formats import (
     DatasetFormatError,
@@ -61,11 +62,11 @@ from trainyard.workloads.methods.common import (
 
 logger = logging.getLogger("trainyard.train")
 
-OUTPUT_ENV = "TRAINYARD_OUTPUT_DIR"
-METRICS_PORT_ENV = "TRAINYARD_METRICS_PORT"
+OUTPUT_ENV = Env.OUTPUT_DIR
+METRICS_PORT_ENV = Env.METRICS_PORT
 # The operator's restart count of the gang: parts of a step from another attempt are
 # not merged into this attempt's manifest.
-RESTART_ATTEMPT_ENV = "TRAINYARD_RESTART_ATTEMPT"
+RESTART_ATTEMPT_ENV = Env.RESTART_ATTEMPT
 DEFAULT_OUTPUT = "trainyard-output"
 FINAL_DIR = "final"
 MERGED_DIR = "final-merged"
@@ -362,7 +363,7 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
         # Only GRPO/RLOO configs take them today; dropping them silently would hide a mismatch
         # between operator and image.
         raise SpecError(
-            f"TRAINYARD_TRAINER_OPTIONS: method {spec.method!r} takes no operator TRL options, "
+            f"{Env.TRAINER_OPTIONS}: method {spec.method!r} takes no operator TRL options, "
             f"got {sorted(ctx.trainer_options)}; they apply to grpo and rloo only"
         )
     if rl is not None:

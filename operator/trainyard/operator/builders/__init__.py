@@ -31,10 +31,12 @@ controller owner reference to the run, so deleting the run deletes them.
 What a worker pod gets (the workload's side of the contract): `/etc/trainyard/run.json`
 (the run) and `/etc/trainyard/trainer.json` (TRL options only the operator decides: the
 vLLM connection or colocate settings, under TRL's names, to apply over the options
-derived from run.json); env TRAINYARD_RUN_CONFIG, TRAINYARD_TRAINER_OPTIONS,
-TRAINYARD_RUN_NAME, TRAINYARD_RUN_NAMESPACE, TRAINYARD_RESTART_ATTEMPT,
-TRAINYARD_OUTPUT_DIR (an emptyDir), TRAINYARD_CACHE / HF_HOME / HOME (the cache
-emptyDir), TRAINYARD_VLLM_URL (server mode), AWS_* for storage.s3, then spec.env.
+derived from run.json); the environment of the pod contract (`trainyard.api.contract.Env`):
+TRAINYARD_RUN_CONFIG, TRAINYARD_TRAINER_OPTIONS, TRAINYARD_RUN_NAME,
+TRAINYARD_RUN_NAMESPACE, TRAINYARD_RESTART_ATTEMPT, TRAINYARD_OUTPUT_DIR (an emptyDir),
+TRAINYARD_CACHE / HF_HOME / HOME (the cache emptyDir), TRAINYARD_RUNS_URI (the parent
+of checkpoint.uri, where `run://` sources resolve), TRAINYARD_VLLM_URL (server mode),
+AWS_* for storage.s3, then spec.env.
 
 What the reconcile code decides, not the builders: which attempt is current
 (`restart_attempt`, from status), whether the Job is suspended (`suspend`, from

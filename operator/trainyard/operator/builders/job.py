@@ -15,6 +15,7 @@ attempt (a new Job, see `names.worker_job_name`) and counts it against the budge
 from __future__ import annotations
 
 from trainyard.api import TrainingRun
+from trainyard.api.contract import Env
 from trainyard.operator.builders import labels, names, pod_settings, vllm
 from trainyard.operator.builders.config_map import (
     CONFIG_DIR,
@@ -67,23 +68,27 @@ def worker_env(run: TrainingRun, restart_attempt: int) -> list[dict]:
                 "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
             },
         },
-        {"name": "TRAINYARD_RUN_NAME", "value": run.metadata.name},
+        {"name": Env.RUN_NAME, "value": run.metadata.name},
         {
-            "name": "TRAINYARD_RUN_NAMESPACE",
+            "name": Env.RUN_NAMESPACE,
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
-        {"name": "TRAINYARD_RESTART_ATTEMPT", "value": str(restart_attempt)},
-        {"name": "TRAINYARD_RUN_CONFIG", "value": RUN_CONFIG_PATH},
-        {"name": "TRAINYARD_TRAINER_OPTIONS", "value": TRAINER_OPTIONS_PATH},
-        {"name": "TRAINYARD_OUTPUT_DIR", "value": OUTPUT_DIR},
+        {"name": Env.RESTART_ATTEMPT, "value": str(restart_attempt)},
+        {"name": Env.RUN_CONFIG, "value": RUN_CONFIG_PATH},
+        {"name": Env.TRAINER_OPTIONS, "value": TRAINER_OPTIONS_PATH},
+        {"name": Env.OUTPUT_DIR, "value": OUTPUT_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if vllm.needs_rollout_server(run):
         # The name the workload reads (trainyard.workloads.methods.online); trainer.json
         # carries the same URL under TRL's name, with the timeout and group port.
-        own.append({"name": "TRAINYARD_VLLM_URL", "value": vllm.server_base_url(run)})
+        own.append({"name": Env.VLLM_URL, "value": vllm.server_base_url(run)})
     return pod_settings.merge_env(
-        own, pod_settings.cache_env(), pod_settings.s3_env(run), pod_settings.user_env(run)
+        own,
+        pod_settings.cache_env(),
+        pod_settings.runs_env(run),
+        pod_settings.s3_env(run),
+        pod_settings.user_env(run),
     )
 
 

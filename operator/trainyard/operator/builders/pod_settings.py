@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 
-from trainyard.api import TrainingRun
+from trainyard.api import TrainingRun, contract
 from trainyard.api.common import Resources
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -74,8 +74,20 @@ def cache_env() -> list[dict]:
         {"name": "HOME", "value": f"{CACHE_DIR}/home"},
         {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/xdg"},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        {"name": "TRAINYARD_CACHE", "value": f"{CACHE_DIR}/trainyard"},
+        {"name": contract.Env.CACHE, "value": f"{CACHE_DIR}/trainyard"},
     ]
+
+
+def runs_root(run: TrainingRun) -> str | None:
+    """The runs root `run://` sources resolve under (the contract's rule: the parent of
+    checkpoint.uri); None without checkpoint.uri."""
+    return contract.runs_root(run.spec.checkpoint.uri if run.spec.checkpoint else None)
+
+
+def runs_env(run: TrainingRun) -> list[dict]:
+    """TRAINYARD_RUNS_URI, so the workload resolves `run://` where the operator does."""
+    root = runs_root(run)
+    return [{"name": contract.Env.RUNS_URI, "value": root}] if root else []
 
 
 def s3_env(run: TrainingRun) -> list[dict]:

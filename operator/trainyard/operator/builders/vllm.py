@@ -59,7 +59,8 @@ ClusterIP Service on port 8000. The trainer gets the Service URL and a long
 Models the server can load: `hf://org/name[@rev]` (a hub id, `--revision`),
 `s3://bucket/prefix` (streamed with vLLM's Run:ai streamer, `--load-format
 runai_streamer`; the image needs vLLM's `runai` extra), `file://path` (a path inside the
-server image), `run://RUN[/step-N]` (resolved like the workloads do: a sibling of this
+server image), `run://RUN[/step-N|final]` (resolved by the pod contract's rule,
+`trainyard.api.contract`, as the workload does: under the runs root, the parent of this
 run's `checkpoint.uri`; that checkpoint must hold a full model). `builtin://` models only
 exist inside trainer processes, so they cannot be served.
 """
@@ -67,9 +68,8 @@ exist inside trainer processes, so they cannot be served.
 from __future__ import annotations
 
 import json
-import re
 
-from trainyard.api import TrainingRun
+from trainyard.api import TrainingRun, contract
 from trainyard.api.training_run import VLLMRollout
 from trainyard.operator.builders import labels, names, pod_settings
 from trainyard.operator.builders.errors import UnrenderableRun
@@ -88,10 +88,6 @@ STARTUP_PROBE_FAILURES = 180
 TRL_COLOCATE_GPU_MEMORY_UTILIZATION = 0.3
 # TRL's weight-transfer engine: NCCL, the only backend its client speaks.
 WEIGHT_TRANSFER_CONFIG = json.dumps({"backend": "nccl"})
-
-_RUN_SOURCE = re.compile(
-    r"^run://(?P<run>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)(/(?P<ckpt>step-\d+|final|latest))?/?$"
-)
 
 
 def rollout_of(run: TrainingRun) -> VLLMRollout | None:
@@ -167,20 +163,19 @@ def served_model(run: TrainingRun) -> tuple[str, list[str]]:
     """The model argument of `vllm serve` and the options that come with it."""
     model = run.spec.model
     source = model.source
-    scheme, _, rest = source.partition("://")
+    parsed = contract.parse_source(source)
     options: list[str] = []
-    if scheme == "hf":
-        name, _, revision = rest.partition("@")
-        revision = model.revision or revision
+    if parsed.scheme == "hf":
+        revision = model.revision or parsed.revision
         if revision:
             options += ["--revision", revision]
-        served = name
-    elif scheme == "s3":
+        served = parsed.path
+    elif parsed.scheme == "s3":
         served = source
         options += ["--load-format", "runai_streamer"]
-    elif scheme == "file":
-        served = "/" + rest.lstrip("/")
-    elif scheme == "run":
+    elif parsed.scheme == "file":
+        served = "/" + parsed.path.lstrip("/")
+    elif parsed.scheme == "run":
         served = _resolve_run_source(run, source)
         if served.startswith("s3://"):
             options += ["--load-format", "runai_streamer"]
@@ -195,13 +190,13 @@ def served_model(run: TrainingRun) -> tuple[str, list[str]]:
         )
     tokenizer = run.spec.tokenizer
     if tokenizer is not None:
-        t_scheme, _, t_rest = tokenizer.source.partition("://")
-        if t_scheme == "hf":
-            options += ["--tokenizer", t_rest.partition("@")[0]]
-        elif t_scheme == "s3":
+        parsed = contract.parse_source(tokenizer.source)
+        if parsed.scheme == "hf":
+            options += ["--tokenizer", parsed.path]
+        elif parsed.scheme == "s3":
             options += ["--tokenizer", tokenizer.source]
-        elif t_scheme == "file":
-            options += ["--tokenizer", "/" + t_rest.lstrip("/")]
+        elif parsed.scheme == "file":
+            options += ["--tokenizer", "/" + parsed.path.lstrip("/")]
         else:
             raise UnrenderableRun(
                 "spec.tokenizer.source",
@@ -367,19 +362,22 @@ def _s3_streamer_env(run: TrainingRun) -> list[dict]:
 
 
 def _resolve_run_source(run: TrainingRun, source: str) -> str:
-    """`run://RUN[/step-N|final|latest]` as a storage URI: a sibling of this run's checkpoint.uri."""
-    match = _RUN_SOURCE.match(source)
-    if not match or match["ckpt"] == "latest":
+    """`run://RUN[/step-N|final]` as a storage URI under the runs root (the contract's rule)."""
+    try:
+        reference = contract.parse_run_reference(source)
+    except contract.SourceURIError:
+        reference = None
+    if reference is None or reference.is_latest:
         raise UnrenderableRun(
             "spec.model.source",
             f"{source!r} cannot be served by a vLLM rollout server; allowed: run://RUN, "
             "run://RUN/step-N or run://RUN/final (latest is only known at run time)",
         )
-    if run.spec.checkpoint is None:
+    root = pod_settings.runs_root(run)
+    if root is None:
         raise UnrenderableRun(
             "spec.model.source",
             f"{source!r} is found next to this run's checkpoints; set checkpoint.uri "
             "(runs of a pipeline share its parent)",
         )
-    root = run.spec.checkpoint.uri.rstrip("/").rsplit("/", 1)[0]
-    return f"{root}/{match['run']}/{match['ckpt'] or 'final'}"
+    return contract.run_checkpoint_uri(reference, root)

@@ -13,6 +13,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainyard.api.contract import Env
+
 
 def _checkpointing_option() -> str:
     """transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing`;
@@ -81,7 +83,7 @@ class TrainContext:
     """TRL config options from the operator (see `read_trainer_options`), applied last."""
 
 
-TRAINER_OPTIONS_ENV = "TRAINYARD_TRAINER_OPTIONS"
+TRAINER_OPTIONS_ENV = Env.TRAINER_OPTIONS
 """Path of a JSON object of TRL config options only the operator decides (its
 `trainer.json`: the vLLM server address, timeout, group port, colocate memory share)."""
 

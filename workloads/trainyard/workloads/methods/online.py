@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from trainyard.api.contract import Env
 from trainyard.workloads.methods.common import (
     SpecError,
     TrainContext,
@@ -18,9 +19,9 @@ from trainyard.workloads.methods.common import (
 )
 
 # Set by the operator (the rollout Service) or the local runner in server mode.
-VLLM_HOST_ENV = "TRAINYARD_VLLM_HOST"
-VLLM_PORT_ENV = "TRAINYARD_VLLM_PORT"
-VLLM_URL_ENV = "TRAINYARD_VLLM_URL"
+VLLM_HOST_ENV = Env.VLLM_HOST
+VLLM_PORT_ENV = Env.VLLM_PORT
+VLLM_URL_ENV = Env.VLLM_URL
 
 
 def generation_options(rl: Any) -> dict[str, Any]:
