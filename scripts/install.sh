@@ -54,9 +54,11 @@ EOF
   "$HELM_BIN" version --short
 fi
 
-# Prometheus (Debian) scrapes the real /metrics endpoints in the tests.
-if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-    || echo "warning: prometheus could not be installed; its tests will be skipped" >&2
+# Prometheus (Debian) scrapes the real /metrics endpoints in the tests; Alertmanager
+# (tests/observe) receives the alerts it fires.
+if ! { command -v prometheus && command -v prometheus-alertmanager; } >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null) \
+    || echo "warning: prometheus/prometheus-alertmanager could not be installed; the tests that use them fail" >&2
 fi
 python -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
