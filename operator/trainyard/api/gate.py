@@ -8,9 +8,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
-from trainyard.api.common import ModelSource, ObjectMeta, Resources, source_uri
+from trainyard.api.common import ModelSource, ObjectMeta, Resources, Storage, source_uri
 from trainyard.api.rules import Rule, nested_error
 from trainyard.api.status import Condition
+from trainyard.api.training_run import RewardSpec
 
 Operator = Literal["<", "<=", ">", ">=", "==", "!="]
 _NUMBER = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?\.\d+(?:[eE][-+]?\d+)?"
@@ -227,6 +228,28 @@ class Evaluation(ApiModel):
     """Evaluation image; the trainer image when left out."""
     resources: Resources | None = None
     """Resources of the evaluation pod."""
+
+
+class EvaluationTask(ApiModel):
+    """What the evaluation workload reads (`python -m trainyard.workloads.evaluate TASK.json`):
+    written by the gate controller into the evaluation Job's ConfigMap, and by `trainyard
+    evaluate` and `trainyard run` on one machine. Not part of any CRD."""
+
+    model: ModelSource
+    """The candidate model or checkpoint (run:// resolved by the workload)."""
+    evaluation: Evaluation
+    """What to compute, on which data, with which settings."""
+    output: str | None = Field(default=None, pattern=r"^(s3|file)://\S+$")
+    """Where eval.json, the examples and the report go (s3:// or file://); beside the
+    model's checkpoint (CHECKPOINT/eval) when left out."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """The judged run's reward spec, for the reward suite."""
+    strip_thinking: bool = False
+    """Drop <think>…</think> before scoring rewards, as the run did."""
+    storage: Storage | None = None
+    """Object storage settings (the run's)."""
+    checkpoint_uri: str | None = None
+    """The judged run's checkpoint.uri, where run:// references are resolved from."""
 
 
 class PromotionGateSpec(ApiModel):

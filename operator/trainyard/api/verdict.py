@@ -42,6 +42,8 @@ EVAL_RESULTS_FILE = "eval.json"
 means the examples file and the report beside it are complete."""
 EXAMPLES_FILE = "eval-examples.jsonl"
 REPORT_FILE = "eval-report.md"
+EVAL_DIR = "eval"
+"""The folder inside a checkpoint where its evaluation goes (deleted with the checkpoint)."""
 APPROVED_BY_ANNOTATION = "trainyard.dev/approved-by"
 REJECTED_BY_ANNOTATION = "trainyard.dev/rejected-by"
 DEFAULT_RESAMPLES = 2000
@@ -54,6 +56,24 @@ INCONCLUSIVE = "Inconclusive"
 AWAITING_APPROVAL = "AwaitingApproval"
 APPROVED = "Approved"
 REJECTED = "Rejected"
+
+
+def eval_output_uri(checkpoint_uri: str) -> str:
+    """Where the evaluation of a checkpoint (s3:// or file://) writes its results.
+
+    >>> eval_output_uri("s3://ckpt/runs/sft/final/")
+    's3://ckpt/runs/sft/final/eval'
+    """
+    return f"{checkpoint_uri.rstrip('/')}/{EVAL_DIR}"
+
+
+def eval_results_uri(checkpoint_uri: str) -> str:
+    """The eval.json of a checkpoint's evaluation, which a gate reads.
+
+    >>> eval_results_uri("s3://ckpt/runs/sft/final")
+    's3://ckpt/runs/sft/final/eval/eval.json'
+    """
+    return f"{eval_output_uri(checkpoint_uri)}/{EVAL_RESULTS_FILE}"
 
 
 class MetricSamples(ApiModel):

@@ -1,0 +1,5 @@
+import sys
+
+from trainyard.workloads.evaluate.runner import main
+
+sys.exit(main())
