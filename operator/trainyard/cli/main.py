@@ -25,6 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run", help="train a TrainingRun on this machine (no cluster)", add_help=False
     )
     commands.add_parser(
+        "evaluate",
+        help="evaluate a model as a PromotionGate does (eval.json, report)",
+        add_help=False,
+    )
+    commands.add_parser(
         "operator", help="run the operator against the current cluster", add_help=False
     )
     if not args or args[0] in ("-h", "--help"):
@@ -49,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainyard.workloads.local import run_command
 
         return run_command(rest)
+    if command == "evaluate":
+        from trainyard.cli.evaluate import evaluate_command
+
+        return evaluate_command(rest)
     if command == "operator":
         from trainyard.cli.operator_cmd import operator_command
 
