@@ -49,6 +49,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trainyard.api import InvalidResource, TrainingRun, manifests, parse_resource
+from trainyard.workloads.evaluate import local_gate
 from trainyard.workloads.local_spec import (
     LocalOptions,
     OverrideError,
@@ -431,7 +432,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 
 def run_command(argv: list[str]) -> int:
-    """`trainyard run`; returns the training process's exit code (1 for a bad spec)."""
+    """`trainyard run`; returns the training process's exit code (1 for a bad spec), or the
+    verdict of the file's PromotionGates on the run (`evaluate.local_gate`)."""
+    if local_gate.gate_file_in(argv):  # only gates in the file: judge, do not train
+        return local_gate.gate_command(argv)
     args = build_parser().parse_args(argv)
     console = Console()
     if args.nproc < 1:
@@ -439,7 +443,8 @@ def run_command(argv: list[str]) -> int:
         return 1
     try:
         document, run = load_training_run(args.file, args.overrides)
-    except SpecProblem as problem:
+        gates = local_gate.gates_for_run(args.file, run.metadata.name)
+    except (SpecProblem, local_gate.GateProblem) as problem:
         for line in problem.lines:
             print(line)  # plain, unwrapped: the same lines as `trainyard validate`
         return 1
@@ -510,6 +515,8 @@ def run_command(argv: list[str]) -> int:
             )
         )
     console.print(summary_table(summary))
+    if exit_code == 0 and not child.interrupts:
+        return local_gate.judge_after_run(gates, run, output_dir, console)
     return exit_code
 
 
