@@ -3,8 +3,8 @@
 Two checks. The first builds the operator's needs by reading its code: every Kubernetes
 client call in operator/trainyard/operator (k8s.py is the only module that talks to the
 API), resolved through the code's own constants (k8s.RESOURCES, controller.CHILD_KINDS and
-WATCHED_KINDS) and the kinds the builders render for every example, plus what kopf itself
-does. The second runs the real operator (kopf included) with the chart's own command line
+WATCHED_KINDS, the runtime's peering kinds) and the kinds the builders render for every
+example, plus what kopf itself does. The second runs the real operator (kopf included) with the chart's own command line
 against the Kubernetes API emulation of tests/operator, takes a run through creation and a
 gang restart, and checks every request it made against the rendered Roles.
 """
@@ -64,24 +64,13 @@ def client_calls() -> set[tuple[str, str | None]]:
 
 
 def informer_kinds() -> set[str]:
-    """The kinds controller.py builds informers (LIST + WATCH) for, from its source."""
-    tree = ast.parse((OPERATOR_CODE / "controller.py").read_text())
-    loops = {
-        node.target.id: ast.unparse(node.iter)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.For) and isinstance(node.target, ast.Name)
-    }
-    kinds = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "k8s.Informer":
-            kind = node.args[1]
-            if isinstance(kind, ast.Constant):
-                kinds.add(kind.value)
-            elif isinstance(kind, ast.Name) and loops.get(kind.id) == "WATCHED_KINDS":
-                kinds.update(controller.WATCHED_KINDS)
-            else:
-                pytest.fail(f"controller.py: an informer of {ast.unparse(kind)}: resolve it here")
-    return kinds
+    """The kinds the runtime builds informers (LIST + WATCH) for: what each registered
+    controller owns (controller.py), and kopf's peering objects (runtime.py)."""
+    source = (OPERATOR_CODE / "runtime.py").read_text()
+    assert "registration.owns" in source and "PEERING_KINDS" in source, (
+        "runtime.py builds its informers differently now: resolve them here"
+    )
+    return set(controller.WATCHED_KINDS)
 
 
 def created_kinds() -> set[str]:
@@ -103,10 +92,9 @@ def operator_needs() -> set[Need]:
     known = {
         ("create", None),  # apply_plan: plan.creates, the run's children
         ("delete", None),  # apply_plan: plan.deletes, the run's children
-        ("patch_status", "TrainingRun"),  # apply_plan: the run's status subresource
+        ("patch_status", None),  # apply_plan: the owner's status subresource (TrainingRun)
         ("request", "list"),  # Informer._list
-        ("get", None),  # Informer._watch: GET ?watch=true on the collection
-        ("_client", None),  # the HTTP session Informer._watch streams through; no request itself
+        ("open", "GET"),  # Informer._watch: GET ?watch=true on the collection
     }
     assert calls == known, (
         f"the operator's Kubernetes calls changed: new {sorted(calls - known, key=str)}, "
@@ -128,11 +116,11 @@ def operator_needs() -> set[Need]:
 
 
 # What kopf does on its own (kopf 1.4x: its docs' RBAC page, and its source: the resource and
-# namespace observers, posting, peering; progress and diff-base go to annotations).
+# namespace observers, posting, peering). Its only handlers are `on.event`, which write
+# nothing to the runs. The runtime's peering informers read what kopf's peering reads.
 KOPF_NAMESPACED: set[Need] = {
     (GROUP, "trainingruns", "list"),
     (GROUP, "trainingruns", "watch"),
-    (GROUP, "trainingruns", "patch"),  # annotations: progress, last-handled-configuration
     ("", "events", "create"),
 }
 KOPF_CLUSTER: set[Need] = {
@@ -246,12 +234,11 @@ async def run_operator_from_chart(
         api_server=str(api.url).rstrip("/"),
         metrics_port=None,  # no real ports: other suites may run beside this one
         liveness_endpoint=None,
-        resync_seconds=0.2,
         watch_server_timeout=5.0,
         watch_client_timeout=8.0,
         request_timeout=5.0,
         api_backoffs=(0.02, 0.05, 0.1),
-        error_backoffs=(0.2, 0.3),
+        error_backoff_base=0.1,
         run_metrics_url="http://127.0.0.1:9/metrics",  # nothing listens: no progress, fast
     )
     stop, ready = asyncio.Event(), asyncio.Event()

@@ -139,6 +139,7 @@ class RequestRecord:
     status: int
     at: float = 0.0  # event-loop time the request arrived
     name: str | None = None  # the object's name (from the body for creates)
+    agent: str = ""  # the client's User-Agent (tells two operator replicas apart)
 
 
 class SelectorError(ValueError):
@@ -395,7 +396,14 @@ class TrainyardApiServer(kmock.KubernetesScaffold):
         name = request.name or (
             request.data.get("metadata", {}).get("name") if isinstance(request.data, dict) else None
         )
-        record = RequestRecord(verb, path, 200, asyncio.get_running_loop().time(), name)
+        record = RequestRecord(
+            verb,
+            path,
+            200,
+            asyncio.get_running_loop().time(),
+            name,
+            request.headers.get("User-Agent", ""),
+        )
         self.records.append(record)
         rid = (
             resource_id(request.resource)

@@ -75,11 +75,15 @@ async def rank0_metrics() -> AsyncIterator[MetricsServer]:
 
 @pytest.fixture
 def operator_config(api: TrainyardApiServer) -> OperatorConfig:
-    """Settings for fast tests: short resync, short watch timeouts, quick backoffs."""
+    """Settings for fast tests: short watch timeouts and backoffs; resync at 10 minutes, so
+    only events (and each reconcile's own requeue) can drive a test."""
     return OperatorConfig(
         namespaces=[NAMESPACE],
         standalone=True,
-        resync_seconds=0.2,
+        resync_seconds=600.0,
+        progress_seconds=0.3,
+        error_backoff_base=0.1,
+        error_backoff_cap=1.0,
         watch_server_timeout=5.0,
         watch_client_timeout=8.0,
         watch_reconnect_backoff=0.05,

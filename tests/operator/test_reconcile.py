@@ -310,7 +310,7 @@ def test_ttl_cleans_up_the_children_of_a_finished_run():
     world = World(runPolicy={"ttlSecondsAfterFinished": 60}).with_status(
         phase="Succeeded", completionTime="2026-01-01T11:59:00Z", restartAttempt=0
     )
-    world.with_children()
+    world.with_children().with_job_status(conditions=[{"type": "Complete", "status": "True"}])
     early = world.at(NOW - timedelta(seconds=30)).reconcile()
     assert early.deletes == () and early.requeue_after == pytest.approx(30)
     due = world.at(NOW).reconcile()
@@ -403,3 +403,82 @@ def test_a_spec_edit_applies_from_the_next_attempt_and_the_status_says_so():
     # The suspended attempt's pods are gone: its config goes in the same pass.
     assert kinds(resumed.deletes) == [("ConfigMap", "demo-config-0")]
     assert world.apply(resumed).reconcile().is_empty
+
+
+# -- a finishing gang, a finished run's leftovers, when to look again -------------------------
+
+
+def test_ranks_that_finished_while_rank0_uploads_keep_the_run_running():
+    world = World(distributed={"nodes": 4, "gpusPerNode": 1}).with_status(
+        phase="Running", restartAttempt=0
+    )
+    world.with_children().with_pods("Succeeded")
+    world.pods[0]["status"] = {"phase": "Running"}  # rank 0 still uploads the final model
+    plan = world.reconcile()
+    assert plan.status["phase"] == "Running"
+    assert plan.status["message"] == "1 of 4 workers running, 3 finished"
+    assert condition(plan, "Running")["status"] == "True"
+
+
+def test_a_gang_with_a_missing_worker_is_pending():
+    world = World(distributed={"nodes": 4, "gpusPerNode": 1}).with_children().with_pods("Running")
+    world.pods.pop()
+    plan = world.reconcile()
+    assert plan.status["phase"] == "Pending"
+    assert plan.status["message"] == "waiting for workers: 3 of 4 running"
+
+
+@pytest.mark.parametrize(
+    ("phase", "job_complete", "deleted"),
+    [
+        ("Succeeded", True, [("Deployment", "demo-vllm")]),
+        ("Succeeded", False, [("Deployment", "demo-vllm"), ("Job", "demo-attempt-0")]),
+        ("Failed", False, [("Deployment", "demo-vllm"), ("Job", "demo-attempt-0")]),
+    ],
+    ids=["succeeded keeps its complete Job", "succeeded with a live Job", "failed"],
+)
+def test_a_finished_run_converges_to_no_workers_and_no_servers(phase, job_complete, deleted):
+    """An operator killed between the terminal status write and its deletes left them."""
+    import yaml
+
+    example = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "examples" / "grpo-run.yaml").read_text()
+    )
+    world = World(**example["spec"]).with_status(
+        phase=phase, completionTime="2026-01-01T11:59:00Z", restartAttempt=0
+    )
+    world.run["metadata"]["name"] = "demo"
+    world.with_children()
+    if job_complete:
+        world.with_job_status(conditions=[{"type": "Complete", "status": "True"}])
+    plan = world.reconcile()
+    assert sorted(kinds(plan.deletes)) == deleted
+    assert plan.status["phase"] == phase
+    assert world.apply(plan).reconcile().is_empty, "and then stays converged"
+
+
+@pytest.mark.parametrize(
+    ("policy", "phase", "expected"),
+    [
+        ({}, "Running", 100.0),
+        ({}, "Pending", None),
+        ({"activeDeadlineSeconds": 4}, "Running", 4.0),
+        ({"activeDeadlineSeconds": 4}, "Pending", 4.0),
+        ({"stallTimeoutSeconds": 60}, "Running", 61.0),
+    ],
+    ids=["progress period", "nothing to wait for", "deadline", "deadline while pending", "stall"],
+)
+def test_requeue_after_is_the_next_clock_that_can_change_the_run(policy, phase, expected):
+    world = World(runPolicy=policy).with_status(startTime="2026-01-01T12:00:00Z")
+    world.with_children().with_pods("Running" if phase == "Running" else "Pending")
+    plan = reconcile(
+        Observed(
+            run=world.run,
+            children=world.children,
+            pods=world.pods,
+            now=NOW,
+            progress_seconds=100.0,
+        )
+    )
+    assert plan.status["phase"] == phase
+    assert plan.requeue_after == (None if expected is None else pytest.approx(expected, abs=0.01))

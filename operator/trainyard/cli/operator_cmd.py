@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
+import secrets
+import socket
 from typing import Any
 
 import kopf
 
-from trainyard.operator.controller import Controller
+from trainyard.operator.controller import TrainingRuns
 from trainyard.operator.handlers import register_handlers
 from trainyard.operator.observability import OperatorMetrics
+from trainyard.operator.runtime import Runtime
 from trainyard.operator.settings import OperatorConfig, configure_kopf
 
 
@@ -42,7 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     parser.add_argument(
-        "--resync-seconds", type=float, default=30.0, help="reconcile every run this often"
+        "--resync-seconds",
+        type=float,
+        default=600.0,
+        help="reconcile every object this often without an event (a safety net)",
+    )
+    parser.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=10.0,
+        help="read a running run's progress (rank 0's metrics) this often",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=8, help="reconciles in flight at once (different objects)"
     )
     parser.add_argument(
         "--watch-server-timeout", type=float, default=300.0, help="seconds a watch stays open"
@@ -99,6 +116,8 @@ def config_from_args(argv: list[str]) -> OperatorConfig:
         "peering_name": args.peering,
         "priority": args.priority,
         "resync_seconds": args.resync_seconds,
+        "progress_seconds": args.progress_seconds,
+        "workers": args.workers,
         "watch_server_timeout": args.watch_server_timeout,
         "watch_client_timeout": args.watch_client_timeout,
         "request_timeout": args.request_timeout,
@@ -130,6 +149,15 @@ def config_from_args(argv: list[str]) -> OperatorConfig:
     return config
 
 
+def replica_identity() -> str:
+    """This replica's name in the peering object: its pod (POD_ID, as kopf reads it), else
+    user@host with a random tail, so two replicas on one machine never share it."""
+    pod = os.environ.get("POD_ID")
+    if pod:
+        return pod
+    return f"{getpass.getuser()}@{socket.gethostname()}/{secrets.token_hex(3)}"
+
+
 async def run_operator(
     config: OperatorConfig,
     *,
@@ -138,13 +166,16 @@ async def run_operator(
     metrics: OperatorMetrics | None = None,
 ) -> None:
     """Run until `stop_flag` is set (or forever): the entry point for the CLI, tests and benchmarks."""
-    controller = Controller(config, metrics or OperatorMetrics())
+    identity = replica_identity()
+    runtime = Runtime(config, metrics or OperatorMetrics(), identity=identity)
+    runs = TrainingRuns(runtime)
+    runtime.register(runs.registration())
     registry = kopf.OperatorRegistry()
-    register_handlers(registry, controller)
+    register_handlers(registry, runtime)
     settings = kopf.OperatorSettings()
     configure_kopf(settings, config)
     if config.metrics_port is not None:
-        port = controller.metrics.serve(config.metrics_port)
+        port = runtime.metrics.serve(config.metrics_port)
         logging.getLogger("trainyard.operator").info("operator metrics on :%d/metrics", port)
     # Peering name and priority travel in the settings: passing them here would make
     # peering mandatory and block every watch on a cluster without the peering CRD.
@@ -158,10 +189,12 @@ async def run_operator(
             liveness_endpoint=config.liveness_endpoint,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
-            memo=kopf.Memo(controller=controller),
+            identity=identity,
+            memo=kopf.Memo(runtime=runtime),
         )
     finally:
-        controller.metrics.stop_serving()
+        await runs.close()
+        runtime.metrics.stop_serving()
 
 
 def operator_command(argv: list[str]) -> int:

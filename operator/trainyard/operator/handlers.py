@@ -1,4 +1,11 @@
-"""kopf handlers: decorators only. Every cause (create, update, resume, resync) ends in `Controller.reconcile`."""
+"""kopf handlers: decorators only. kopf logs in, watches the owners and keeps peering;
+every owner event goes to the runtime's queue (`Runtime.owner_event`).
+
+`kopf.on.event` rather than create/update/resume/delete handlers: it sees every watch
+event, a deletion by any propagation policy included, and makes kopf write nothing to
+the objects (no finalizer, no progress or diff-base annotations); the runtime's
+reconcile is level-triggered, so it needs no cause.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +15,57 @@ import kopf
 
 from trainyard.api.base import GROUP, VERSION
 from trainyard.operator import k8s
-from trainyard.operator.controller import Controller
+from trainyard.operator.runtime import Runtime
 
-RUNS = (GROUP, VERSION, "trainingruns")
+PLURALS = {
+    "TrainingRun": "trainingruns",
+    "PromotionGate": "promotiongates",
+    "TrainingPipeline": "trainingpipelines",
+    "InferenceServer": "inferenceservers",
+}
 
 
-def register_handlers(registry: kopf.OperatorRegistry, controller: Controller) -> None:
-    """Register the operator's handlers into `registry`, all bound to `controller`."""
-    config = controller.config
+def connection_info(configuration: Any) -> kopf.ConnectionInfo:
+    """The kubernetes_asyncio credentials, as kopf takes them: one source for both."""
+    authorization = (configuration.api_key or {}).get("BearerToken") or (
+        configuration.api_key or {}
+    ).get("authorization")
+    scheme, _, token = (authorization or "").partition(" ")
+    if authorization and not token:
+        scheme, token = "Bearer", authorization
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        scheme=scheme or None,
+        token=token or None,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        default_namespace="default",
+    )
+
+
+def register_handlers(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    """Register the operator's handlers into `registry`, all bound to `runtime`."""
+    config = runtime.config
 
     @kopf.on.login(registry=registry)
-    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if config.api_server:
-            info = kopf.ConnectionInfo(
-                server=config.api_server, insecure=True, default_namespace="default"
-            )
-        else:
-            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-        if info is not None:
-            controller.set_connection(info)
-        return info
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        configuration = await k8s.load_configuration(config.api_server)
+        runtime.set_configuration(configuration)
+        await runtime.start()  # once: watches, workers and resync need the credentials
+        return connection_info(configuration)
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
-        await controller.close()  # stops the resync loop too
+        await runtime.close()
 
-    async def reconcile_now(body: kopf.Body, **_: Any) -> None:
-        try:
-            await controller.reconcile(body)
-        except k8s.ApiError as error:
-            raise kopf.TemporaryError(str(error), delay=1.0) from error
+    for kind in runtime.registrations:
 
-    for cause in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        cause(*RUNS, id=f"reconcile-on-{cause.__name__}", registry=registry)(reconcile_now)
-
-    # Resync is one loop over the runs (controller.start_resync) rather than a kopf timer
-    # per run: timers make kopf put a finalizer on every run (one more write, and a round
-    # trip before the first reconcile), and 1,000 runs would be 1,000 timer tasks.
-    @kopf.on.startup(registry=registry)
-    async def start_resync(**_: Any) -> None:
-        controller.start_resync()
-
-    @kopf.on.delete(*RUNS, id="forget", optional=True, registry=registry)
-    async def forget(uid: str, **_: Any) -> None:
-        controller.forget(uid)  # children go with their owner references
+        @kopf.on.event(GROUP, VERSION, PLURALS[kind], id=f"enqueue-{kind}", registry=registry)
+        async def enqueue(
+            event: kopf.RawEvent, body: kopf.Body, kind: str = kind, **_: Any
+        ) -> None:
+            runtime.owner_event(kind, event.get("type"), event.get("object") or body)

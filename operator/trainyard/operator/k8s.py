@@ -1,33 +1,37 @@
-"""The only module that talks to the Kubernetes API (over aiohttp, with kopf's credentials).
+"""The only module that talks to the Kubernetes API, through `kubernetes_asyncio`.
 
-Every write is idempotent: creating a child that exists is fine (409 AlreadyExists),
-deleting one that is gone is fine (404), and the status is patched only when it
-changed, with the resourceVersion the plan was computed from (409 Conflict means the
-run moved on meanwhile; the caller reconciles again). Throttling and transient server
-errors (429, 5xx, dropped connections) are retried with backoff, honouring
-Retry-After.
+kubernetes_asyncio (the maintained async port of the official client) owns the
+connection: kubeconfig and in-cluster credentials, TLS, token refresh, proxies. What it
+lacks is what an operator needs on top, kept here: idempotent writes, retries,
+a raw-dict watch and informers. Every write is idempotent: creating a child that exists
+is fine (409 AlreadyExists), deleting one that is gone is fine (404), and the status is
+patched only when it changed, with the resourceVersion the plan was computed from (409
+Conflict means the object moved on meanwhile; the caller reconciles again). Throttling
+and transient server errors (429, 5xx, dropped connections) are retried with backoff,
+honouring Retry-After. Objects stay plain dicts: the generated models would cost a
+parse per watch event and drop fields the reconcile reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import ssl
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio import client as kube_client
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 from trainyard.api.base import API_VERSION
-from trainyard.operator.reconcile import ChildRef, Plan
+from trainyard.operator.plan import ChildRef, Plan
 
 logger = logging.getLogger("trainyard.operator.k8s")
 
-# kind → (URL prefix, plural): the children the operator makes and the run itself.
+# kind → (URL prefix, plural): the children the operator makes, the owners, kopf's peerings.
 RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "Service": ("/api/v1", "services"),
@@ -35,6 +39,14 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Job": ("/apis/batch/v1", "jobs"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "TrainingRun": (f"/apis/{API_VERSION}", "trainingruns"),
+    "PromotionGate": (f"/apis/{API_VERSION}", "promotiongates"),
+    "TrainingPipeline": (f"/apis/{API_VERSION}", "trainingpipelines"),
+    "InferenceServer": (f"/apis/{API_VERSION}", "inferenceservers"),
+    # kopf serves its peering in whichever of its two groups exists (kopf.dev, zalando.org).
+    "KopfPeering": ("/apis/kopf.dev/v1", "kopfpeerings"),
+    "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings"),
+    "ZalandoKopfPeering": ("/apis/zalando.org/v1", "kopfpeerings"),
+    "ZalandoClusterKopfPeering": ("/apis/zalando.org/v1", "clusterkopfpeerings"),
 }
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -65,87 +77,53 @@ class ApiSettings:
     connect_timeout: float = 5.0
     backoffs: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
     max_retry_after: float = 10.0
+    pool_size: int = 64
 
 
 def collection_path(kind: str, namespace: str | None) -> str:
-    """The collection URL; namespace None for all namespaces."""
+    """The collection URL; namespace None for all namespaces (or a cluster-scoped kind)."""
     prefix, plural = RESOURCES[kind]
     return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
 
 
-def object_path(kind: str, namespace: str, name: str) -> str:
+def object_path(kind: str, namespace: str | None, name: str) -> str:
     return f"{collection_path(kind, namespace)}/{name}"
 
 
-def _ssl_context(connection: Any) -> ssl.SSLContext | bool:
-    if getattr(connection, "insecure", False):
-        return False
-    context = ssl.create_default_context()
-    ca_path, ca_data = getattr(connection, "ca_path", None), getattr(connection, "ca_data", None)
-    if ca_path:
-        context.load_verify_locations(cafile=ca_path)
-    elif ca_data:
-        data = ca_data.decode() if isinstance(ca_data, bytes) else ca_data
-        if "BEGIN CERTIFICATE" not in data:
-            data = base64.b64decode(data).decode()
-        context.load_verify_locations(cadata=data)
-    cert_path, key_path = (
-        getattr(connection, "certificate_path", None),
-        getattr(connection, "private_key_path", None),
-    )
-    cert_data, key_data = (
-        getattr(connection, "certificate_data", None),
-        getattr(connection, "private_key_data", None),
-    )
-    if cert_data and key_data:
-        # ssl loads client certificates from files only.
-        with (
-            tempfile.NamedTemporaryFile("wb", delete=False) as cert,
-            tempfile.NamedTemporaryFile("wb", delete=False) as key,
-        ):
-            for handle, blob in ((cert, cert_data), (key, key_data)):
-                raw = blob.encode() if isinstance(blob, str) else blob
-                handle.write(raw if b"BEGIN" in raw else base64.b64decode(raw))
-        cert_path, key_path = cert.name, key.name
-    if cert_path and key_path:
-        context.load_cert_chain(cert_path, key_path)
-    return context
-
-
-def _auth_headers(connection: Any) -> dict[str, str]:
-    token = getattr(connection, "token", None)
-    if token:
-        return {"Authorization": f"{getattr(connection, 'scheme', None) or 'Bearer'} {token}"}
-    username, password = (
-        getattr(connection, "username", None),
-        getattr(connection, "password", None),
-    )
-    if username and password:
-        return {
-            "Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-        }
-    return {}
+async def load_configuration(server: str | None = None) -> kube_client.Configuration:
+    """Credentials as kubectl finds them: `server` without credentials (development and
+    tests), else the pod's service account, else the kubeconfig (KUBECONFIG, ~/.kube/config)."""
+    configuration = kube_client.Configuration()
+    if server:
+        configuration.host = server.rstrip("/")
+        configuration.verify_ssl = not server.startswith("http://")
+        return configuration
+    try:
+        kube_config.load_incluster_config(client_configuration=configuration)
+    except ConfigException:
+        await kube_config.load_kube_config(client_configuration=configuration)
+    return configuration
 
 
 class KubeClient:
-    """A small async Kubernetes client for the operator's writes and reads.
-
-    `connection` is a `kopf.ConnectionInfo` (server, CA, token or client certificate),
-    the same credentials kopf itself uses.
-    """
+    """The operator's requests and watches, on a kubernetes_asyncio `ApiClient`."""
 
     def __init__(
         self,
-        connection: Any,
+        configuration: kube_client.Configuration,
         settings: ApiSettings | None = None,
         on_api_error: Callable[[str, int], None] | None = None,
     ):
-        self.server = connection.server.rstrip("/")
+        self.configuration = configuration
+        self.configuration.connection_pool_maxsize = (settings or ApiSettings()).pool_size
         self.settings = settings or ApiSettings()
         self.on_api_error = on_api_error
-        self._ssl = _ssl_context(connection)
-        self._headers = _auth_headers(connection)
-        self._session: aiohttp.ClientSession | None = None
+        self.user_agent: str | None = None
+        self._api: kube_client.ApiClient | None = None
+
+    @property
+    def server(self) -> str:
+        return str(self.configuration.host).rstrip("/")
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -153,22 +131,43 @@ class KubeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(
-                total=self.settings.request_timeout, connect=self.settings.connect_timeout
-            )
-            self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                timeout=timeout,
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
-            )
-        return self._session
+    def _client(self) -> kube_client.ApiClient:
+        if self._api is None:
+            self._api = kube_client.ApiClient(self.configuration)
+            if self.user_agent:
+                self._api.user_agent = self.user_agent
+        return self._api
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One raw request through the client's session, credentials and TLS; the caller
+        reads and releases the response (watches stream it)."""
+        return await self._client().call_api(
+            path,
+            method,
+            query_params=list((params or {}).items()),
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=json,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout
+            or aiohttp.ClientTimeout(
+                total=self.settings.request_timeout, connect=self.settings.connect_timeout
+            ),
+        )
 
     async def request(
         self,
@@ -185,13 +184,10 @@ class KubeClient:
         delays = list(self.settings.backoffs)
         while True:
             try:
-                async with self._client().request(
-                    method,
-                    self.server + path,
-                    json=json,
-                    params=params,
-                    headers={"Content-Type": content_type} if json is not None else None,
-                ) as response:
+                response = await self.open(
+                    method, path, json=json, params=params, content_type=content_type
+                )
+                async with response:
                     status = response.status
                     body = (
                         await response.json(content_type=None)
@@ -294,13 +290,19 @@ class Applied:
 
 
 async def apply_plan(
-    client: KubeClient, plan: Plan, *, namespace: str, name: str, resource_version: str | None
+    client: KubeClient,
+    plan: Plan,
+    *,
+    kind: str,
+    namespace: str,
+    name: str,
+    resource_version: str | None,
 ) -> Applied:
-    """Carry out a plan: status first, then deletes, then creates (see reconcile.py)."""
+    """Carry out a plan: status first, then deletes, then creates (see plan.py)."""
     new_body = None
     if plan.status_patch is not None:
         new_body = await client.patch_status(
-            "TrainingRun", namespace, name, plan.status_patch, resource_version
+            kind, namespace, name, plan.status_patch, resource_version
         )
     deleted = sum(await asyncio.gather(*(client.delete(ref, namespace) for ref in plan.deletes)))
     # The Job goes last: its pods mount the ConfigMap and resolve each other through the Service.
@@ -338,6 +340,9 @@ class Informer:
         server_timeout: float = 300.0,
         client_timeout: float = 330.0,
         backoff: float = 0.5,
+        on_change: Callable[[str, dict[str, Any]], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+        on_synced: Callable[[], None] | None = None,
     ):
         self.client, self.kind, self.namespace, self.label, self.transform = (
             client,
@@ -351,6 +356,7 @@ class Informer:
             client_timeout,
             backoff,
         )
+        self.on_change, self.on_restart, self.on_synced = on_change, on_restart, on_synced
         self.synced = asyncio.Event()
         self._by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._version: str | None = None
@@ -369,9 +375,10 @@ class Informer:
         meta = obj.get("metadata") or {}
         value = self._key_value(meta)
         if value is not None:
-            self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = (
-                self.transform(self.kind, obj)
-            )
+            entry = self.transform(self.kind, obj)
+            self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = entry
+            if self.on_change is not None:
+                self.on_change(self.kind, entry)
 
     def _drop(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -381,6 +388,8 @@ class Informer:
             objects.pop(meta.get("name"), None)
             if not objects:
                 del self._by_key[key]  # type: ignore[arg-type]
+        if self.on_change is not None:
+            self.on_change(self.kind, self.transform(self.kind, obj))
 
     async def run(self) -> None:
         """List and watch until cancelled."""
@@ -399,18 +408,41 @@ class Informer:
                     error,
                 )
                 await asyncio.sleep(self.backoff)
+            if self.on_restart is not None:
+                self.on_restart()
 
     async def _list(self) -> None:
         params = {"labelSelector": self.label} if self.label else None
-        _, body = await self.client.request(
-            "list", "GET", collection_path(self.kind, self.namespace), params=params
+        status, body = await self.client.request(
+            "list", "GET", collection_path(self.kind, self.namespace), params=params, accept=(404,)
         )
+        if status == 404:  # not served here (an optional CRD): nothing to see, look again later
+            self._by_key.clear()
+            self._set_synced()
+            await asyncio.sleep(max(self.backoff, 30.0))
+            raise ApiError("list", collection_path(self.kind, self.namespace), 404, "NotFound", "")
+        before = {
+            (ns, name): obj
+            for (ns, _), objects in self._by_key.items()
+            for name, obj in objects.items()
+        }
         self._by_key.clear()
         for item in body.get("items") or []:
             item.setdefault("kind", self.kind)
+            before.pop(
+                ((item.get("metadata") or {}).get("namespace", ""), item["metadata"]["name"]), None
+            )
             self._put(item)
+        if self.on_change is not None:  # deleted while nobody watched: their owners look again
+            for gone in before.values():
+                self.on_change(self.kind, gone)
         self._version = (body.get("metadata") or {}).get("resourceVersion")
+        self._set_synced()
+
+    def _set_synced(self) -> None:
         self.synced.set()
+        if self.on_synced is not None:
+            self.on_synced()
 
     async def _watch(self) -> None:
         params = {
@@ -421,10 +453,12 @@ class Informer:
         }
         if self.label:
             params["labelSelector"] = self.label
-        url = self.client.server + collection_path(self.kind, self.namespace)
+        url = collection_path(self.kind, self.namespace)
         # sock_read: no byte for this long means the stream is dead, not just quiet
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self.client_timeout)
-        async with self.client._client().get(url, params=params, timeout=timeout) as response:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_read=self.client_timeout, connect=self.client.settings.connect_timeout
+        )
+        async with await self.client.open("GET", url, params=params, timeout=timeout) as response:
             if response.status == 410:
                 self._version = None
                 return

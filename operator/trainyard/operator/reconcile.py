@@ -20,6 +20,7 @@ from trainyard.operator import deadline, failure_policy, reasons, stall, suspend
 from trainyard.operator.builders import UnrenderableRun, needs_rollout_server, render_children
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
+from trainyard.operator.plan import ChildRef, Plan, earliest, is_owned, ref
 from trainyard.operator.progress import MetricsSample, next_progress
 from trainyard.operator.status import (
     TERMINAL_PHASES,
@@ -36,15 +37,6 @@ USER_METADATA = ("name", "namespace", "labels", "annotations")
 
 
 @dataclass(frozen=True)
-class ChildRef:
-    """A child to delete."""
-
-    api_version: str
-    kind: str
-    name: str
-
-
-@dataclass(frozen=True)
 class Observed:
     """Everything reconcile looks at, read by the I/O layer."""
 
@@ -55,22 +47,8 @@ class Observed:
     now: datetime | None = None
     image: str | None = None
     vllm_image: str | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to write. Empty when the run has converged."""
-
-    status_patch: dict[str, Any] | None = None
-    deletes: tuple[ChildRef, ...] = ()
-    creates: tuple[dict[str, Any], ...] = ()
-    status: dict[str, Any] = field(default_factory=dict)
-    restart_reason: str | None = None
-    requeue_after: float | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        return self.status_patch is None and not self.deletes and not self.creates
+    progress_seconds: float | None = None
+    """How often a Running run's progress (rank 0's metrics) is read: its requeue period."""
 
 
 def user_document(body: dict[str, Any]) -> dict[str, Any]:
@@ -93,14 +71,7 @@ def user_document(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _ref(obj: dict[str, Any]) -> ChildRef:
-    return ChildRef(obj.get("apiVersion", ""), obj.get("kind", ""), obj["metadata"]["name"])
-
-
-def _is_owned(obj: dict[str, Any], uid: str) -> bool:
-    return any(
-        ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or []
-    )
+_ref, _is_owned = ref, is_owned
 
 
 def _attempt_pods(
@@ -121,11 +92,11 @@ def _attempt_pods(
     ]
 
 
-def _running_pods(pods: list[dict[str, Any]]) -> int:
+def _pods_in_phase(pods: list[dict[str, Any]], phase: str) -> int:
     return sum(
         1
         for p in pods
-        if p.get("status", {}).get("phase") == "Running"
+        if p.get("status", {}).get("phase") == phase
         and not p.get("metadata", {}).get("deletionTimestamp")
     )
 
@@ -295,8 +266,38 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         plan.creates,
         plan.status,
         restart_reason,
-        plan.requeue_after,
+        _requeue_after(status, spec, observed.progress_seconds, now),
     )
+
+
+def _requeue_after(
+    status: _Status, spec: Any, progress_seconds: float | None, now: datetime
+) -> float | None:
+    """When to look again without an event: the next progress read while Running, the
+    active deadline, the stall timeout (events cannot announce a clock running out)."""
+    running = status.data.get("phase") == "Running"
+    suspended = find_condition(status.data.get("conditions"), "Suspended")
+    since = deadline.active_since(
+        start_time=parse_time(status.data.get("startTime")),
+        resumed_at=parse_time(suspended.get("lastTransitionTime"))
+        if suspended is not None and suspended.get("status") == "False"
+        else None,
+    )
+    deadline_left = deadline.seconds_left(
+        active_since=since, deadline_seconds=spec.run_policy.active_deadline_seconds, now=now
+    )
+    stall_left = None
+    timeout = spec.run_policy.stall_timeout_seconds
+    running_condition = find_condition(status.data.get("conditions"), "Running")
+    if timeout is not None and running and running_condition is not None:
+        moments = (
+            parse_time((status.data.get("progress") or {}).get("updatedAt")),
+            parse_time(running_condition.get("lastTransitionTime")),
+        )
+        last = max((t for t in moments if t is not None), default=None)
+        left = None if last is None else timeout - (now - last).total_seconds()
+        stall_left = left + 1.0 if left is not None and left > 0 else None  # once, not again
+    return earliest(progress_seconds if running else None, deadline_left, stall_left)
 
 
 def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
@@ -380,10 +381,17 @@ def _observe_running(
     now: datetime,
 ) -> None:
     nodes = spec.distributed.nodes
-    running = _running_pods(pods)
-    if job is not None and running >= nodes:
+    running = _pods_in_phase(pods, "Running")
+    # Ranks that exited 0 while others still work (rank 0 uploading the final model)
+    # are part of a running gang, not missing from it.
+    finished = _pods_in_phase(pods, "Succeeded")
+    if job is not None and running > 0 and running + finished >= nodes:
         status.data["phase"] = "Running"
-        status.data["message"] = f"{running} of {nodes} workers running"
+        status.data["message"] = (
+            f"{running} of {nodes} workers running"
+            if not finished
+            else f"{running} of {nodes} workers running, {finished} finished"
+        )
         status.data.setdefault("startTime", format_time(now))
         status.condition("Running", True, reasons.PODS_RUNNING, status.data["message"])
         return
@@ -519,6 +527,20 @@ def _finished(
 ) -> Plan:
     completion = parse_time(status.data.get("completionTime"))
     ttl_seconds = spec.run_policy.ttl_seconds_after_finished
+    # Whatever happened before (an operator killed between the status write and the
+    # deletes), a finished run holds no GPUs: no rollout server, and no Job still running.
+    leftovers = [
+        _ref(c)
+        for c in ours
+        if c.get("kind") == "Deployment"
+        or (
+            c.get("kind") == "Job"
+            and (
+                status.data.get("phase") == "Failed"
+                or failure_policy.job_condition(c, "Complete") is None
+            )
+        )
+    ]
     if ttl.is_cleanup_due(completion_time=completion, ttl_seconds=ttl_seconds, now=now):
         deletes = [_ref(c) for c in ours]
         if deletes:
@@ -529,9 +551,9 @@ def _finished(
                 f"children deleted {ttl_seconds}s after the run finished",
             )
         return _plan(status, old_status, deletes, [])
-    plan = _plan(status, old_status, [], [])
+    plan = _plan(status, old_status, leftovers, [])
     left = ttl.seconds_until_cleanup(completion_time=completion, ttl_seconds=ttl_seconds, now=now)
-    return Plan(plan.status_patch, (), (), plan.status, None, left)
+    return Plan(plan.status_patch, plan.deletes, (), plan.status, None, left)
 
 
 def _suspended(

@@ -30,8 +30,17 @@ class OperatorConfig:
     """The KopfPeering object replicas coordinate through (one active at a time)."""
     priority: int = 0
     """Peering priority: the highest-priority replica is the active one."""
-    resync_seconds: float = 30.0
-    """How often each run is reconciled without an event (progress, stalls, TTL)."""
+    resync_seconds: float = 600.0
+    """How often every object is reconciled without an event: a safety net only (events,
+    and each reconcile's own requeue, drive everything else)."""
+    progress_seconds: float = 10.0
+    """How often a Running run's progress (rank 0's metrics) is read."""
+    workers: int = 8
+    """Reconciles in flight at once (different objects; one object is never reconciled twice at once)."""
+    error_backoff_base: float = 0.5
+    """First pause before a failed reconcile is retried; doubled per failure."""
+    error_backoff_cap: float = 300.0
+    """Longest pause between retries of a failing reconcile."""
     watch_server_timeout: float | None = 300.0
     """Seconds the API server keeps one watch open before the operator re-watches."""
     watch_client_timeout: float | None = 330.0
