@@ -25,6 +25,16 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "trainyard"
 RELEASE, NAMESPACE = "trainyard", "trainyard-system"
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+POD_MONITOR_API = "monitoring.coreos.com/v1/PodMonitor"
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
+# What a cluster with prometheus-operator advertises (helm template --api-versions ...).
+MONITORING_APIS = (
+    "--api-versions", SERVICE_MONITOR_API,
+    "--api-versions", POD_MONITOR_API,
+    "--api-versions", PROMETHEUS_RULE_API,
+)  # fmt: skip
+# prometheus-operator's own CRDs (see the README there).
+PROMETHEUS_OPERATOR_CRDS = Path(__file__).parent / "prometheus-operator-crds"
 
 # Named value sets: what a platform engineer would install. Each renders and validates.
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -65,11 +75,55 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "ty@p.iam"}},
     },
     "metrics-off": {"metrics": {"enabled": False}},
+    "monitoring": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "dashboards": {"enabled": True, "annotations": {"grafana_folder": "Trainyard"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        "podMonitors": {"enabled": True, "labels": {"release": "prometheus"}, "interval": "15s"},
+    },
+    "monitoring-two-namespaces": {
+        "watchNamespaces": ["team-a", "team-b"],
+        "dashboards": {"enabled": True, "namespace": "grafana", "label": "grafana_dashboard"},
+        "prometheusRule": {"enabled": True},
+        "podMonitors": {"enabled": True},
+    },
     "no-rbac-existing-account": {
         "rbac": {"create": False},
         "serviceAccount": {"create": False, "name": "platform-operator"},
     },
 }
+
+
+@functools.cache
+def prometheus_operator_schema(kind: str) -> dict[str, Any]:
+    """The openAPIV3Schema of a prometheus-operator kind (ServiceMonitor, PodMonitor, PrometheusRule)."""
+    for path in PROMETHEUS_OPERATOR_CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            return _strict(version["schema"]["openAPIV3Schema"])
+    raise LookupError(f"no CRD of kind {kind} in {PROMETHEUS_OPERATOR_CRDS}")
+
+
+def _strict(schema: Any) -> Any:
+    """The schema as `kubectl apply --validate=strict` judges: an unknown field is an error
+    (CRD schemas allow them; the API server would prune them quietly). And Go's regexp
+    takes a flag group after `^` (`^(?i)abort`), Python's re only at the start."""
+    if isinstance(schema, dict):
+        fixed = {key: _strict(value) for key, value in schema.items()}
+        pattern = fixed.get("pattern")
+        if isinstance(pattern, str) and pattern.startswith("^(?i)"):
+            fixed["pattern"] = "(?i)^" + pattern[len("^(?i)") :]
+        if (
+            isinstance(fixed.get("properties"), dict)
+            and "additionalProperties" not in fixed
+            and not fixed.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            fixed["additionalProperties"] = False
+        return fixed
+    if isinstance(schema, list):
+        return [_strict(value) for value in schema]
+    return schema
 
 
 def helm_binary() -> str | None:

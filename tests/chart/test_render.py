@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 from chart_rendering import (
     CHART,
+    MONITORING_APIS,
     NAMESPACE,
     RELEASE,
     SERVICE_MONITOR_API,
@@ -16,49 +17,13 @@ from chart_rendering import (
     container,
     documents,
     of_kind,
+    prometheus_operator_schema,
     rendered,
     the,
 )
 
 # The newest release the pinned kubectl/helm layer targets (scripts/install.sh).
 KUBERNETES_VERSION = "1.35.0"
-# prometheus-operator's ServiceMonitor, as far as the chart uses it (monitoring.coreos.com/v1).
-SERVICE_MONITOR_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["selector", "endpoints"],
-            "properties": {
-                "selector": {"type": "object"},
-                "namespaceSelector": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
-                },
-                "endpoints": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": {"type": "string"},
-                            "path": {"type": "string"},
-                            "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
-                            "scrapeTimeout": {
-                                "type": "string",
-                                "pattern": "^([0-9]+(ms|s|m|h))+$",
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
 
 
 def peering_schema(kind: str) -> dict[str, Any]:
@@ -74,8 +39,8 @@ def validate(manifest: dict[str, Any], where: str) -> None:
     try:
         if kind in ("ClusterKopfPeering", "KopfPeering"):
             jsonschema.validate(manifest, peering_schema(kind))
-        elif kind == "ServiceMonitor":
-            jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
+        elif kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+            jsonschema.validate(manifest, prometheus_operator_schema(kind))
         else:
             kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
     except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
@@ -84,7 +49,7 @@ def validate(manifest: dict[str, Any], where: str) -> None:
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_value_set_renders_manifests_kubernetes_accepts(name):
-    manifests = rendered(name, "--api-versions", SERVICE_MONITOR_API)
+    manifests = rendered(name, *MONITORING_APIS)
     assert manifests, f"{name}: nothing rendered"
     for manifest in manifests:
         validate(manifest, f"{name}: {manifest['kind']} {manifest['metadata'].get('name')}")

@@ -129,3 +129,32 @@ against the code and against every request the operator makes in a run.
   resources: [{{ ternary "clusterkopfpeerings" "kopfpeerings" (eq (include "trainyard.clusterWide" .) "true") }}]
   verbs: [list, watch, patch]
 {{- end }}
+
+{{/* A PodMonitor's namespaceSelector: the watched namespaces, or every namespace. */}}
+{{- define "trainyard.podMonitorNamespaces" -}}
+namespaceSelector:
+{{- if .Values.watchNamespaces }}
+  matchNames:
+  {{- toYaml .Values.watchNamespaces | nindent 4 }}
+{{- else }}
+  any: true
+{{- end }}
+{{- end }}
+
+{{/* Relabelings of the PodMonitors: a fixed job, and the pod's Trainyard labels on every
+series so dashboards join pod metrics to their run and pipeline
+(operator/trainyard/observe/labels.py names the same). */}}
+{{- define "trainyard.podMonitorRelabelings" -}}
+- targetLabel: job
+  replacement: {{ .job }}
+- sourceLabels: [__meta_kubernetes_pod_label_trainyard_dev_run]
+  targetLabel: run
+- sourceLabels: [__meta_kubernetes_pod_label_trainyard_dev_pipeline]
+  targetLabel: pipeline
+- sourceLabels: [__meta_kubernetes_pod_label_trainyard_dev_attempt]
+  targetLabel: attempt
+- sourceLabels: [__meta_kubernetes_pod_label_trainyard_dev_server]
+  targetLabel: server
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+  targetLabel: component
+{{- end }}

@@ -1,0 +1,31 @@
+"""The scrape jobs and target labels the chart's monitors give, which the queries select on.
+
+The chart's ServiceMonitor and PodMonitors (charts/trainyard/templates/*monitor*.yaml) set
+`job` to one of these names and copy the pods' Trainyard labels onto every series, so a
+query can join a training pod's metrics to its run and pipeline.
+"""
+
+from __future__ import annotations
+
+OPERATOR_JOB = "trainyard-operator"
+TRAINING_JOB = "trainyard-training"
+VLLM_JOB = "trainyard-vllm"
+
+# Target label ← pod label (Prometheus' Kubernetes discovery spells the pod label
+# __meta_kubernetes_pod_label_<name with every non-alphanumeric character as _>).
+POD_LABELS = {
+    "run": "trainyard.dev/run",
+    "pipeline": "trainyard.dev/pipeline",
+    "attempt": "trainyard.dev/attempt",
+    "server": "trainyard.dev/server",
+    "component": "app.kubernetes.io/component",
+}
+
+
+def meta_label(pod_label: str) -> str:
+    """The discovery meta label of a pod label.
+
+    >>> meta_label("trainyard.dev/run")
+    '__meta_kubernetes_pod_label_trainyard_dev_run'
+    """
+    return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in pod_label)
