@@ -304,7 +304,7 @@ def test_advisory_criteria_report_but_do_not_block():
     verdict = judge(spec, {"eval_loss": 1.0, "kl": 0.5}, now=NOW)
     assert verdict.verdict == "Passed"
     assert [r.result for r in verdict.results] == ["Passed", "Failed"]
-    assert "advisory kl <= 0.1 (advisory): failed" in verdict.message
+    assert "kl <= 0.1 (advisory): failed" in verdict.message
 
 
 def test_a_missing_advisory_metric_does_not_block_either():

@@ -58,22 +58,37 @@ APPROVED = "Approved"
 REJECTED = "Rejected"
 
 
-def eval_output_uri(checkpoint_uri: str) -> str:
-    """Where the evaluation of a checkpoint (s3:// or file://) writes its results.
+def eval_output_uri(checkpoint_uri: str, gate: str | None = None) -> str:
+    """Where the evaluation of a checkpoint (s3:// or file://) writes its results; a
+    gate's own folder, so two gates with different suites never overwrite each other.
 
     >>> eval_output_uri("s3://ckpt/runs/sft/final/")
     's3://ckpt/runs/sft/final/eval'
+    >>> eval_output_uri("s3://ckpt/runs/sft/final", "sft-release")
+    's3://ckpt/runs/sft/final/eval/sft-release'
     """
-    return f"{checkpoint_uri.rstrip('/')}/{EVAL_DIR}"
+    base = f"{checkpoint_uri.rstrip('/')}/{EVAL_DIR}"
+    return f"{base}/{gate}" if gate else base
 
 
-def eval_results_uri(checkpoint_uri: str) -> str:
+def eval_results_uri(checkpoint_uri: str, gate: str | None = None) -> str:
     """The eval.json of a checkpoint's evaluation, which a gate reads.
 
-    >>> eval_results_uri("s3://ckpt/runs/sft/final")
-    's3://ckpt/runs/sft/final/eval/eval.json'
+    >>> eval_results_uri("s3://ckpt/runs/sft/final", "sft-release")
+    's3://ckpt/runs/sft/final/eval/sft-release/eval.json'
     """
-    return f"{eval_output_uri(checkpoint_uri)}/{EVAL_RESULTS_FILE}"
+    return f"{eval_output_uri(checkpoint_uri, gate)}/{EVAL_RESULTS_FILE}"
+
+
+def with_run_metrics(results: EvalResults, run_metrics: Mapping[str, float]) -> EvalResults:
+    """The evaluation's results with the run's final metrics beside them (the evaluation's
+    value wins where both have one), so one gate can ask for the training's eval_loss
+    and the evaluation's accuracy.
+
+    >>> with_run_metrics(EvalResults(model="m", metrics={"accuracy": 0.7}), {"loss": 1.2}).metrics
+    {'loss': 1.2, 'accuracy': 0.7}
+    """
+    return results.model_copy(update={"metrics": {**run_metrics, **results.metrics}})
 
 
 class MetricSamples(ApiModel):
@@ -514,5 +529,5 @@ def _summary(judged: list[CriterionResult], outcome: str, require: str) -> str:
         text = ""
     parts = [f"{r.criterion}: {r.message}" for r in deciding]
     advisory = [r for r in judged if r.advisory and r.result != "Passed"]
-    parts += [f"advisory {r.criterion}: {r.result.lower()}, {r.message}" for r in advisory]
+    parts += [f"{r.criterion}: {r.result.lower()}, {r.message}" for r in advisory]
     return "; ".join([text, *parts] if text else parts)

@@ -32,7 +32,15 @@ from rich.table import Table
 from trainyard.api import InvalidResource, manifests, parse_resource
 from trainyard.api.common import ModelSource
 from trainyard.api.gate import EvaluationTask, PromotionGate, PromotionGateStatus
-from trainyard.api.verdict import Decision, EvalResults, GateVerdict, eval_output_uri, judge
+from trainyard.api.verdict import (
+    EVAL_RESULTS_FILE,
+    Decision,
+    EvalResults,
+    GateVerdict,
+    eval_output_uri,
+    judge,
+    with_run_metrics,
+)
 
 AWAITING_EXIT = 3
 SUMMARY_KEYS = {
@@ -188,7 +196,8 @@ def judge_gate(
             model=spec.model or ModelSource(source=model_uri),
             evaluation=spec.evaluation,
             output=eval_output_uri(
-                model_uri if spec.model is None else f"file://{state_dir.resolve()}"
+                model_uri if spec.model is None else f"file://{state_dir.resolve()}",
+                gate.metadata.name,
             ),
             rewards=list(online.rewards) if online is not None else [],
             strip_thinking=bool(getattr(online, "strip_thinking", False)),
@@ -201,7 +210,9 @@ def judge_gate(
                 [f"PromotionGate/{gate.metadata.name}: evaluation failed: {error}"]
             ) from None
         results = evaluated.results
-        eval_uri = f"{evaluated.output_uri}/eval.json"
+        if run_dir is not None and spec.run is not None:
+            results = with_run_metrics(results, run_metrics(run_dir))
+        eval_uri = f"{evaluated.output_uri}/{EVAL_RESULTS_FILE}"
     else:
         if run_dir is None:
             raise GateProblem(
@@ -282,6 +293,12 @@ def report(judgements: list[LocalJudgement], console: Console) -> int:
         console.print(f"  status: {judgement.path}", markup=False, highlight=False)
         if judgement.status.report:
             console.print(f"  report: {judgement.status.report}", markup=False, highlight=False)
+        if not judgement.verdict.decided:
+            console.print(
+                "  on this machine: trainyard run GATE.yaml --approve NAME (or --reject NAME)",
+                markup=False,
+                highlight=False,
+            )
     return exit_code(judgements)
 
 
