@@ -5,12 +5,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HOME=/cache/huggingface TRITON_CACHE_DIR=/cache/triton TRAINYARD_CACHE=/cache/trainyard
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY images/trainer.constraints.txt ./constraints.txt
 COPY operator ./operator
 COPY workloads ./workloads
 COPY crds ./crds
-# torch is already in the base image; DeepSpeed compiles its ops against it.
-RUN pip install ".[train]" bitsandbytes \
- && pip install --no-build-isolation "deepspeed==0.19.8" \
+# Every direct dependency at the exact version the tests ran with (constraints.txt); torch
+# is the base image's. DeepSpeed compiles its ops against that torch, so no build isolation.
+RUN pip install --constraint constraints.txt ".[train]" bitsandbytes \
+ && pip install --constraint constraints.txt --no-build-isolation deepspeed \
  && rm -rf /src
 RUN useradd --uid 1000 --create-home trainer && mkdir -p /cache && chown 1000:1000 /cache
 USER 1000:1000
