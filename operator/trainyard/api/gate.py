@@ -206,8 +206,8 @@ class UserMetric(ApiModel):
 class Evaluation(ApiModel):
     """An evaluation Job the gate runs on the candidate model before judging."""
 
-    suite: list[Literal[EVALUATION_SUITES]] = Field(min_length=1)  # type: ignore[valid-type]
-    """Metrics the evaluation computes."""
+    suite: list[Literal[EVALUATION_SUITES]] = Field(default_factory=list)  # type: ignore[valid-type]
+    """Metrics the evaluation computes (with metrics, at least one of the two)."""
     dataset: source_uri("hf", "s3", "file", "builtin")
     """Evaluation data (hf://, s3://, file://, builtin://)."""
     max_samples: int | None = Field(default=None, ge=1)
@@ -228,6 +228,14 @@ class Evaluation(ApiModel):
     """Evaluation image; the trainer image when left out."""
     resources: Resources | None = None
     """Resources of the evaluation pod."""
+
+    @model_validator(mode="after")
+    def _computes_something(self) -> Evaluation:
+        if not (self.suite or self.metrics):
+            raise nested_error(
+                [("suite", "set suite or metrics: the evaluation would compute nothing")]
+            )
+        return self
 
 
 class EvaluationTask(ApiModel):

@@ -207,6 +207,9 @@ def run_task(task: EvaluationTask, log=print) -> Evaluated:
     """Evaluate the task's model (and baseline) and write the results."""
     started = time.monotonic()
     output_uri = output_location(task)
+    # An earlier result must not stand for this evaluation while it runs, nor after it
+    # fails, nor vouch for the files it replaces: it goes first, the new one comes last.
+    _store(output_uri, task).delete([EVAL_RESULTS_FILE])
     rows = load_rows(task)
     extras = prepare_extras(task)
     log(f"evaluating {task.model.source} on {len(rows)} records of {task.evaluation.dataset}")
@@ -237,9 +240,7 @@ def write_results(
     task: EvaluationTask,
 ) -> None:
     """Examples, report and plot first; eval.json last (its presence means complete)."""
-    from trainyard.workloads.storage import open_store
-
-    store = open_store(output_uri, **sources.S3Settings.from_spec(task.storage).store_options())
+    store = _store(output_uri, task)
     with tempfile.TemporaryDirectory(prefix="trainyard-eval-") as scratch:
         directory = Path(scratch)
         with open(directory / EXAMPLES_FILE, "w") as handle:
@@ -255,9 +256,14 @@ def write_results(
         )
         (directory / REPORT_FILE).write_text(text)
         files[REPORT_FILE] = directory / REPORT_FILE
-        store.delete([EVAL_RESULTS_FILE])  # an older result must not vouch for new files
         store.upload_files(files)
         store.put_bytes(EVAL_RESULTS_FILE, results_json(results).encode())
+
+
+def _store(output_uri: str, task: EvaluationTask):
+    from trainyard.workloads.storage import open_store
+
+    return open_store(output_uri, **sources.S3Settings.from_spec(task.storage).store_options())
 
 
 def results_json(results: EvalResults) -> str:
