@@ -97,6 +97,44 @@ def test_quickstart_trains_checkpoints_plots_and_resumes(tmp_path):
     assert result["globalStep"] == 4
 
 
+def test_two_local_runs_chain_through_run_sources_with_no_setting(tmp_path):
+    """`run://NAME` finds the newest default output folder of run NAME beside its own
+    (runs/NAME-YYYYmmdd-HHMMSS): the runner sets the runs root, the user sets nothing."""
+    env = {k: v for k, v in cli_env().items() if k != "TRAINYARD_RUNS_URI"}
+
+    def run_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "trainyard.cli.main", "run", str(QUICKSTART), *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    first = run_cli("--set", "metadata.name=sft-base", "--set", "training.maxSteps=2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (sft_dir,) = (tmp_path / "runs").glob("sft-base-*")
+    final = sft_dir / "checkpoints" / "final"
+    assert (final / "manifest.json").is_file()
+
+    second = run_cli(
+        "--set", "metadata.name=sft-more", "--set", "model.source=run://sft-base",
+        "--set", "training.maxSteps=1",
+    )  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"run:// sources: under file://{(tmp_path / 'runs').resolve()}" in second.stdout
+    (more_dir,) = (tmp_path / "runs").glob("sft-more-*")
+    log = (more_dir / "train.log").read_text()
+    assert str(final.resolve()) in log, log[-3000:]
+
+    # A run that was never trained: the message says where it looked and what to do.
+    third = run_cli(
+        "--set", "metadata.name=sft-third", "--set", "model.source=run://never-trained",
+        "--set", "training.maxSteps=1",
+    )  # fmt: skip
+    assert third.returncode == 2
+    message = " ".join(third.stdout.replace("│", " ").split())  # unwrapped from the panel
+    assert "nor does any output folder of `trainyard run` for run 'never-trained'" in message
+    assert "`trainyard run --runs-root DIR`" in message
+
+
 def test_nproc_2_runs_two_ranks_under_torchrun(tmp_path):
     out = tmp_path / "ddp"
     done = trainyard(

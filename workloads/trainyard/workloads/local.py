@@ -12,6 +12,13 @@ progress file the workload writes drives a progress bar; at the end a summary ta
 printed, OUTPUT/summary.json and OUTPUT/curves.png are written, and the exit code is the
 child's. Ctrl-C is forwarded to the child's process group (twice: SIGTERM, three times:
 SIGKILL), and the runner waits for it, so checkpoints are left consistent.
+
+Chaining runs: the runner sets TRAINYARD_RUNS_URI (the pod contract's runs root) to
+`--runs-root DIR`, else to the folder that holds the output folder, so a spec whose model
+is `run://sft-run` trains from the newest output folder of run `sft-run` next to its own:
+
+    trainyard run sft.yaml          # → runs/sft-run-20260101-120000/checkpoints/final
+    trainyard run dpo.yaml          # model: run://sft-run → that final/ checkpoint
 """
 
 from __future__ import annotations
@@ -48,17 +55,19 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from trainyard.api import InvalidResource, TrainingRun, manifests, parse_resource
+from trainyard.api import InvalidResource, TrainingRun, contract, manifests, parse_resource
 from trainyard.workloads.evaluate import local_gate
 from trainyard.workloads.local_spec import (
+    RUN_FILE,
     LocalOptions,
     OverrideError,
     apply_overrides,
+    local_runs_root,
     localize,
 )
 from trainyard.workloads.run_history import RESULT_FILE, final_value, plot_curves, read_history
 
-RUN_JSON = "run.json"
+RUN_JSON = RUN_FILE
 TRAIN_LOG = "train.log"
 PROGRESS_FILE = "progress.json"
 SUMMARY_FILE = "summary.json"
@@ -107,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a spec field as written in YAML, e.g. --set training.maxSteps=5 "
         "(repeatable; values are YAML)",
+    )
+    parser.add_argument(
+        "--runs-root",
+        metavar="DIR",
+        help="where run://RUN sources look for earlier runs' output folders (default: the "
+        "folder holding the output directory, e.g. runs/)",
     )
     parser.add_argument(
         "--keep-storage",
@@ -177,6 +192,11 @@ def needs_gpu(run: TrainingRun) -> bool:
     )
 
 
+def uses_run_sources(run: TrainingRun) -> bool:
+    """Whether a source of the spec (model, tokenizer, reward model…) names an earlier run."""
+    return '"run://' in json.dumps(run.to_yaml_dict())
+
+
 def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -235,13 +255,15 @@ class ChildProcess:
         return 128 - code if code < 0 else code
 
 
-def start_workload(command: list[str], output_dir: Path) -> tuple[ChildProcess, Any]:
+def start_workload(
+    command: list[str], output_dir: Path, env: dict[str, str] | None = None
+) -> tuple[ChildProcess, Any]:
     log = open(output_dir / TRAIN_LOG, "ab")  # noqa: SIM115 - closed by the caller
     log.write(
         f"==> {datetime.now().isoformat(timespec='seconds')} {shlex.join(command)}\n".encode()
     )
     log.flush()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
@@ -480,9 +502,17 @@ def run_command(argv: list[str]) -> int:
         console.print(f"  [dim]{note}[/]", highlight=False, soft_wrap=True)
     console.print(f"  [dim]metrics: http://127.0.0.1:{options.metrics_port}/metrics[/]")
 
+    runs_root = (
+        local_runs_root(output_dir, Path(args.runs_root))
+        if args.runs_root
+        else os.environ.get(contract.Env.RUNS_URI) or local_runs_root(output_dir)
+    )
+    if uses_run_sources(run):
+        console.print(f"  [dim]run:// sources: under {runs_root}[/]", highlight=False)
+
     command = workload_command(run_json, output_dir, args.nproc)
     started = time.monotonic()
-    child, log = start_workload(command, output_dir)
+    child, log = start_workload(command, output_dir, {contract.Env.RUNS_URI: runs_root})
     follower = Follower(output_dir / PROGRESS_FILE)
     # Python delivers signals to the main thread only (run_command may run in another).
     in_main_thread = threading.current_thread() is threading.main_thread()

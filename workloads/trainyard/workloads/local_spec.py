@@ -12,6 +12,7 @@ difference from the spec they wrote.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +141,43 @@ class LocalRun:
     notes: list[str] = field(default_factory=list)
 
 
+RUN_FILE = "run.json"
+"""The localized run `trainyard run` writes into its output folder (and trains from)."""
+
+
 def local_checkpoint_uri(output_dir: Path) -> str:
     return f"file://{(output_dir / 'checkpoints').resolve()}"
+
+
+def local_runs_root(output_dir: Path, runs_root: Path | None = None) -> str:
+    """The runs root a local run resolves `run://` under: `runs_root` when given, else
+    the folder that holds this run's output folder (`runs/` for the default
+    `runs/NAME-YYYYmmdd-HHMMSS`), so two runs of `trainyard run` chain with no setting.
+
+    >>> local_runs_root(Path("/home/me/runs/dpo-20260101-120000"))
+    'file:///home/me/runs'
+    """
+    root = runs_root if runs_root is not None else output_dir.resolve().parent
+    return f"file://{root.resolve()}"
+
+
+def local_run_uris(root: Path, run: str) -> list[str]:
+    """The checkpoint URIs of the local output folders directly under `root` whose
+    run file names `run`, newest first (a run trained twice has two folders)."""
+    found: list[tuple[float, str]] = []
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    for folder in folders:
+        run_file = folder / RUN_FILE
+        try:
+            document = json.loads(run_file.read_text())
+            if document["metadata"]["name"] == run:
+                found.append((run_file.stat().st_mtime, document["spec"]["checkpoint"]["uri"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return [uri for _, uri in sorted(found, reverse=True)]
 
 
 def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:

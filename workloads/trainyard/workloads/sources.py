@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainyard.workloads import builtin
 if TYPE_CHECKING:
     from datasets import Dataset
 
+logger = logging.getLogger("trainyard.sources")
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 Source = contract.SourceURI
 
@@ -175,23 +177,52 @@ def run_checkpoint_uri(uri: str, own_checkpoint_uri: str | None, field: str = "s
 
 
 def _resolve_run(uri: str, own_checkpoint_uri: str | None, s3: S3Settings, field: str) -> Path:
+    """The local path of the checkpoint a `run://` source names.
+
+    Under a runs root on this machine (`file://`), a run's checkpoints may also lie in an
+    output folder of `trainyard run` (`ROOT/NAME-YYYYmmdd-HHMMSS/checkpoints`): the newest
+    such folder whose run file names the run, and that holds the checkpoint, is taken.
+    """
+    from trainyard.workloads import local_spec
+
     location = run_checkpoint_uri(uri, own_checkpoint_uri, field)
-    if location.endswith("/" + contract.CHECKPOINT_LATEST):
-        location = _latest_checkpoint(location.rsplit("/", 1)[0], s3, field)
-    local = _to_local(location, s3, field)
-    if not local.exists():
+    reference = contract.parse_run_reference(uri)
+    root = location.rsplit("/", 2)[0]
+    candidates = [location]
+    if root.startswith("file://"):
+        candidates += [
+            f"{run.rstrip('/')}/{reference.checkpoint}"
+            for run in local_spec.local_run_uris(Path(root.removeprefix("file://")), reference.run)
+        ]
+    for candidate in candidates:
+        if reference.is_latest:
+            found = _latest_checkpoint(candidate.rsplit("/", 1)[0], s3)
+            if found is None:
+                continue
+            candidate = found
+        try:
+            local = _to_local(candidate, s3, field)
+        except SourceError:
+            continue
+        if local.exists():
+            logger.info("%s: %s is %s", field, uri, candidate)
+            return local
+    if not root.startswith("file://"):
         raise SourceError(f"{field}: {uri} resolves to {location}, which does not exist")
-    return local
+    folder = root.removeprefix("file://")
+    raise SourceError(
+        f"{field}: {uri} resolves to {location}, which does not exist, nor does any output "
+        f"folder of `trainyard run` for run {reference.run!r} under {folder} hold "
+        f"{reference.checkpoint}; train {reference.run!r} first, or point "
+        "`trainyard run --runs-root DIR` at the folder that holds its output folder"
+    )
 
 
-def _latest_checkpoint(run_uri: str, s3: S3Settings, field: str) -> str:
+def _latest_checkpoint(run_uri: str, s3: S3Settings) -> str | None:
     """The newest complete checkpoint of a run, as the checkpoint store decides."""
     from trainyard.workloads import checkpoint
 
-    found = checkpoint.find_latest_complete(run_uri, s3)
-    if found is None:
-        raise SourceError(f"{field}: {run_uri} holds no complete checkpoint")
-    return found
+    return checkpoint.find_latest_complete(run_uri, s3)
 
 
 def _to_local(uri: str, s3: S3Settings, field: str) -> Path:
