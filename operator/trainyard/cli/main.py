@@ -51,19 +51,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return render_command(rest)
     if command == "run":
-        from trainyard.workloads.local import run_command
-
+        try:
+            from trainyard.workloads.local import run_command
+        except ModuleNotFoundError as error:
+            return _missing_extra(command, "train", error)
         return run_command(rest)
     if command == "evaluate":
         from trainyard.cli.evaluate import evaluate_command
 
         return evaluate_command(rest)
     if command == "operator":
-        from trainyard.cli.operator_cmd import operator_command
-
+        try:
+            from trainyard.cli.operator_cmd import operator_command
+        except ModuleNotFoundError as error:
+            return _missing_extra(command, "operator", error)
         return operator_command(rest)
     parser.parse_args(args)  # prints the usage error for an unknown command
     return 2
+
+
+def _missing_extra(command: str, extra: str, error: ModuleNotFoundError) -> int:
+    from trainyard.cli.extras import missing_extra
+
+    message = missing_extra(command, extra, error)
+    if message is None:
+        raise error
+    print(message, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
