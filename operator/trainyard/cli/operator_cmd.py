@@ -166,7 +166,7 @@ async def run_operator(
     metrics: OperatorMetrics | None = None,
 ) -> None:
     """Run until `stop_flag` is set (or forever): the entry point for the CLI, tests and benchmarks."""
-    identity = replica_identity()
+    identity = config.identity or replica_identity()
     runtime = Runtime(config, metrics or OperatorMetrics(), identity=identity)
     runs = TrainingRuns(runtime)
     runtime.register(runs.registration())

@@ -400,8 +400,13 @@ class Informer:
                 await self._watch()
             except asyncio.CancelledError:
                 raise
-            except (ApiError, aiohttp.ClientError, TimeoutError, ValueError) as error:
-                logger.info(
+            except Exception as error:  # a watch must outlive anything one stream does
+                log = (
+                    logger.info
+                    if isinstance(error, ApiError | aiohttp.ClientError | TimeoutError | ValueError)
+                    else logger.exception
+                )
+                log(
                     "watch of %s in %s interrupted (%s); re-watching",
                     self.kind,
                     self.namespace or "all namespaces",

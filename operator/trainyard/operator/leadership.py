@@ -44,9 +44,16 @@ def judge(
     False
     >>> judge([peering], identity="b", priority=9, now=now).active
     True
+    >>> judge([peering], identity="c", priority=99, now=now).active  # not announced yet
+    False
     """
     blocking: list[str] = []
     expiries: list[datetime] = []
+    peerings = list(peerings)
+    if peerings and not any(identity in ((p or {}).get("status") or {}) for p in peerings):
+        # kopf has not announced this replica yet: the others cannot see it, so it must not
+        # act as if alone (two replicas starting together would both write for a moment).
+        return Verdict(active=False, blocking=("(not announced yet)",))
     for peering in peerings:
         for peer, info in ((peering or {}).get("status") or {}).items():
             if peer == identity or not isinstance(info, Mapping):

@@ -301,6 +301,7 @@ class Runtime:
         """kopf saw an owner event (None: listed): keep the body, enqueue, or forget."""
         meta = body.get("metadata") or {}
         key = (kind, meta.get("namespace") or "", meta.get("name") or "")
+        logger.debug("%s: %s event for %s", self.identity, event_type, key)
         registration = self.registrations[kind]
         label = (kind, key[1], registration.label_value(key[2]))
         if event_type == "DELETED":
@@ -319,7 +320,9 @@ class Runtime:
                 continue
             name = self._by_label.get((registration.kind, namespace, value or ""))
             if name is not None:
-                self.enqueue((registration.kind, namespace, name))
+                # A short settle time: a burst of child events (pods of a gang starting,
+                # a Job's counters) becomes one reconcile, not one per event.
+                self.enqueue((registration.kind, namespace, name), self.config.child_event_delay)
 
     def enqueue(self, key: Key, after: float | None = None) -> None:
         """Ask for a reconcile of `key` (after `after` seconds); nothing while standing by."""
@@ -387,6 +390,7 @@ class Runtime:
         if body is None:
             return None
         registration = self.registrations[key[0]]
+        logger.debug("%s: reconcile %s", self.identity, key)
         self.reconciles += 1
         started = time.perf_counter()
         try:

@@ -26,6 +26,9 @@ class OperatorConfig:
     """Serve every namespace."""
     standalone: bool = False
     """Run without peering (no coordination with other operator replicas)."""
+    identity: str | None = None
+    """This replica's name in the peering object (unset: the pod's, from POD_ID, else
+    user@host with a random tail)."""
     peering_name: str = "trainyard"
     """The KopfPeering object replicas coordinate through (one active at a time)."""
     priority: int = 0
@@ -35,6 +38,8 @@ class OperatorConfig:
     and each reconcile's own requeue, drive everything else)."""
     progress_seconds: float = 10.0
     """How often a Running run's progress (rank 0's metrics) is read."""
+    child_event_delay: float = 0.05
+    """Seconds a child's event waits before its owner's reconcile, so a burst is one reconcile."""
     workers: int = 8
     """Reconciles in flight at once (different objects; one object is never reconciled twice at once)."""
     error_backoff_base: float = 0.5

@@ -9,6 +9,7 @@ puts under every controller:
 - `add_after` schedules a delayed add (the earliest pending one wins), which is how a
   reconcile asks to look again later (a TTL, a deadline, the next progress read);
 - `add_rate_limited` retries a failed key with exponential backoff per key, capped;
+  events for a key that waits for its retry join that retry instead of bypassing it;
   `forget` resets it after a success.
 
 Pure asyncio, no I/O: the runtime feeds it keys and drains it with workers.
@@ -86,7 +87,7 @@ class WorkQueue(Generic[K]):
         if self._closed:
             return
         self.added += 1
-        if key in self._queued_at or key in self._dirty:
+        if key in self._queued_at or key in self._dirty or self._backing_off(key):
             self.coalesced += 1
             return
         if key in self._processing:
@@ -123,6 +124,11 @@ class WorkQueue(Generic[K]):
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.add(key)
+
+    def _backing_off(self, key: K) -> bool:
+        """A failing key waits for its retry: events meanwhile join that retry rather than
+        bypass the backoff (a reconcile that keeps failing must not become a hot loop)."""
+        return key in self._failures and key in self._timers
 
     def add_rate_limited(self, key: K) -> float:
         """Queue `key` again after its backoff; returns the delay."""
@@ -163,7 +169,8 @@ class WorkQueue(Generic[K]):
         self._processing.discard(key)
         if key in self._dirty:
             self._dirty.discard(key)
-            self._push(key)
+            if not self._backing_off(key):
+                self._push(key)
 
     def close(self) -> None:
         """Wake every waiting worker with QueueClosed; cancel schedules."""
