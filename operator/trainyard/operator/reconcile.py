@@ -17,7 +17,7 @@ from typing import Any
 from trainyard.api import InvalidResource, parse_resource
 from trainyard.api.training_run import TrainingRun
 from trainyard.operator import deadline, failure_policy, reasons, stall, suspend, ttl
-from trainyard.operator.builders import UnrenderableRun, needs_rollout_server, render_children
+from trainyard.operator.builders import UnrenderableRun, child_names, render_children
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
 from trainyard.operator.plan import ChildRef, Plan, earliest, is_owned, ref
@@ -301,19 +301,8 @@ def _requeue_after(
 
 
 def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
-    """(kind, name) of every child `render_children` makes for this attempt, without rendering."""
-    name = run.metadata.name
-    names = {
-        ("ConfigMap", builder_names.config_map_name(name, attempt)),
-        ("Service", builder_names.workers_service_name(name)),
-        ("Job", builder_names.worker_job_name(name, attempt)),
-    }
-    if needs_rollout_server(run):
-        names |= {
-            ("Service", builder_names.rollout_server_name(name)),
-            ("Deployment", builder_names.rollout_server_name(name)),
-        }
-    return names
+    """(kind, name) of every child this attempt should have: the builders' own naming."""
+    return child_names(run, restart_attempt=attempt)
 
 
 def _succeeded(

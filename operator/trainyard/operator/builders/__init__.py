@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_TRAINER_IMAGE",
     "DEFAULT_VLLM_IMAGE",
     "UnrenderableRun",
+    "child_names",
     "names",
     "render_children",
     "render_config_map",
@@ -103,3 +104,28 @@ def render_children(
         )
     )
     return children
+
+
+def child_names(run: TrainingRun, *, restart_attempt: int = 0) -> set[tuple[str, str]]:
+    """(kind, name) of every child `render_children` makes for this attempt, without
+    rendering them: what a converged run is checked against.
+
+    >>> from trainyard.api import parse_resource
+    >>> run = parse_resource({"apiVersion": "trainyard.dev/v1alpha1", "kind": "TrainingRun",
+    ...     "metadata": {"name": "demo"}, "spec": {"method": "sft",
+    ...     "model": {"source": "hf://org/m"}, "dataset": {"source": "s3://b/d.jsonl"}}})
+    >>> sorted(child_names(run, restart_attempt=1))
+    [('ConfigMap', 'demo-config-1'), ('Job', 'demo-attempt-1'), ('Service', 'demo-workers')]
+    """
+    name = run.metadata.name
+    kinds = {
+        ("ConfigMap", names.config_map_name(name, restart_attempt)),
+        ("Service", names.workers_service_name(name)),
+        ("Job", names.worker_job_name(name, restart_attempt)),
+    }
+    if needs_rollout_server(run):
+        kinds |= {
+            ("Service", names.rollout_server_name(name)),
+            ("Deployment", names.rollout_server_name(name)),
+        }
+    return kinds
