@@ -25,6 +25,8 @@ class AlertSettings:
 
     stall_window: str = "15m"
     """No step progress for this long while the run has steps left: stalled."""
+    stall_memory: str = "6h"
+    """How far back the last step of a run whose rank 0 stopped answering is looked for."""
     failed_window: str = "15m"
     restarts_window: str = "1h"
     restarts_threshold: int = 3
@@ -73,9 +75,14 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
         f"\nand on (namespace, run) max by (namespace, run) "
         f"(trainyard_step{{{TRAINING}}} < trainyard_total_steps{{{TRAINING}}})"
     )
-    # A hung or stopped process answers no scrape either: its rank 0 down the whole window.
+    # A hung or stopped process answers no scrape either: its rank 0 down the whole window,
+    # after it had reported steps and before it reported the last one (a pod that never
+    # answered has not stalled, and a finished one is gone, not down).
     unreachable = (
         f"max by (namespace, run) (max_over_time(up{{{TRAINING}}}[{s.stall_window}])) == 0"
+        f"\nand on (namespace, run) max by (namespace, run) ("
+        f"last_over_time(trainyard_step{{{TRAINING}}}[{s.stall_memory}])"
+        f" < last_over_time(trainyard_total_steps{{{TRAINING}}}[{s.stall_memory}]))"
     )
     return [
         Alert(
@@ -90,7 +97,7 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
         ),
         Alert(
             "TrainyardRunStalled",
-            f"(\n{stalled_steps}\n)\nor\n{unreachable}",
+            f"(\n{stalled_steps}\n)\nor\n(\n{unreachable}\n)",
             "0m",
             "critical",
             "TrainingRun {{ $labels.namespace }}/{{ $labels.run }} makes no progress",
