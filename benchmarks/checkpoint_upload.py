@@ -1,15 +1,28 @@
-"""Checkpoint upload: our uploader vs `aws s3 cp --recursive`, and the training stall per save.
+"""Checkpoints: our upload vs `aws s3 cp --recursive`, and the training stall per save.
 
-Both uploads go to the same local moto S3 server (a separate process on 127.0.0.1).
-Ours is timed the way training uses it (CheckpointSync.submit + wait: hard-link
-snapshot, a child upload process, sha256 of every file, size check, manifest last,
-`latest`); the CLI only copies. The machine's load average is printed with the
-numbers: on a shared 2-core box the S3 server, the uploader and the save compete. The stall compares a local `save_pretrained` with the same save
-followed by `CheckpointSyncCallback.on_save` (which returns once the upload is queued).
+Everything runs side by side in one process tree, in paired rounds (both contenders
+of a round see the same machine state), against one local moto S3 server
+(`python -m moto.server`, a separate process on 127.0.0.1):
 
-    python benchmarks/checkpoint_upload.py [--mb 300] [--repeats 5] [--saves 8]
+* upload: a checkpoint directory (safetensors shards + optimizer.pt of a real model
+  shape) uploaded by CheckpointSync (submit + wait: hard-link snapshot, the uploader
+  process, parallel multipart with sha256 from the same read, size check, manifest
+  last, `latest`) vs the AWS CLI (`python -m awscli s3 cp --recursive`, PyPI's awscli)
+  vs boto3's transfer manager in this process (the uploader before this change), and
+  boto3's CRT transfer client where it works against the server.
+* stall: a real transformers Trainer on a Qwen2-shaped model with AdamW state;
+  `Trainer._save_checkpoint` as transformers ships it (synchronous) vs the same call
+  with checkpoint_snapshot.AsyncSaves installed (returns after the host copy).
+* queue stall: async saves back to back, each one while the previous checkpoint is
+  still being written and uploaded, vs the synchronous save of the same round.
 
-Goals (issue 3): throughput >= 1.0x the CLI's; stall <= 1.1x saving locally only.
+    python benchmarks/checkpoint_upload.py [--mb 300] [--hidden 512] [--layers 6] [--rounds 5]
+
+The last line is `upload_vs_awscli=X.XX stall_vs_sync_save=Y.YY queue_stall_vs_sync_save=Z.ZZ`,
+each the median over rounds of a paired ratio (CLI seconds / ours; async stall / sync
+save; stall while busy / sync save). Goals (issue 13): >= 1.5, <= 0.25, <= 0.3.
+On a shared 2-core machine the S3 server, the uploader and training all compete:
+the load average is printed with the numbers.
 """
 
 from __future__ import annotations
@@ -56,33 +69,29 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def write_checkpoint(directory: Path, total_mb: int) -> int:
-    """Three safetensors-sized shards of random bytes plus the small json files."""
+    """A checkpoint's files: two safetensors shards (1/3 of the bytes, as fp32 weights
+    are next to Adam's two moments) and optimizer.pt (2/3), plus the small json files."""
     directory.mkdir(parents=True)
-    shard = total_mb * MiB // 3
-    for i in range(1, 4):
-        with open(directory / f"model-0000{i}-of-00003.safetensors", "wb") as handle:
-            for _ in range(shard // (16 * MiB)):
+    sizes = {
+        "model-00001-of-00002.safetensors": total_mb * MiB // 6,
+        "model-00002-of-00002.safetensors": total_mb * MiB // 6,
+        "optimizer.pt": total_mb * MiB * 2 // 3,
+    }
+    for name, size in sizes.items():
+        with open(directory / name, "wb") as handle:
+            for _ in range(size // (16 * MiB)):
                 handle.write(os.urandom(16 * MiB))
-            handle.write(os.urandom(shard % (16 * MiB)))
+            handle.write(os.urandom(size % (16 * MiB)))
     for name, body in {
         "config.json": {"model_type": "qwen2", "hidden_size": 1024},
         "generation_config.json": {"do_sample": True},
         "trainer_state.json": {"global_step": 100, "log_history": [{"loss": 1.0}] * 100},
         "model.safetensors.index.json": {"weight_map": {f"w{i}": "shard" for i in range(300)}},
+        "scheduler.pt": {"last_epoch": 100},
+        "rng_state.pth": {"seed": 0},
     }.items():
         (directory / name).write_text(json.dumps(body))
     return sum(p.stat().st_size for p in directory.iterdir())
-
-
-def time_ours(store, directory: Path, step: int) -> float:
-    """The path training takes: snapshot, child upload process, manifest, latest."""
-    from trainyard.workloads.checkpoint import CheckpointSync
-
-    sync = CheckpointSync(store)
-    started = time.perf_counter()
-    sync.submit(directory, step)
-    sync.wait()
-    return time.perf_counter() - started
 
 
 def time_cli(endpoint: str, bucket: str, directory: Path, prefix: str) -> float:
@@ -110,9 +119,58 @@ def time_cli_startup(endpoint: str) -> float:
     return time.perf_counter() - started
 
 
-def bench_throughput(endpoint: str, work: Path, total_mb: int, repeats: int) -> dict:
+def time_transfer_manager(endpoint: str, bucket: str, directory: Path, prefix: str) -> float:
+    """boto3's classic transfer manager in this process: 8 MiB parts, 10 threads."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    config = TransferConfig(max_concurrency=10, preferred_transfer_client="classic")
+    started = time.perf_counter()
+    with create_transfer_manager(client, config) as manager:
+        futures = [
+            manager.upload(str(path), bucket, f"{prefix}/{path.name}")
+            for path in directory.iterdir()
+        ]
+        for future in futures:
+            future.result()
+    return time.perf_counter() - started
+
+
+def time_crt(endpoint: str, bucket: str, directory: Path, prefix: str) -> float | str:
+    """boto3[crt]'s transfer client (awscrt), where it can talk to the server."""
+    try:
+        import botocore.session
+        from s3transfer.crt import (
+            BotocoreCRTRequestSerializer,
+            CRTTransferManager,
+            create_s3_crt_client,
+        )
+    except ImportError as error:
+        return f"not installed ({error.name})"
+    try:
+        client = create_s3_crt_client(region="us-east-1")
+        serializer = BotocoreCRTRequestSerializer(
+            botocore.session.get_session(),
+            client_kwargs={"region_name": "us-east-1", "endpoint_url": endpoint},
+        )
+        started = time.perf_counter()
+        with CRTTransferManager(client, serializer) as manager:
+            futures = [
+                manager.upload(str(path), bucket, f"{prefix}/{path.name}")
+                for path in directory.iterdir()
+            ]
+            for future in futures:
+                future.result()
+        return time.perf_counter() - started
+    except Exception as error:  # reported beside the numbers, not a benchmark failure
+        return f"failed: {type(error).__name__}: {str(error)[:80]}"
+
+
+def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
     import boto3
 
+    from trainyard.workloads.checkpoint import CheckpointSync
     from trainyard.workloads.storage import S3Store
 
     bucket = "bench-upload"
@@ -120,94 +178,139 @@ def bench_throughput(endpoint: str, work: Path, total_mb: int, repeats: int) -> 
     directory = work / "checkpoint-100"
     size = write_checkpoint(directory, total_mb)
     store = S3Store(bucket, "ours", endpoint=endpoint)
-    ours, cli = [], []
-    for i in range(repeats):  # alternate so both see the same server state
-        ours.append(time_ours(store, directory, i))
-        cli.append(time_cli(endpoint, bucket, directory, f"cli/step-{i}"))
-        # moto keeps objects in memory; drop them between rounds
-        store.delete(store.list_objects().keys())
+    # One sync for the run, as in training: its uploader process starts with the
+    # first upload (a warm-up round here) and serves every later one.
+    sync = CheckpointSync(store)
+    sync.submit(directory, 0)
+    sync.wait()
+    ours, cli, manager, crt = [], [], [], []
+
+    def clear() -> None:
+        # moto keeps objects in memory; drop them between uploads
         boto3.resource("s3", endpoint_url=endpoint).Bucket(bucket).objects.all().delete()
+
+    for i in range(rounds):  # alternate who goes first so neither always gets the cold server
+        order = ["ours", "cli"] if i % 2 == 0 else ["cli", "ours"]
+        for who in order:
+            clear()
+            if who == "ours":
+                started = time.perf_counter()
+                sync.submit(directory, i + 1)
+                sync.wait()
+                ours.append(time.perf_counter() - started)
+            else:
+                cli.append(time_cli(endpoint, bucket, directory, f"cli/step-{i}"))
+        clear()
+        manager.append(time_transfer_manager(endpoint, bucket, directory, f"tm/{i}"))
+        clear()
+        crt.append(time_crt(endpoint, bucket, directory, f"crt/{i}"))
+    clear()
+    sync.close()
     startup = time_cli_startup(endpoint)
     shutil.rmtree(directory)
-    return {"bytes": size, "ours": ours, "cli": cli, "cli_startup": startup}
+    return {
+        "bytes": size,
+        "ours": ours,
+        "cli": cli,
+        "manager": manager,
+        "crt": crt,
+        "cli_startup": startup,
+    }
 
 
-def bench_stall(endpoint: str, work: Path, saves: int) -> dict:
-    import boto3
+def make_trainer(output_dir: Path, hidden: int, layers: int, vocab: int):
+    """A Trainer on a Qwen2-shaped model after one AdamW step (so optimizer state exists)."""
+    import datasets
     import torch
     import transformers
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from trainyard.workloads.checkpoint import CheckpointSync, CheckpointSyncCallback
-    from trainyard.workloads.storage import S3Store
 
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
-            vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=8, intermediate_size=2048,
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=8, num_key_value_heads=8, intermediate_size=hidden * 4,
         )
     )  # fmt: skip
+    data = datasets.Dataset.from_dict(
+        {"input_ids": [[1, 2, 3, 4]] * 4, "labels": [[1, 2, 3, 4]] * 4}
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        save_total_limit=2,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int, rounds: int):
+    import boto3
+
+    from trainyard.workloads.checkpoint import CheckpointSync
+    from trainyard.workloads.checkpoint_snapshot import AsyncSaves
+    from trainyard.workloads.storage import S3Store
+
     bucket = "bench-stall"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    plain = make_trainer(work / "sync", hidden, layers, vocab)
+    fast = make_trainer(work / "async", hidden, layers, vocab)
+    sync = CheckpointSync(S3Store(bucket, "async", endpoint=endpoint), keep_last=2)
+    saves = AsyncSaves(fast, on_written=lambda directory, step: sync.submit(directory, step))
+    assert saves.install()
 
-    def save(output_dir: Path, step: int) -> Path:
-        directory = output_dir / f"checkpoint-{step}"
-        model.save_pretrained(directory)
-        TrainerState(global_step=step).save_to_json(str(directory / "trainer_state.json"))
-        return directory
-
-    save(work / "warmup", 0)  # the first save pays one-off allocation costs
-    local: list[float] = []
-
-    def local_save(step: int) -> None:
+    def save(trainer, step: int) -> float:
+        trainer.state.global_step = step
         started = time.perf_counter()
-        save(work / "local", step)
-        local.append(time.perf_counter() - started)
-        shutil.rmtree(work / "local" / f"checkpoint-{step}")  # as save_total_limit would
+        trainer._save_checkpoint(trainer.model, None)
+        return time.perf_counter() - started
 
-    def synced_saves(output_dir: Path, drain_between: bool) -> dict:
-        sync = CheckpointSync(S3Store(bucket, output_dir.name, endpoint=endpoint), keep_last=2)
-        callback = CheckpointSyncCallback(sync)
-        args = TrainingArguments(output_dir=str(output_dir), report_to=[])
-        stalls, on_save = [], []
-        for step in range(1, saves + 1):
-            if drain_between:
-                # Local-only saves interleaved with synced ones see the same machine.
-                local_save(step)
-            started = time.perf_counter()
-            save(output_dir, step)
-            saved = time.perf_counter()
-            callback.on_save(args, TrainerState(global_step=step), TrainerControl())
-            done = time.perf_counter()
-            stalls.append(done - started)
-            on_save.append(done - saved)
-            shutil.rmtree(output_dir / f"checkpoint-{step}")  # rotation; the upload has a snapshot
-            if drain_between:
-                sync.wait()
-        drain_started = time.perf_counter()
-        callback.on_train_end(args, TrainerState(global_step=saves), TrainerControl())
-        return {
-            "stalls": stalls,
-            "on_save": on_save,
-            "drain": time.perf_counter() - drain_started,
-            "uploads": [r.seconds for r in sync.results],
-        }
-
-    # Spaced: the previous upload finished before the next save (saves further apart
-    # than an upload takes, the usual case). Back-to-back: each save runs while the
-    # previous upload still does, with the S3 server on the same 2 cores.
-    spaced = synced_saves(work / "spaced", drain_between=True)
-    busy = synced_saves(work / "busy", drain_between=False)
-    size = sum(p.stat().st_size for p in (work / "warmup" / "checkpoint-0").iterdir())
-    return {"bytes": size, "local": local, "spaced": spaced, "busy": busy}
+    save(plain, 1)  # the first save pays one-off costs (allocator, imports)
+    save(fast, 1)
+    saves.wait()
+    sync.wait()
+    sync_s, async_s, busy_s, write_s = [], [], [], []
+    step = 1
+    for i in range(rounds):
+        step += 1
+        # Idle: nothing of an earlier save is being written or uploaded.
+        first = (
+            [("sync", plain), ("async", fast)] if i % 2 == 0 else [("async", fast), ("sync", plain)]
+        )
+        for who, trainer in first:
+            (sync_s if who == "sync" else async_s).append(save(trainer, step))
+        saves.wait()
+        sync.wait()
+        write_s.append(saves.stats[-1].write_seconds)
+        # Busy: the next save comes while this one is written and uploaded.
+        step += 1
+        save(fast, step)
+        step += 1
+        busy_s.append(save(fast, step))
+        saves.wait()
+        sync.wait()
+    size = sum(p.stat().st_size for p in (work / "sync" / f"checkpoint-{step - 2}").iterdir())
+    skipped = list(saves.skipped) + list(sync.skipped)
+    sync.close()
+    saves.close()
+    return {
+        "bytes": size,
+        "sync": sync_s,
+        "async": async_s,
+        "busy": busy_s,
+        "write": write_s,
+        "skipped": skipped,
+        "uploads": [r.seconds for r in sync.results],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=300, help="checkpoint size for throughput")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--saves", type=int, default=8)
+    parser.add_argument("--mb", type=int, default=300, help="checkpoint size for the upload")
+    parser.add_argument("--hidden", type=int, default=512, help="model width for the stall")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
     if subprocess.run(
         [sys.executable, "-m", "awscli", "--version"], capture_output=True
@@ -218,66 +321,66 @@ def main() -> None:
     process, endpoint = start_moto()
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     try:
-        upload = bench_throughput(endpoint, work, options.mb, options.repeats)
-        stall = bench_stall(endpoint, work, options.saves)
+        upload = bench_upload(endpoint, work, options.mb, options.rounds)
+        stall = bench_stall(
+            endpoint, work, options.hidden, options.layers, options.vocab, options.rounds
+        )
     finally:
         process.terminate()
         process.wait()
         shutil.rmtree(work, ignore_errors=True)
 
     med = statistics.median
+
+    def show(values) -> str:
+        return str([round(v, 2) if isinstance(v, float) else v for v in values])
+
     print(
-        f"\n{os.cpu_count()} CPUs; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+        f"\n{os.cpu_count()} CPUs; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
     )
     mb = upload["bytes"] / MiB
-    ours_rate, cli_rate = mb / med(upload["ours"]), mb / med(upload["cli"])
-    print(
-        f"\nCheckpoint upload to moto S3 on 127.0.0.1: {mb:.0f} MiB, 7 files, median of {options.repeats}"
-    )
-    print(f"  {'':34}{'ours':>12}{'aws s3 cp':>12}{'ratio':>10}")
-    print(
-        f"  {'seconds':34}{med(upload['ours']):>12.2f}{med(upload['cli']):>12.2f}"
-        f"{med(upload['cli']) / med(upload['ours']):>9.2f}x"
-    )
-    print(
-        f"  {'throughput MiB/s':34}{ours_rate:>12.1f}{cli_rate:>12.1f}{ours_rate / cli_rate:>9.2f}x"
-    )
-    print(
-        f"  ours: snapshot, upload process, sha256, manifest, latest; "
-        f"aws CLI start-up alone: {upload['cli_startup']:.2f}s"
-    )
-    print(
-        f"  runs (s): ours {[round(x, 2) for x in upload['ours']]}, cli {[round(x, 2) for x in upload['cli']]}"
-    )
-    # Each round runs both back to back, so a round's ratio sees one machine state.
-    paired = [c / o for o, c in zip(upload["ours"], upload["cli"], strict=True)]
-    print(
-        f"  per round cli/ours: {[round(x, 2) for x in paired]}; geometric mean "
-        f"{statistics.geometric_mean(paired):.2f}x; ours faster in "
-        f"{sum(x > 1 for x in paired)}/{len(paired)} rounds"
-    )
+    print(f"\nUpload to moto S3 on 127.0.0.1: {mb:.0f} MiB in 9 files, {options.rounds} rounds")
+    print(f"  {'':34}{'median s':>10}{'MiB/s':>10}")
+    rows = [
+        ("ours (CheckpointSync)", upload["ours"]),
+        ("aws s3 cp --recursive", upload["cli"]),
+        ("boto3 transfer manager, in-proc", upload["manager"]),
+    ]
+    crt_times = [t for t in upload["crt"] if isinstance(t, float)]
+    if crt_times:
+        rows.append(("boto3[crt] transfer client", crt_times))
+    for label, times in rows:
+        print(f"  {label:34}{med(times):>10.2f}{mb / med(times):>10.1f}")
+    if not crt_times:
+        print(f"  boto3[crt] transfer client: {upload['crt'][0]}")
+    print(f"  aws CLI start-up alone: {upload['cli_startup']:.2f}s")
+    print(f"  runs (s): ours {show(upload['ours'])}, cli {show(upload['cli'])}")
+    upload_ratios = [c / o for o, c in zip(upload["ours"], upload["cli"], strict=True)]
+    print(f"  per round cli/ours: {show(upload_ratios)}")
 
     smb = stall["bytes"] / MiB
-    local = med(stall["local"])
-    print(f"\nTraining stall per save: save_pretrained of {smb:.0f} MiB, median of {options.saves}")
-    print(f"  {'':34}{'seconds':>12}{'vs local':>10}{'on_save ms':>12}")
-    print(f"  {'local save only':34}{local:>12.3f}{1:>9.2f}x{'-':>12}")
+    print(
+        f"\nTraining stall per save: Trainer._save_checkpoint of {smb:.0f} MiB "
+        f"(Qwen2 hidden {options.hidden}, {options.layers} layers, weights + AdamW state)"
+    )
+    print(f"  {'':40}{'median s':>10}{'vs sync':>10}")
+    sync_median = med(stall["sync"])
     for label, key in [
-        ("+ sync, upload done before save", "spaced"),
-        ("+ sync, previous upload running", "busy"),
+        ("synchronous (transformers)", "sync"),
+        ("async snapshot, idle", "async"),
+        ("async snapshot, previous still busy", "busy"),
     ]:
-        run = stall[key]
-        print(
-            f"  {label:34}{med(run['stalls']):>12.3f}{med(run['stalls']) / local:>9.2f}x"
-            f"{med(run['on_save']) * 1000:>12.1f}"
-        )
-    print(f"  runs (s): local {[round(x, 3) for x in stall['local']]}")
-    for key in ("spaced", "busy"):
-        run = stall[key]
-        print(
-            f"            {key} {[round(x, 3) for x in run['stalls']]}; uploads "
-            f"{[round(x, 2) for x in run['uploads']]}; drain at train end {run['drain']:.2f}s"
-        )
+        print(f"  {label:40}{med(stall[key]):>10.3f}{med(stall[key]) / sync_median:>9.2f}x")
+    print(f"  background write per save (s): {show(stall['write'])}")
+    print(f"  uploads (s): {show(stall['uploads'])}; coalesced (skipped) steps: {stall['skipped']}")
+    stall_ratios = [a / s for a, s in zip(stall["async"], stall["sync"], strict=True)]
+    busy_ratios = [b / s for b, s in zip(stall["busy"], stall["sync"], strict=True)]
+    print(f"  per round async/sync: {show(stall_ratios)}; busy/sync: {show(busy_ratios)}")
+    print(
+        f"upload_vs_awscli={med(upload_ratios):.2f} stall_vs_sync_save={med(stall_ratios):.2f} "
+        f"queue_stall_vs_sync_save={med(busy_ratios):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,6 +84,13 @@ def latest_step(store) -> int:
     return json.loads(store.get_bytes("latest"))["step"]
 
 
+def upload_each(sync, save_checkpoint, steps) -> None:
+    """Save and upload steps one after the other (no coalescing between them)."""
+    for step in steps:
+        sync.submit(save_checkpoint(step), step)
+        sync.wait()
+
+
 def test_upload_writes_files_manifest_and_latest(store, save_checkpoint):
     sync = CheckpointSync(store)
     local = save_checkpoint(5)
@@ -111,9 +118,7 @@ def test_upload_writes_files_manifest_and_latest(store, save_checkpoint):
 
 def test_keep_last_removes_older_steps(store, save_checkpoint):
     sync = CheckpointSync(store, keep_last=2)
-    for step in (1, 2, 3, 4):
-        sync.submit(save_checkpoint(step), step)
-    sync.wait()
+    upload_each(sync, save_checkpoint, (1, 2, 3, 4))
     assert steps_in(store) == ["step-3", "step-4"]
     assert latest_step(store) == 4
     assert [r.step for r in sync.results] == [1, 2, 3, 4]
@@ -121,9 +126,7 @@ def test_keep_last_removes_older_steps(store, save_checkpoint):
 
 def test_retention_collects_unfinished_uploads_but_never_latest(store, save_checkpoint):
     sync = CheckpointSync(store)
-    for step in (1, 2, 3):
-        sync.submit(save_checkpoint(step), step)
-    sync.wait()
+    upload_each(sync, save_checkpoint, (1, 2, 3))
     # What an interrupted upload leaves behind: files, no manifest.
     weights = save_checkpoint(9) / "model.safetensors"
     store.upload_files({"step-0/model.safetensors": weights, "step-9/model.safetensors": weights})
@@ -168,9 +171,7 @@ def test_retention_aborts_unfinished_writes_of_old_steps(store, save_checkpoint)
 
 def test_resume_downloads_newest_verified_checkpoint(store, save_checkpoint, tmp_path):
     sync = CheckpointSync(store)
-    for step in (10, 20):
-        sync.submit(save_checkpoint(step), step)
-    sync.wait()
+    upload_each(sync, save_checkpoint, (10, 20))
 
     resumed = CheckpointSync(store).resume(tmp_path / "fresh")
 
@@ -206,9 +207,7 @@ def test_upload_without_manifest_is_never_latest_nor_resumed(store, save_checkpo
 @pytest.mark.parametrize("damage", ["same-size-bytes", "truncated", "deleted", "manifest"])
 def test_corrupt_checkpoint_falls_back_to_previous(store, save_checkpoint, tmp_path, damage):
     sync = CheckpointSync(store)
-    for step in (10, 20):
-        sync.submit(save_checkpoint(step), step)
-    sync.wait()
+    upload_each(sync, save_checkpoint, (10, 20))
     key = "step-20/model.safetensors"
     size = store.list_objects("step-20")[key]
     if damage == "deleted":
@@ -271,7 +270,7 @@ def test_failed_upload_surfaces_at_train_end_and_moves_nothing(
 
 
 def test_callback_uploads_on_rank_zero_even_after_rotation(store, save_checkpoint, tmp_path):
-    sync = CheckpointSync(store)
+    sync = CheckpointSync(store, coalesce=False)
     callback = CheckpointSyncCallback(sync)
     output_dir = save_checkpoint.output_dir
     args = TrainingArguments(output_dir=str(output_dir), report_to=[], save_total_limit=1)

@@ -1,14 +1,18 @@
 """Checkpoint sync: upload each save in the background, resume from the newest good one.
 
 The layout and its rules (manifest last, `latest`, retention) are in checkpoint_store.
-Each upload runs as its own nicer child process (`python -m
-trainyard.workloads.checkpoint_store`), one at a time: training keeps its cores and
-its GIL, and a crashed upload cannot take the trainer down with it.
+Uploads run in one nicer child process (`python -m trainyard.workloads.checkpoint_store
+--serve`), one at a time: training keeps its cores and its GIL, and a crashed upload
+cannot take the trainer down with it. When saves come faster than uploads finish, the
+newest waiting save replaces the older one (coalescing), so training never queues.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -71,18 +75,25 @@ class ResumeAttempt:
 
 
 class CheckpointSync:
-    """Uploads checkpoints in the background, one at a time; resumes and exports.
+    """Uploads checkpoints in the background, newest first; resumes and exports.
 
     `uri` is `s3://bucket/prefix` or `file://path` (or an already opened store);
     store_options are `open_store`'s S3 settings (endpoint, region, addressing_style,
     credentials_dir, max_concurrency, multipart_threshold, multipart_chunksize).
     `on_upload` is called from the background thread with every UploadResult, failed
-    ones included (metrics hook). Upload processes run `upload_niceness` steps nicer
-    than training, so they take idle CPU rather than the training step's.
+    ones included (metrics hook); `on_skip` with each step skipped by coalescing.
+    Uploads run in one child process, `upload_niceness` steps nicer than training, so
+    they take idle CPU rather than the training step's.
+
+    One upload runs at a time and at most one more waits: when a save comes while one
+    waits, the newer replaces it (`coalesce`): training never waits for the network,
+    local snapshots stay bounded, and `latest` only moves forward. The newest save is
+    never dropped, so the last checkpoint is always uploaded before `wait` returns.
 
     On a run of several `nodes`, every node's sync uploads the files its disk holds;
     node 0's commits the step once the others' parts of the same restart `attempt` are
-    stored (checkpoint_store: parts).
+    stored (checkpoint_store: parts). Nodes do not coalesce: each must upload the same
+    steps as node 0, which waits for their parts.
     """
 
     def __init__(
@@ -91,11 +102,13 @@ class CheckpointSync:
         *,
         keep_last: int | None = None,
         on_upload: Callable[[UploadResult], None] | None = None,
+        on_skip: Callable[[int], None] | None = None,
         upload_niceness: int = 10,
         node: int = 0,
         nodes: int = 1,
         attempt: str = "0",
         part_timeout: float = PART_TIMEOUT_SECONDS,
+        coalesce: bool = True,
         **store_options,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -103,15 +116,20 @@ class CheckpointSync:
         self.store = open_store(uri, **store_options) if isinstance(uri, str) else uri
         self.keep_last = keep_last
         self.on_upload = on_upload
+        self.on_skip = on_skip
         self.upload_niceness = upload_niceness
         self.node, self.nodes, self.attempt = node, nodes, attempt
         self.part_timeout = part_timeout
-        # One worker: saves upload in order and never two at once, so `latest` only
-        # moves forward and retention never races an upload.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync")
-        self._pending: list[concurrent.futures.Future] = []
-        self._lock = threading.Lock()
+        self.coalesce = coalesce and nodes == 1
+        self._changed = threading.Condition()
+        self._queue: list[_Job] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._uploader: _Uploader | None = None
+        self._since_wait: list[concurrent.futures.Future] = []
         self.results: list[UploadResult] = []
+        self.skipped: list[int] = []
+        self._reported = 0
         self.errors: list[BaseException] = []
         self.resume_attempts: list[ResumeAttempt] = []
 
@@ -125,46 +143,84 @@ class CheckpointSync:
         """Queue the upload of a saved checkpoint dir as step-N and return at once.
 
         The files are hard-linked into a staging dir first (a copy where links are not
-        possible), so the trainer may rotate the checkpoint away while it uploads.
-        """
+        possible), so the trainer may rotate the checkpoint away while it uploads. The
+        future's result is the UploadResult, or None when a newer save replaced it."""
         directory = Path(directory)
         if self.node > 0 and not directory.is_dir():
             # This node saved nothing of the step (plain DDP: node 0 saves); its empty
             # part still tells node 0 it is done.
             snapshot = directory
         else:
-            snapshot = snapshot_directory(directory)
-        future = self._worker.submit(self._upload_step, snapshot, step)
-        with self._lock:
-            self._pending.append(future)
-        return future
+            snapshot = snapshot_directory(directory, step)
+        job = _Job(snapshot, step, concurrent.futures.Future())
+        replaced: list[_Job] = []
+        with self._changed:
+            if self._closed:
+                raise CheckpointUploadError(f"checkpoint sync to {self.store.uri} is closed")
+            if self.coalesce:
+                replaced, self._queue = self._queue, []
+                self.skipped.extend(old.step for old in replaced)
+            self._queue.append(job)
+            self._since_wait.append(job.future)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ckpt-sync", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+        for old in replaced:
+            self._skip(old, job.step)
+        return job.future
+
+    def _skip(self, job: _Job, newer: int) -> None:
+        logger.info(
+            "checkpoint step %d not uploaded: step %d was saved before its upload could "
+            "start (newest wins)",
+            job.step,
+            newer,
+        )
+        if job.snapshot.parent.name == STAGING_DIR:
+            shutil.rmtree(job.snapshot, ignore_errors=True)
+        if self.on_skip is not None:
+            try:
+                self.on_skip(job.step)
+            except Exception:
+                logger.exception("checkpoint on_skip hook failed for step %d", job.step)
+        job.future.set_result(None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closed:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                job = self._queue.pop(0)
+                # Steps skipped since the previous upload began, reported with this one.
+                coalesced = tuple(
+                    step for step in self.skipped[self._reported :] if step < job.step
+                )
+                self._reported = len(self.skipped)
+            try:
+                result = dataclasses.replace(
+                    self._upload_step(job.snapshot, job.step), coalesced=coalesced
+                )
+                self._record(result)
+                job.future.set_result(result)
+            except BaseException as error:
+                job.future.set_exception(error)
 
     def _upload_step(self, snapshot: Path, step: int) -> UploadResult:
-        command = [
-            sys.executable, "-m", "trainyard.workloads.checkpoint_store",
-            "--uri", self.store.uri,
-            "--store-options", json.dumps(self.store.options),
-            "--directory", str(snapshot),
-            "--step", str(step),
-            "--niceness", str(self.upload_niceness),
-            "--node", str(self.node),
-            "--nodes", str(self.nodes),
-            "--attempt", self.attempt,
-            "--part-timeout", str(self.part_timeout),
-        ]  # fmt: skip
-        if self.keep_last is not None:
-            command += ["--keep-last", str(self.keep_last)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            for line in done.stderr.splitlines():
-                logger.info("upload step %d: %s", step, line)
-            if done.returncode != 0:
-                tail = "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+            if self._uploader is None:
+                self._uploader = _Uploader(self._uploader_command())
+            answer = self._uploader.run(
+                {"directory": str(snapshot), "step": step, "keep_last": self.keep_last}
+            )
+            if answer.get("error"):
                 raise CheckpointUploadError(
-                    f"upload of step {step} to {self.store.uri} exited with {done.returncode}:\n"
-                    f"{tail}"
+                    f"upload of step {step} to {self.store.uri} failed: {answer['error']}\n"
+                    f"{self._uploader.stderr_tail()}"
                 )
-            result = UploadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+            return UploadResult(**{**answer, "coalesced": tuple(answer.get("coalesced") or ())})
         except Exception as error:
             logger.error("checkpoint step %d upload to %s failed: %s", step, self.store.uri, error)
             self._record(
@@ -172,12 +228,23 @@ class CheckpointSync:
             )
             raise
         finally:
-            shutil.rmtree(snapshot, ignore_errors=True)
-        self._record(result)
-        return result
+            if snapshot.parent.name == STAGING_DIR:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _uploader_command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "trainyard.workloads.checkpoint_store", "--serve",
+            "--uri", self.store.uri,
+            "--store-options", json.dumps(self.store.options),
+            "--niceness", str(self.upload_niceness),
+            "--node", str(self.node),
+            "--nodes", str(self.nodes),
+            "--attempt", self.attempt,
+            "--part-timeout", str(self.part_timeout),
+        ]  # fmt: skip
 
     def _record(self, result: UploadResult) -> None:
-        with self._lock:
+        with self._changed:
             self.results.append(result)
         if self.on_upload is not None:
             try:
@@ -186,15 +253,19 @@ class CheckpointSync:
                 logger.exception("checkpoint on_upload hook failed for %s", result.name)
 
     def wait(self) -> list[UploadResult]:
-        """Block until every queued upload finished; raise if any of them failed."""
-        with self._lock:
-            pending, self._pending = self._pending, []
+        """Block until every queued upload finished; return those since the last wait
+        (skipped ones left out) and raise if any of them failed."""
+        with self._changed:
+            pending, self._since_wait = self._since_wait, []
         done = []
         for future in pending:
             try:
-                done.append(future.result())
+                result = future.result()
             except Exception as error:
                 self.errors.append(error)
+                continue
+            if result is not None:
+                done.append(result)
         if self.errors:
             raise CheckpointUploadError(
                 f"{len(self.errors)} checkpoint upload(s) to {self.store.uri} failed; "
@@ -206,7 +277,13 @@ class CheckpointSync:
         try:
             self.wait()
         finally:
-            self._worker.shutdown(wait=True)
+            with self._changed:
+                self._closed = True
+                self._changed.notify_all()
+            if self._thread is not None:
+                self._thread.join()
+            if self._uploader is not None:
+                self._uploader.close()
 
     def export_final(
         self, directory: str | os.PathLike[str], *, name: str = FINAL, step: int | None = None
@@ -253,11 +330,12 @@ class CheckpointSync:
         return None
 
 
-def snapshot_directory(directory: Path) -> Path:
+def snapshot_directory(directory: Path, step: int | None = None) -> Path:
     """Hard-link directory's files into a sibling staging dir; returns the snapshot."""
     if not directory.is_dir():
         raise CheckpointUploadError(f"checkpoint directory {directory} does not exist")
-    target = directory.parent / STAGING_DIR / directory.name
+    name = directory.name if step is None else f"{directory.name}.step-{step}"
+    target = directory.parent / STAGING_DIR / name
     shutil.rmtree(target, ignore_errors=True)
 
     def link_or_copy(source: str, destination: str) -> None:
@@ -270,29 +348,154 @@ def snapshot_directory(directory: Path) -> Path:
     return target
 
 
+@dataclass
+class _Job:
+    snapshot: Path
+    step: int
+    future: concurrent.futures.Future
+
+
+class _Uploader:
+    """One long-lived `python -m trainyard.workloads.checkpoint_store --serve` child:
+    a job per stdin line, an answer per stdout line; it exits when its stdin closes,
+    so it never outlives the trainer. Used from the sync's one thread only."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.process: subprocess.Popen | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    def _start(self) -> subprocess.Popen:
+        process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+        def forward(stream) -> None:
+            for line in stream:
+                self._stderr.append(line.rstrip())
+                logger.info("uploader: %s", line.rstrip())
+
+        threading.Thread(target=forward, args=(process.stderr,), daemon=True).start()
+        return process
+
+    def run(self, job: dict) -> dict:
+        if self.process is None or self.process.poll() is not None:
+            self.process = self._start()
+        try:
+            self.process.stdin.write(json.dumps(job) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except OSError:
+            line = ""
+        if not line:
+            code = self.process.wait()
+            self.process = None
+            raise CheckpointUploadError(
+                f"the upload process exited with {code} during step {job['step']}:\n"
+                f"{self.stderr_tail()}"
+            )
+        return json.loads(line)
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr)
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
 class CheckpointSyncCallback(TrainerCallback):
     """Uploads every checkpoint the Trainer saves and drains at train end: the main
     process, and on a run of several nodes each node's first process too (each node
-    holds its own ranks' shards)."""
+    holds its own ranks' shards).
 
-    def __init__(self, sync: CheckpointSync) -> None:
+    Given the trainer (`callback.trainer = trainer`, as train.py does for every callback
+    with that attribute) and `async_saves`, the trainer's saves become async snapshots
+    (checkpoint_snapshot.AsyncSaves): a checkpoint is uploaded once its background
+    write is done and every rank has saved its part."""
+
+    def __init__(self, sync: CheckpointSync, *, async_saves: bool = True) -> None:
         self.sync = sync
+        self.async_saves = async_saves
+        self.saves = None
         self.uploaded: list[int] = []
+        self._trainer = None
+        self._lock = threading.Lock()
+        self._written: set[int] = set()
+        self._saved: dict[int, Path] = {}
+
+    @property
+    def trainer(self):
+        return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer) -> None:
+        from trainyard.workloads.checkpoint_snapshot import AsyncSaves
+
+        self._trainer = trainer
+        if trainer is None or not self.async_saves:
+            return
+        saves = AsyncSaves(trainer, on_written=self._on_written, on_skip=self._on_skip)
+        self.saves = saves if saves.install() else None
 
     def _uploads(self, state) -> bool:
         return state.is_world_process_zero or (self.sync.nodes > 1 and state.is_local_process_zero)
+
+    def _on_skip(self, step: int) -> None:
+        with self._lock:
+            self._saved.pop(step, None)
+        with self.sync._changed:
+            self.sync.skipped.append(step)
+        if self.sync.on_skip is not None:
+            self.sync.on_skip(step)
+
+    def _on_written(self, directory: Path, step: int) -> None:
+        with self._lock:
+            self._written.add(step)
+            ready = self._saved.pop(step, None)
+        if ready is not None:
+            self._submit(ready, step)
+
+    def _submit(self, directory: Path, step: int) -> None:
+        self.sync.submit(directory, step)
+        self.uploaded.append(step)
 
     def on_save(self, args, state, control, **kwargs):
         # Every rank gets here after saving; some of its files (its RNG state) come after
         # DeepSpeed's own barrier, so wait for all before the uploader snapshots the dir.
         wait_for_every_rank()
         if self._uploads(state):
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            self.sync.submit(checkpoint, state.global_step)
-            self.uploaded.append(state.global_step)
+            step = state.global_step
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            if self.saves is None:
+                self._submit(checkpoint, step)
+                return control
+            # Uploaded when both this rank's background write and every rank's save are
+            # done, whichever comes last.
+            with self._lock:
+                written = step in self._written
+                if not written:
+                    self._saved[step] = checkpoint
+            if written:
+                self._submit(checkpoint, step)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.saves is not None:
+            self.saves.wait()
         if self._uploads(state):
             # Raises CheckpointUploadError: a run whose checkpoints did not reach
             # storage must not look successful.

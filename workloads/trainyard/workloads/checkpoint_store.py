@@ -19,8 +19,9 @@ A step without a manifest is an upload that never finished; a step whose files d
 match its manifest is corrupt. Neither is ever resumed from or named by `latest`.
 
 This module does not import torch or transformers: `checkpoint.CheckpointSync` runs
-`python -m trainyard.workloads.checkpoint_store` as a separate, nicer process for each
-upload, so boto3's threads never compete with training for the GIL.
+`python -m trainyard.workloads.checkpoint_store --serve` as one separate, nicer process
+that uploads job after job, so boto3's threads never compete with training for the GIL
+and no upload pays an interpreter start.
 """
 
 from __future__ import annotations
@@ -28,18 +29,19 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from trainyard.workloads.storage import ObjectStore, open_store
+from trainyard.workloads.storage import ObjectStore, hash_file, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +70,8 @@ class UploadResult:
     bytes: int = 0
     seconds: float = 0.0
     error: str | None = None
-
-
-def hash_file(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    coalesced: tuple[int, ...] = ()
+    """Steps saved while this one waited and skipped in its favour (newest wins)."""
 
 
 def list_local_files(directory: Path) -> dict[str, Path]:
@@ -87,11 +83,20 @@ def list_local_files(directory: Path) -> dict[str, Path]:
     }
 
 
-def build_manifest(directory: Path, step: int | None) -> dict:
+def build_manifest(
+    directory: Path, step: int | None, digests: dict[str, str] | None = None
+) -> dict:
+    """The manifest of directory's files; `digests` (relative path → sha256) are those
+    the upload computed while sending, and files missing from it are hashed here."""
     files = list_local_files(directory)
-    # hashlib releases the GIL on large buffers, so files hash in parallel.
-    with concurrent.futures.ThreadPoolExecutor(min(4, max(1, len(files)))) as pool:
-        digests = dict(zip(files, pool.map(hash_file, files.values()), strict=True))
+    digests = dict(digests or {})
+    missing = [rel for rel in files if rel not in digests]
+    if missing:
+        # hashlib releases the GIL on large buffers, so files hash in parallel.
+        with concurrent.futures.ThreadPoolExecutor(min(4, len(missing))) as pool:
+            digests.update(
+                zip(missing, pool.map(hash_file, [files[r] for r in missing]), strict=True)
+            )
     entries = [
         {"path": rel, "size": path.stat().st_size, "sha256": digests[rel]}
         for rel, path in files.items()
@@ -106,13 +111,12 @@ def build_manifest(directory: Path, step: int | None) -> dict:
 
 
 def _upload_files(store: ObjectStore, directory: Path, name: str, step: int | None) -> dict:
-    """Upload directory's files under `name/` while hashing them; their manifest, once
-    every object is stored with the right size."""
+    """Upload directory's files under `name/`, hashing each file from the same read
+    that sends it; their manifest, once every object is stored with the right size."""
     files = list_local_files(directory)
-    with concurrent.futures.ThreadPoolExecutor(1) as hasher:
-        manifest_future = hasher.submit(build_manifest, directory, step)
-        store.upload_files({f"{name}/{rel}": path for rel, path in files.items()})
-        manifest = manifest_future.result()
+    sent = store.upload_files({f"{name}/{rel}": path for rel, path in files.items()})
+    digests = {key.removeprefix(f"{name}/"): digest for key, digest in (sent or {}).items()}
+    manifest = build_manifest(directory, step, digests)
     _check_stored(store, name, manifest["files"])
     return manifest
 
@@ -374,13 +378,50 @@ def sync_step(
     return result
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Upload one job per stdin line (JSON: directory, step, keep_last) and answer each
+    with one stdout line (an UploadResult, or {"error": ...}). Exits at once when stdin
+    closes: the trainer that started it has ended (or died), and an orphan must not go
+    on moving `latest`."""
+    store = open_store(args.uri, **json.loads(args.store_options))
+    jobs: queue.Queue[str] = queue.Queue()
+
+    def read_jobs() -> None:
+        for line in sys.stdin:
+            jobs.put(line)
+        os._exit(0)
+
+    threading.Thread(target=read_jobs, name="jobs", daemon=True).start()
+    while True:
+        job = json.loads(jobs.get())
+        try:
+            result = sync_step(
+                store,
+                Path(job["directory"]),
+                int(job["step"]),
+                job.get("keep_last"),
+                node=args.node,
+                nodes=args.nodes,
+                attempt=args.attempt,
+                part_timeout=args.part_timeout,
+            )
+            answer = dataclasses.asdict(result)
+        except Exception as error:
+            logger.exception("upload of step %s failed", job.get("step"))
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(answer), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Upload one checkpoint dir as step-N; print the UploadResult as JSON on stdout."""
     parser = argparse.ArgumentParser(prog="python -m trainyard.workloads.checkpoint_store")
     parser.add_argument("--uri", required=True, help="s3://bucket/prefix or file://path")
     parser.add_argument("--store-options", default="{}", help="JSON of open_store() options")
-    parser.add_argument("--directory", required=True, type=Path)
-    parser.add_argument("--step", required=True, type=int)
+    parser.add_argument("--directory", type=Path, help="the checkpoint dir to upload")
+    parser.add_argument("--step", type=int, help="its step")
+    parser.add_argument(
+        "--serve", action="store_true", help="upload one JSON job per stdin line until EOF"
+    )
     parser.add_argument("--keep-last", type=int, default=None)
     parser.add_argument("--niceness", type=int, default=0, help="added to this process's nice")
     parser.add_argument(
@@ -398,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.niceness > 0:
         os.nice(args.niceness)
+    if args.serve:
+        return serve(args)
+    if args.directory is None or args.step is None:
+        parser.error("--directory and --step are required without --serve")
     store = open_store(args.uri, **json.loads(args.store_options))
     result = sync_step(
         store,

@@ -8,9 +8,14 @@ it talks to. Only this module imports boto3.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import hashlib
+import math
 import os
 import shutil
 import tempfile
+import threading
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,48 @@ SECRET_KEY_FILES = ("AWS_SECRET_ACCESS_KEY", "secretAccessKey")
 SESSION_TOKEN_FILES = ("AWS_SESSION_TOKEN", "sessionToken")
 
 MiB = 1024 * 1024
+# S3's limits on a multipart upload: parts of 5 MiB to 5 GiB, at most 10,000 of them.
+MIN_PART = 5 * MiB
+MAX_PART = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+# Parts grow with the object (fewer requests, each carrying more) up to this size.
+LARGE_PART = 64 * MiB
+# Bytes of parts read ahead of the network across all files: bounds an upload's memory.
+IN_FLIGHT_BYTES = 512 * MiB
+# Files read (and hashed) at the same time; each one streams its parts to the senders.
+READERS = 4
+
+
+def part_size_for(size: int, chunksize: int = 8 * MiB, concurrency: int = 10) -> int:
+    """Part size for an object of `size` bytes: `chunksize` for small objects, larger
+    parts for large ones so each connection keeps about two parts to send, never more
+    than S3's 10,000 parts nor outside its 5 MiB to 5 GiB.
+
+    >>> [part_size_for(n * MiB) // MiB for n in (20, 300, 1024, 100 * 1024)]
+    [8, 15, 52, 64]
+    """
+    wanted = min(max(chunksize, math.ceil(size / (2 * concurrency))), max(LARGE_PART, chunksize))
+    wanted = max(wanted, math.ceil(size / MAX_PARTS), MIN_PART)
+    return min(math.ceil(wanted / MiB) * MiB, MAX_PART)
+
+
+class _ByteBudget:
+    """Blocks a reader while more than `limit` bytes of parts wait to be sent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.changed = threading.Condition()
+
+    def acquire(self, count: int) -> None:
+        with self.changed:
+            while self.used and self.used + count > self.limit:
+                self.changed.wait()
+            self.used += count
+
+    def release(self, count: int) -> None:
+        with self.changed:
+            self.used -= count
+            self.changed.notify_all()
 
 
 class StorageError(RuntimeError):
@@ -79,8 +126,9 @@ class ObjectStore(Protocol):
 
     uri: str
 
-    def upload_files(self, files: Mapping[str, Path]) -> None:
-        """Upload local files (key → path) concurrently; return when all are stored."""
+    def upload_files(self, files: Mapping[str, Path]) -> dict[str, str]:
+        """Upload local files (key → path) concurrently; return when all are stored, with
+        each key's sha256 (hex) of the bytes that were sent."""
 
     def download_files(self, files: Mapping[str, Path]) -> None:
         """Download objects (key → local path) concurrently."""
@@ -144,6 +192,9 @@ class S3Store:
             "multipart_chunksize": multipart_chunksize,
         }
         self.uri = str(StorageUri("s3", bucket, self.prefix))
+        self.max_concurrency = max_concurrency
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
         session = boto3.session.Session(**read_credentials_dir(credentials_dir))
         self.client = session.client(
             "s3",
@@ -183,8 +234,110 @@ class S3Store:
             for future in futures:
                 future.result()
 
-    def upload_files(self, files: Mapping[str, Path]) -> None:
-        self._transfer(files, "up")
+    def upload_files(self, files: Mapping[str, Path]) -> dict[str, str]:
+        """Upload files in parallel parts; each file is read once, sequentially, and the
+        same bytes feed its sha256 and the parts on their way (hashing overlaps sending).
+
+        Parts of every file share one pool of `max_concurrency` connections, and at
+        most IN_FLIGHT_BYTES of parts are read ahead, whatever the part size."""
+        if not files:
+            return {}
+        sizes = {key: Path(path).stat().st_size for key, path in files.items()}
+        senders = min(self.max_concurrency, sum(self._parts(size) for size in sizes.values()))
+        budget = _ByteBudget(IN_FLIGHT_BYTES)
+        # Large files first: they take longest, and small ones fill the gaps.
+        order = sorted(files, key=lambda key: -sizes[key])
+        with (
+            concurrent.futures.ThreadPoolExecutor(max(senders, 1), "s3-part") as send_pool,
+            concurrent.futures.ThreadPoolExecutor(min(READERS, len(files)), "s3-read") as readers,
+        ):
+            futures = {
+                key: readers.submit(
+                    self._upload_one, key, Path(files[key]), sizes[key], send_pool, budget
+                )
+                for key in order
+            }
+            return {key: futures[key].result() for key in files}
+
+    def _parts(self, size: int) -> int:
+        if size < self.multipart_threshold:
+            return 1
+        return math.ceil(size / part_size_for(size, self.multipart_chunksize, self.max_concurrency))
+
+    def _upload_one(
+        self,
+        key: str,
+        path: Path,
+        size: int,
+        send_pool: concurrent.futures.Executor,
+        budget: _ByteBudget,
+    ) -> str:
+        digest = hashlib.sha256()
+        full_key = self._key(key)
+        if size < self.multipart_threshold:
+            data = path.read_bytes()
+            digest.update(data)
+            self.client.put_object(Bucket=self.bucket, Key=full_key, Body=data)
+            return digest.hexdigest()
+        part_size = part_size_for(size, self.multipart_chunksize, self.max_concurrency)
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full_key)[
+            "UploadId"
+        ]
+        sent: list[concurrent.futures.Future] = []
+
+        def send(number: int, data: bytes) -> dict:
+            try:
+                response = self.client.upload_part(
+                    Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number,
+                    Body=data,
+                )  # fmt: skip
+            finally:
+                budget.release(len(data))
+            part = {"PartNumber": number, "ETag": response["ETag"]}
+            # A checksum the client computed (CRC32 by default) must be repeated on complete.
+            for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256"):
+                if response.get(name):
+                    part[name] = response[name]
+            return part
+
+        try:
+            with open(path, "rb") as handle:
+                number = read = 0
+                while True:
+                    budget.acquire(part_size)
+                    data = handle.read(part_size)
+                    if not data:
+                        budget.release(part_size)
+                        break
+                    budget.release(part_size - len(data))
+                    digest.update(data)
+                    read += len(data)
+                    number += 1
+                    sent.append(send_pool.submit(send, number, data))
+                    # A failed part stops the read early instead of after the whole file.
+                    if any(f.done() and f.exception() for f in sent[-4:]):
+                        break
+            parts = [future.result() for future in sent]
+            if read != size:
+                raise StorageError(
+                    f"{path} changed size while it was uploaded to {self.uri}/{key}: "
+                    f"{size} bytes before, {read} read"
+                )
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full_key, UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )  # fmt: skip
+        except BaseException:
+            for future in sent:
+                future.cancel()
+            concurrent.futures.wait(sent)
+            # The original error says more; retention aborts what is left later.
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=full_key, UploadId=upload_id
+                )
+            raise
+        return digest.hexdigest()
 
     def download_files(self, files: Mapping[str, Path]) -> None:
         self._transfer(files, "down")
@@ -284,28 +437,37 @@ class FileStore:
             raise StorageError(f"key {key!r} points outside {self.uri}")
         return path
 
-    def _copy_atomically(self, source: Path, target: Path) -> None:
+    def _link_atomically(self, source: Path, target: Path) -> None:
+        """Give target the contents of source: a hard link where both lie on one
+        filesystem (no second copy on disk; checkpoint files are never rewritten in
+        place), a copy elsewhere. Link or copy goes next to the target, then a rename:
+        a reader never sees half a file."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Copy next to the target, then rename: a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}"
         try:
-            shutil.copyfile(source, tmp)
+            try:
+                os.link(source, tmp)
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copyfile(source, tmp)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
-    def _copy_all(self, pairs: list[tuple[Path, Path]]) -> None:
-        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
-            for future in [pool.submit(self._copy_atomically, s, t) for s, t in pairs]:
-                future.result()
+    def _link_all(self, pairs: list[tuple[Path, Path]], *, hashed: bool = False) -> list[str]:
+        def one(source: Path, target: Path) -> str:
+            self._link_atomically(source, target)
+            return hash_file(target) if hashed else ""
 
-    def upload_files(self, files: Mapping[str, Path]) -> None:
-        self._copy_all([(Path(p), self._path(k)) for k, p in files.items()])
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
+            return [future.result() for future in [pool.submit(one, s, t) for s, t in pairs]]
+
+    def upload_files(self, files: Mapping[str, Path]) -> dict[str, str]:
+        pairs = [(Path(p), self._path(k)) for k, p in files.items()]
+        return dict(zip(files, self._link_all(pairs, hashed=True), strict=True))
 
     def download_files(self, files: Mapping[str, Path]) -> None:
-        self._copy_all([(self._path(k), Path(p)) for k, p in files.items()])
+        self._link_all([(self._path(k), Path(p)) for k, p in files.items()])
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self._path(key)
@@ -354,7 +516,7 @@ class FileStore:
     def list_unfinished(self) -> list[tuple[str, str]]:
         if not self.root.is_dir():
             return []
-        # _copy_atomically's temporaries, `.<name>.<random>`, left by a killed copy.
+        # _link_atomically's temporaries, `.<name>.<random>`, left by a killed copy.
         return [
             (
                 (path.parent / path.name[1:].rsplit(".", 1)[0]).relative_to(self.root).as_posix(),
@@ -366,6 +528,14 @@ class FileStore:
 
     def abort_unfinished(self, key: str, handle: str) -> None:
         (self._path(key).parent / handle).unlink(missing_ok=True)
+
+
+def hash_file(path: Path, chunk_size: int = 8 * MiB) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_credentials_dir(directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
