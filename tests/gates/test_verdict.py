@@ -14,9 +14,11 @@ from trainyard.api.verdict import (
     Decision,
     EvalResults,
     MetricSamples,
+    awaiting_since_of,
     bootstrap_margin,
     judge,
     judge_criterion,
+    seen_decisions,
 )
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -489,3 +491,68 @@ def test_criterion_text(text, fields):
 def test_a_misspelt_baseline_says_how_to_write_it():
     with pytest.raises(ValueError, match=r"METRIC OP baseline \[\* FACTOR\]"):
         Criterion.model_validate("eval_loss <= baseline x 2")
+
+
+# ------------------------------------------------------------------ annotations over time
+
+
+def test_an_approval_set_before_the_criteria_passed_never_counts_until_set_again():
+    """The controller's loop: annotations read each reconcile, first-seen times kept in
+    status, the verdict written back."""
+    spec = gate("eval_loss <= 2", manual=True)
+    approved = {"trainyard.dev/approved-by": "alice"}
+    status = None
+    # t0: alice approves while the evaluation still runs (nothing to judge yet).
+    t0 = NOW
+    approval, _ = seen_decisions(approved, status, t0)
+    status = PromotionGateStatus(approval=approval.to_status())
+    # t1: results arrive; the criteria pass; her approval predates them.
+    t1 = NOW + timedelta(minutes=1)
+    approval, rejection = seen_decisions(approved, status, t1)
+    verdict = judge(spec, {"eval_loss": 1.0}, now=t1, approval=approval, rejection=rejection)
+    assert verdict.verdict == "AwaitingApproval"
+    status = verdict.apply(status)
+    # t2: still the same annotation: still does not count.
+    t2 = NOW + timedelta(minutes=2)
+    approval, _ = seen_decisions(approved, status, t2)
+    verdict = judge(
+        spec,
+        {"eval_loss": 1.0},
+        now=t2,
+        approval=approval,
+        awaiting_since=awaiting_since_of(status),
+    )
+    assert verdict.verdict == "AwaitingApproval"
+    status = verdict.apply(status)
+    # t3: she removes it; t4: sets it again, after seeing the results: it counts.
+    t3, t4 = NOW + timedelta(minutes=3), NOW + timedelta(minutes=4)
+    approval, _ = seen_decisions({}, status, t3)
+    status = judge(
+        spec,
+        {"eval_loss": 1.0},
+        now=t3,
+        approval=approval,
+        awaiting_since=awaiting_since_of(status),
+    ).apply(status)
+    approval, _ = seen_decisions(approved, status, t4)
+    verdict = judge(
+        spec,
+        {"eval_loss": 1.0},
+        now=t4,
+        approval=approval,
+        awaiting_since=awaiting_since_of(status),
+    )
+    assert (verdict.verdict, verdict.reason) == ("Passed", "Approved")
+    status = verdict.apply(status)
+    assert status.approval.model_dump() == {"by": "alice", "at": "2026-11-29T12:04:00Z"}
+    assert status.awaiting_since == "2026-11-29T12:01:00Z"
+    assert status.decided_at == "2026-11-29T12:04:00Z"
+
+
+def test_a_rejection_annotation_rejects():
+    rejection = seen_decisions({"trainyard.dev/rejected-by": "bob"}, None, NOW)[1]
+    verdict = judge(
+        gate("eval_loss <= 2", manual=True), {"eval_loss": 1.0}, now=NOW, rejection=rejection
+    )
+    assert (verdict.verdict, verdict.reason) == ("Failed", "Rejected")
+    assert verdict.apply().rejection.by == "bob"

@@ -11,7 +11,7 @@ from trainyard.api.base import API_VERSION, ApiModel
 from trainyard.api.common import ModelSource, ObjectMeta, Resources, Storage, source_uri
 from trainyard.api.rules import Rule, nested_error
 from trainyard.api.status import Condition
-from trainyard.api.training_run import RewardSpec
+from trainyard.api.training_run import RewardSpec, TrainingRunSpec
 
 Operator = Literal["<", "<=", ">", ">=", "==", "!="]
 _NUMBER = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?\.\d+(?:[eE][-+]?\d+)?"
@@ -260,6 +260,33 @@ class EvaluationTask(ApiModel):
     """The judged run's checkpoint.uri, where run:// references are resolved from."""
 
 
+def evaluation_task(
+    evaluation: Evaluation, *, model: ModelSource, output: str, run: TrainingRunSpec | None = None
+) -> EvaluationTask:
+    """The evaluation pod's input for a gate's evaluation of `model`, with the judged
+    run's rewards, storage and checkpoint root (what the controller and `trainyard run`
+    both hand the workload).
+
+    >>> task = evaluation_task(
+    ...     Evaluation(suite=["perplexity"], dataset="builtin://datasets/text"),
+    ...     model=ModelSource(source="s3://ckpt/sft/final"),
+    ...     output="s3://ckpt/sft/final/eval/release",
+    ... )
+    >>> task.to_yaml_dict()["output"]
+    's3://ckpt/sft/final/eval/release'
+    """
+    online = (run.grpo or run.rloo) if run is not None else None
+    return EvaluationTask(
+        model=model,
+        evaluation=evaluation,
+        output=output,
+        rewards=list(online.rewards) if online is not None else [],
+        strip_thinking=online.strip_thinking if online is not None else False,
+        storage=run.storage if run is not None else None,
+        checkpoint_uri=run.checkpoint.uri if run is not None and run.checkpoint else None,
+    )
+
+
 class PromotionGateSpec(ApiModel):
     """Desired state of a PromotionGate."""
 
@@ -395,9 +422,9 @@ class PromotionGateStatus(ApiModel):
     awaiting_since: str | None = None
     """When the criteria first passed or became inconclusive; only approvals given later count."""
     approval: PersonDecision | None = None
-    """The approval that counted."""
+    """The trainyard.dev/approved-by annotation as first seen (it counts when seen after awaitingSince)."""
     rejection: PersonDecision | None = None
-    """The rejection that decided."""
+    """The trainyard.dev/rejected-by annotation as first seen (it rejects)."""
     decided_at: str | None = None
     """When the gate reached Passed or Failed."""
     conditions: list[Condition] | None = None

@@ -504,7 +504,14 @@ def judge(
         )
     summary = _summary(judged, outcome, require)
     reject = Decision(rejection.by, rejection.at) if rejection else None
-    common = {"results": judged, "criteria_outcome": outcome, "rejection": None}
+    seen = Decision(approval.by, approval.at) if approval else None
+    # Both annotations are recorded as seen, so the next call knows when they appeared.
+    common = {
+        "results": judged,
+        "criteria_outcome": outcome,
+        "rejection": reject,
+        "approval": seen,
+    }
 
     if reject is not None:
         return GateVerdict(
@@ -512,7 +519,7 @@ def judge(
             REJECTED,
             f"rejected by {reject.by} at {_rfc3339(reject.at)}; {summary}",
             decided_at=now,
-            **common | {"rejection": reject},
+            **common,
         )
     if outcome == "Failed":
         missing = any(
@@ -529,16 +536,14 @@ def judge(
         return GateVerdict("Passed", CRITERIA_MET, summary, decided_at=now, **common)
 
     since = awaiting_since or now
-    if approval is not None and approval.at > since:
-        approve = Decision(approval.by, approval.at)
+    if seen is not None and seen.at > since:
         how = "criteria met" if outcome == "Passed" else "criteria inconclusive"
         return GateVerdict(
             "Passed",
             APPROVED,
-            f"approved by {approve.by} at {_rfc3339(approve.at)} ({how}); {summary}",
+            f"approved by {seen.by} at {_rfc3339(seen.at)} ({how}); {summary}",
             awaiting_since=since,
             decided_at=now,
-            approval=approve,
             **common,
         )
     waiting = (
@@ -576,3 +581,41 @@ def _summary(judged: list[CriterionResult], outcome: str, require: str) -> str:
     advisory = [r for r in judged if r.advisory and r.result != "Passed"]
     parts += [f"{r.criterion}: {r.result.lower()}, {r.message}" for r in advisory]
     return "; ".join([text, *parts] if text else parts)
+
+
+def seen_decisions(
+    annotations: Mapping[str, str] | None, status: PromotionGateStatus | None, now: datetime
+) -> tuple[Decision | None, Decision | None]:
+    """(approval, rejection) from the gate's annotations, each with the time it was first
+    seen: the time recorded in the status while the annotation names the same person,
+    else now. A removed annotation is forgotten, so setting it again is a new approval.
+
+    >>> t0, t1 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    >>> first, _ = seen_decisions({APPROVED_BY_ANNOTATION: "ann"}, None, t0)
+    >>> status = PromotionGateStatus(approval=first.to_status())
+    >>> seen_decisions({APPROVED_BY_ANNOTATION: "ann"}, status, t1)[0].at == t0
+    True
+    >>> seen_decisions({APPROVED_BY_ANNOTATION: "bo"}, status, t1)[0].at == t1
+    True
+    """
+    annotations = annotations or {}
+
+    def one(key: str, recorded: PersonDecision | None) -> Decision | None:
+        by = (annotations.get(key) or "").strip()
+        if not by:
+            return None
+        if recorded is not None and recorded.by == by:
+            return Decision(by, datetime.fromisoformat(recorded.at.replace("Z", "+00:00")))
+        return Decision(by, now)
+
+    return (
+        one(APPROVED_BY_ANNOTATION, status.approval if status else None),
+        one(REJECTED_BY_ANNOTATION, status.rejection if status else None),
+    )
+
+
+def awaiting_since_of(status: PromotionGateStatus | None) -> datetime | None:
+    """The waiting time an earlier verdict recorded, for the next call of `judge`."""
+    if status is None or not status.awaiting_since:
+        return None
+    return datetime.fromisoformat(status.awaiting_since.replace("Z", "+00:00"))

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from trainyard.api import InvalidResource, manifests, parse_resource
 from trainyard.api.common import ModelSource
-from trainyard.api.gate import EvaluationTask, PromotionGate, PromotionGateStatus
+from trainyard.api.gate import PromotionGate, PromotionGateStatus, evaluation_task
 from trainyard.api.verdict import (
     EVAL_RESULTS_FILE,
     Decision,
@@ -191,17 +191,14 @@ def judge_gate(
                     f"PromotionGate/{gate.metadata.name}: run {spec.run!r} left no complete checkpoint"
                 ]
             )
-        online = getattr(run_spec, "grpo", None) or getattr(run_spec, "rloo", None)
-        task = EvaluationTask(
+        task = evaluation_task(
+            spec.evaluation,
             model=spec.model or ModelSource(source=model_uri),
-            evaluation=spec.evaluation,
             output=eval_output_uri(
                 model_uri if spec.model is None else f"file://{state_dir.resolve()}",
                 gate.metadata.name,
             ),
-            rewards=list(online.rewards) if online is not None else [],
-            strip_thinking=bool(getattr(online, "strip_thinking", False)),
-            storage=getattr(run_spec, "storage", None),
+            run=run_spec,
         )
         try:
             evaluated = run_task(task, log=log)
