@@ -6,6 +6,7 @@ library's own documentation explains them. Options left out take the library's d
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -37,6 +38,46 @@ BUILTIN_REWARDS: tuple[str, ...] = (
     "code_execution",
 )
 Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Invalid"]
+
+
+class RunPhase(StrEnum):
+    """`status.phase` of a TrainingRun, for humans (`kubectl get`); conditions say the rest."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    INVALID = "Invalid"
+
+
+TERMINAL_PHASES = frozenset({RunPhase.SUCCEEDED, RunPhase.FAILED})
+
+
+class RunCondition(StrEnum):
+    """The condition types the operator sets on a TrainingRun (the CRD lists exactly these)."""
+
+    VALID = "Valid"
+    RUNNING = "Running"
+    STALLED = "Stalled"
+    SUSPENDED = "Suspended"
+    SPEC_APPLIED = "SpecApplied"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CLEANED_UP = "CleanedUp"
+
+
+RUN_CONDITION_MEANINGS: dict[RunCondition, str] = {
+    RunCondition.VALID: "the spec passed validation (False: status.message says what to fix)",
+    RunCondition.RUNNING: "every worker of the current attempt runs",
+    RunCondition.STALLED: "the step has not moved for runPolicy.stallTimeoutSeconds",
+    RunCondition.SUSPENDED: "spec.suspend stopped the workers",
+    RunCondition.SPEC_APPLIED: "the pods run the spec as it is now (False: an edit waits for the next attempt)",
+    RunCondition.SUCCEEDED: "the workers finished",
+    RunCondition.FAILED: "the run stopped for good (restart budget, deadline)",
+    RunCondition.CLEANED_UP: "the children were deleted after runPolicy.ttlSecondsAfterFinished",
+}
 
 
 class DatasetSpec(ApiModel):
@@ -697,8 +738,13 @@ class TrainingRunStatus(ApiModel):
 
     phase: Phase | None = None
     """Pending, Running, Restarting, Suspended, Succeeded, Failed or Invalid."""
-    conditions: list[Condition] | None = None
-    """Valid, Created, Running, Stalled, Suspended, SpecApplied, Succeeded, Failed."""
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="; ".join(
+            f"{type_}: {meaning}" for type_, meaning in RUN_CONDITION_MEANINGS.items()
+        )
+        + ".",
+    )
     observed_generation: int | None = None
     """metadata.generation this status describes."""
     progress: Progress | None = None

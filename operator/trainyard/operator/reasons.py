@@ -29,7 +29,6 @@ STALLED = "Stalled"
 JOB_COMPLETED = "JobCompleted"
 RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
-NOT_FINISHED = "NotFinished"
 
 # Spec edits: a running attempt keeps the config it started with
 SPEC_APPLIED = "SpecApplied"
@@ -38,7 +37,6 @@ SPEC_CHANGE_PENDING = "SpecChangePending"
 # Suspend
 SUSPENDED_BY_SPEC = "SuspendedBySpec"
 RESUMED = "Resumed"
-NOT_SUSPENDED = "NotSuspended"
 
 # Clean-up
 TTL_EXPIRED = "TTLExpired"

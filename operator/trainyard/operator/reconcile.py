@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from trainyard.api import InvalidResource, parse_resource
-from trainyard.api.training_run import TrainingRun
+from trainyard.api.training_run import RunCondition, RunPhase, TrainingRun
 from trainyard.operator import deadline, failure_policy, reasons, stall, suspend, ttl
 from trainyard.operator.builders import UnrenderableRun, child_names, render_children
 from trainyard.operator.builders import names as builder_names
@@ -151,7 +151,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     meta = observed.run.get("metadata") or {}
     old_status = observed.run.get("status")
     uid = meta.get("uid", "")
-    status.condition("Valid", True, reasons.SPEC_VALID, "the spec is valid")
+    status.condition(RunCondition.VALID, True, reasons.SPEC_VALID, "the spec is valid")
     status.data["observedGeneration"] = meta.get("generation")
 
     ours = [c for c in observed.children if _is_owned(c, uid)]
@@ -178,7 +178,9 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         )
     if transition == "resume":
         attempt += 1
-        status.condition("Suspended", False, reasons.RESUMED, "resumed from the latest checkpoint")
+        status.condition(
+            RunCondition.SUSPENDED, False, reasons.RESUMED, "resumed from the latest checkpoint"
+        )
     status.data["restartAttempt"] = attempt
     status.data.setdefault("restarts", 0)
     status.data.setdefault("preemptions", 0)
@@ -275,8 +277,8 @@ def _requeue_after(
 ) -> float | None:
     """When to look again without an event: the next progress read while Running, the
     active deadline, the stall timeout (events cannot announce a clock running out)."""
-    running = status.data.get("phase") == "Running"
-    suspended = find_condition(status.data.get("conditions"), "Suspended")
+    running = status.data.get("phase") == RunPhase.RUNNING
+    suspended = find_condition(status.data.get("conditions"), RunCondition.SUSPENDED)
     since = deadline.active_since(
         start_time=parse_time(status.data.get("startTime")),
         resumed_at=parse_time(suspended.get("lastTransitionTime"))
@@ -288,7 +290,7 @@ def _requeue_after(
     )
     stall_left = None
     timeout = spec.run_policy.stall_timeout_seconds
-    running_condition = find_condition(status.data.get("conditions"), "Running")
+    running_condition = find_condition(status.data.get("conditions"), RunCondition.RUNNING)
     if timeout is not None and running and running_condition is not None:
         moments = (
             parse_time((status.data.get("progress") or {}).get("updatedAt")),
@@ -315,9 +317,11 @@ def _succeeded(
     job_name: str,
     now: datetime,
 ) -> Plan:
-    status.condition("Running", False, reasons.JOB_COMPLETED, "all workers finished")
-    status.condition("Succeeded", True, reasons.JOB_COMPLETED, f"job {job_name} completed")
-    status.finish("Succeeded", "training finished")
+    status.condition(RunCondition.RUNNING, False, reasons.JOB_COMPLETED, "all workers finished")
+    status.condition(
+        RunCondition.SUCCEEDED, True, reasons.JOB_COMPLETED, f"job {job_name} completed"
+    )
+    status.finish(RunPhase.SUCCEEDED, "training finished")
     _take_progress(status, sample, spec, now)
     deletes = deletes + [
         _ref(c) for c in ours if c.get("kind") == "Deployment"
@@ -333,9 +337,9 @@ def _failed(
     deletes: list[ChildRef],
 ) -> Plan:
     """Out of budget: say why, and stop every pod (a broken gang would hold its GPUs forever)."""
-    status.condition("Running", False, decision.reason, decision.message)
-    status.condition("Failed", True, decision.reason, decision.message)
-    status.finish("Failed", decision.message)
+    status.condition(RunCondition.RUNNING, False, decision.reason, decision.message)
+    status.condition(RunCondition.FAILED, True, decision.reason, decision.message)
+    status.finish(RunPhase.FAILED, decision.message)
     deletes = deletes + [
         _ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes
     ]
@@ -353,12 +357,15 @@ def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -
         else "the start (no complete checkpoint yet)"
     )
     status.condition(
-        "Running", False, decision.reason, f"{decision.message}; restarting the gang from {origin}"
+        RunCondition.RUNNING,
+        False,
+        decision.reason,
+        f"{decision.message}; restarting the gang from {origin}",
     )
-    status.data["phase"] = "Restarting"
+    status.data["phase"] = RunPhase.RESTARTING
     status.data["message"] = f"{decision.reason}: restarting from {origin}"
-    if find_condition(status.data.get("conditions"), "Stalled") is not None:
-        status.condition("Stalled", False, reasons.RESTARTING, "a new attempt started")
+    if find_condition(status.data.get("conditions"), RunCondition.STALLED) is not None:
+        status.condition(RunCondition.STALLED, False, reasons.RESTARTING, "a new attempt started")
     return attempt
 
 
@@ -375,26 +382,26 @@ def _observe_running(
     # are part of a running gang, not missing from it.
     finished = _pods_in_phase(pods, "Succeeded")
     if job is not None and running > 0 and running + finished >= nodes:
-        status.data["phase"] = "Running"
+        status.data["phase"] = RunPhase.RUNNING
         status.data["message"] = (
             f"{running} of {nodes} workers running"
             if not finished
             else f"{running} of {nodes} workers running, {finished} finished"
         )
         status.data.setdefault("startTime", format_time(now))
-        status.condition("Running", True, reasons.PODS_RUNNING, status.data["message"])
+        status.condition(RunCondition.RUNNING, True, reasons.PODS_RUNNING, status.data["message"])
         return
-    if status.data.get("phase") != "Restarting":
-        status.data["phase"] = "Pending"
+    if status.data.get("phase") != RunPhase.RESTARTING:
+        status.data["phase"] = RunPhase.PENDING
     waiting = f"waiting for workers: {running} of {nodes} running"
     status.data["message"] = waiting
-    previous = find_condition(status.data.get("conditions"), "Running")
+    previous = find_condition(status.data.get("conditions"), RunCondition.RUNNING)
     if (
         previous is None
         or previous.get("status") == "True"
         or previous.get("reason") in (reasons.PODS_RUNNING, reasons.WAITING_FOR_PODS)
     ):
-        status.condition("Running", False, reasons.WAITING_FOR_PODS, waiting)
+        status.condition(RunCondition.RUNNING, False, reasons.WAITING_FOR_PODS, waiting)
 
 
 def _take_progress(status: _Status, sample: MetricsSample | None, spec: Any, now: datetime) -> None:
@@ -411,7 +418,7 @@ def _take_progress(status: _Status, sample: MetricsSample | None, spec: Any, now
 def _deadline_message(status: _Status, spec: Any, now: datetime) -> str | None:
     """Why the run is past runPolicy.activeDeadlineSeconds, or None when it is not."""
     limit = spec.run_policy.active_deadline_seconds
-    suspended = find_condition(status.data.get("conditions"), "Suspended")
+    suspended = find_condition(status.data.get("conditions"), RunCondition.SUSPENDED)
     resumed_at = None
     if suspended is not None and suspended.get("status") == "False":
         resumed_at = parse_time(suspended.get("lastTransitionTime"))
@@ -463,14 +470,14 @@ def _note_applied_spec(
             else "it applies from the next attempt: suspend and resume the run to apply it now"
         )
         status.condition(
-            "SpecApplied",
+            RunCondition.SPEC_APPLIED,
             False,
             reasons.SPEC_CHANGE_PENDING,
             f"{fields} changed after this attempt's pods started with the run's config; {when}",
         )
-    elif find_condition(status.data.get("conditions"), "SpecApplied") is not None:
+    elif find_condition(status.data.get("conditions"), RunCondition.SPEC_APPLIED) is not None:
         status.condition(
-            "SpecApplied", True, reasons.SPEC_APPLIED, "the pods run the spec as it is"
+            RunCondition.SPEC_APPLIED, True, reasons.SPEC_APPLIED, "the pods run the spec as it is"
         )
 
 
@@ -479,7 +486,7 @@ def _stall_message(
 ) -> str | None:
     """Set the Stalled condition; the message when the run is stalled."""
     timeout = spec.run_policy.stall_timeout_seconds
-    running = find_condition(status.data.get("conditions"), "Running")
+    running = find_condition(status.data.get("conditions"), RunCondition.RUNNING)
     if timeout is None or job is None or running is None or running.get("status") != "True":
         return None
     last_progress = parse_time((status.data.get("progress") or {}).get("updatedAt"))
@@ -491,17 +498,17 @@ def _stall_message(
         # No idle counter in the message: it would change the status on every resync.
         since = max(t for t in (last_progress, running_since) if t is not None)
         message = f"the step has not moved since {format_time(since)} (runPolicy.stallTimeoutSeconds={timeout})"
-        status.condition("Stalled", True, reasons.NO_PROGRESS, message)
+        status.condition(RunCondition.STALLED, True, reasons.NO_PROGRESS, message)
         return message
-    if find_condition(status.data.get("conditions"), "Stalled") is not None:
-        status.condition("Stalled", False, reasons.PROGRESSING, "the step is moving")
+    if find_condition(status.data.get("conditions"), RunCondition.STALLED) is not None:
+        status.condition(RunCondition.STALLED, False, reasons.PROGRESSING, "the step is moving")
     return None
 
 
 def _invalid(status: _Status, old_status: dict[str, Any] | None, problems: list[str]) -> Plan:
     message = "; ".join(problems)
-    status.condition("Valid", False, reasons.INVALID_SPEC, message)
-    status.data["phase"] = "Invalid"
+    status.condition(RunCondition.VALID, False, reasons.INVALID_SPEC, message)
+    status.data["phase"] = RunPhase.INVALID
     status.data["message"] = f"fix the spec: {message}"
     status.data["observedGeneration"] = status.generation
     return _plan(status, old_status, [], [])
@@ -525,7 +532,7 @@ def _finished(
         or (
             c.get("kind") == "Job"
             and (
-                status.data.get("phase") == "Failed"
+                status.data.get("phase") == RunPhase.FAILED
                 or failure_policy.job_condition(c, "Complete") is None
             )
         )
@@ -534,7 +541,7 @@ def _finished(
         deletes = [_ref(c) for c in ours]
         if deletes:
             status.condition(
-                "CleanedUp",
+                RunCondition.CLEANED_UP,
                 True,
                 reasons.TTL_EXPIRED,
                 f"children deleted {ttl_seconds}s after the run finished",
@@ -558,12 +565,14 @@ def _suspended(
 ) -> Plan:
     deletes = [_ref(c) for c in ours if not suspend.kept_while_suspended(c)]
     status.data["restartAttempt"] = attempt
-    status.data["phase"] = "Suspended"
+    status.data["phase"] = RunPhase.SUSPENDED
     status.data["message"] = (
         "suspended by spec.suspend; set it to false to resume from the latest checkpoint"
     )
-    status.condition("Suspended", True, reasons.SUSPENDED_BY_SPEC, status.data["message"])
-    status.condition("Running", False, reasons.SUSPENDED_BY_SPEC, "suspended")
+    status.condition(
+        RunCondition.SUSPENDED, True, reasons.SUSPENDED_BY_SPEC, status.data["message"]
+    )
+    status.condition(RunCondition.RUNNING, False, reasons.SUSPENDED_BY_SPEC, "suspended")
     existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
     kept = [
         m

@@ -41,6 +41,7 @@ Key = tuple[str, str, str]  # (kind, namespace, name)
 SYNC_TIMEOUT = 30.0  # how long a reconcile waits for the informers' first listing
 EXPECTATION_SECONDS = 30.0  # how long a write of ours may take to show up in a watch
 PEERING_KINDS = ("KopfPeering", "ZalandoKopfPeering")
+INVALID_PHASE = "Invalid"  # every kind's phase for a spec it cannot act on
 CLUSTER_PEERING_KINDS = ("ClusterKopfPeering", "ZalandoClusterKopfPeering")
 
 
@@ -406,7 +407,7 @@ class Runtime:
         result = (
             "converged"
             if plan.is_empty
-            else ("invalid" if plan.status.get("phase") == "Invalid" else "changed")
+            else ("invalid" if plan.status.get("phase") == INVALID_PHASE else "changed")
         )
         self.metrics.reconciles.labels(result=result).inc()
         return plan.requeue_after

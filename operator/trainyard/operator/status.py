@@ -11,8 +11,10 @@ import copy
 from datetime import UTC, datetime
 from typing import Any
 
-PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Invalid")
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+from trainyard.api.training_run import TERMINAL_PHASES, RunPhase
+
+PHASES = tuple(RunPhase)
+__all__ = ["PHASES", "TERMINAL_PHASES"]
 
 # Keys other writers may keep in status (kopf's own state when not in annotations).
 FOREIGN_KEYS = frozenset({"kopf"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from trainyard.api.training_run import RunCondition
 from trainyard.operator.status import is_condition_true
 
 Transition = Literal["suspend", "resume", "stay-suspended", "none"]
@@ -19,7 +20,7 @@ SUSPENDED_KINDS = frozenset({"Job", "Deployment"})
 
 
 def suspend_transition(*, suspend: bool, conditions: list[dict[str, Any]] | None) -> Transition:
-    was_suspended = is_condition_true(conditions, "Suspended")
+    was_suspended = is_condition_true(conditions, RunCondition.SUSPENDED)
     if suspend:
         return "stay-suspended" if was_suspended else "suspend"
     return "resume" if was_suspended else "none"
