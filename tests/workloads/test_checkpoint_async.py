@@ -39,7 +39,7 @@ def training_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("TRAINYARD_RUNS_URI", raising=False)
 
 
-def sft_run(*, checkpoint: dict, lora: bool = False, steps: int = 4, **spec):
+def sft_document(*, checkpoint: dict, lora: bool = False, steps: int = 4, **spec) -> dict:
     document = {
         "apiVersion": "trainyard.dev/v1alpha1",
         "kind": "TrainingRun",
@@ -60,7 +60,11 @@ def sft_run(*, checkpoint: dict, lora: bool = False, steps: int = 4, **spec):
     }
     if lora:
         document["spec"]["peft"] = {"r": 4, "alpha": 8, "dropout": 0.0}
-    return TrainingRun.model_validate(document)
+    return document
+
+
+def sft_run(**options) -> TrainingRun:
+    return TrainingRun.model_validate(sft_document(**options))
 
 
 def sha256(path: Path) -> str:
@@ -280,3 +284,62 @@ def test_a_save_dropped_for_a_newer_one_leaves_no_directory(tmp_path):
         assert not (tmp_path / "out" / f"checkpoint-{step}").exists()
     latest = json.loads((tmp_path / "store" / "latest").read_text())["step"]
     assert latest == 6
+
+
+# ------------------------------------------------------------------ crashes
+
+
+@pytest.mark.parametrize("saves_before_kill", [1, 3], ids=["first-save", "third-save"])
+def test_a_killed_trainer_never_leaves_a_latest_that_does_not_load(
+    saves_before_kill, tmp_path, s3_endpoint, s3_bucket
+):
+    """SIGKILL the training process while it saves (host copy, background write,
+    upload or manifest: whichever it is in when the kill lands); whatever `latest`
+    names then loads, and a new run resumes from it."""
+    import subprocess
+    import sys
+
+    checkpoint = {"uri": f"s3://{s3_bucket}/runs/killed"}
+    storage = {"s3": {"endpoint": s3_endpoint}}
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps(sft_document(steps=200, checkpoint=checkpoint, storage=storage)))
+    output = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainyard.workloads.train", str(run_file), "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if (
+                len(list(output.glob("checkpoint-*"))) + len(list(output.glob(".checkpoint-*")))
+                >= saves_before_kill
+            ):
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, "the training ended before it could be killed"
+    finally:
+        process.kill()
+        process.wait()
+
+    store = S3Store(s3_bucket, "runs/killed", endpoint=s3_endpoint)
+    raw = store.get_bytes("latest")
+    if raw is not None:
+        step = json.loads(raw)["step"]
+        restored = CheckpointSync(store).resume(tmp_path / "check")
+        # The newest complete step is at least the one `latest` names, and it loads.
+        assert restored is not None and int(restored.name.split("-")[1]) >= step
+        transformers.AutoModelForCausalLM.from_pretrained(restored)
+        state = TrainerState.load_from_json(str(restored / "trainer_state.json"))
+        assert state.global_step == int(restored.name.split("-")[1])
+    resumed = train(
+        sft_run(
+            steps=1 + (json.loads(raw)["step"] if raw else 0),
+            checkpoint=checkpoint,
+            storage=storage,
+        ),
+        tmp_path / "again",
+    )
+    if raw is not None:
+        assert resumed["resumedFrom"] is not None
