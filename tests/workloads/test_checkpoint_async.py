@@ -26,6 +26,7 @@ from transformers import TrainerCallback, TrainerState
 from trainyard.api import TrainingRun
 from trainyard.workloads.checkpoint import CheckpointSync, CheckpointSyncCallback
 from trainyard.workloads.methods.common import detect_environment
+from trainyard.workloads.metrics import TrainingMetrics
 from trainyard.workloads.storage import FileStore, S3Store
 from trainyard.workloads.train import build_context, build_trainer, train
 
@@ -225,7 +226,8 @@ def test_slow_network_coalesces_uploads_and_still_uploads_the_last(
     proxy = ThrottlingProxy(s3_endpoint, rate=4 * MiB)
     try:
         store = S3Store(s3_bucket, "slow", endpoint=proxy.endpoint)
-        sync = CheckpointSync(store, keep_last=2)
+        metrics = TrainingMetrics(progress_path=tmp_path / "progress.json")
+        sync = CheckpointSync(store, keep_last=2, on_upload=metrics.record_checkpoint_upload)
         futures = []
         for step in range(1, 7):
             directory = tmp_path / "out" / f"checkpoint-{step}"
@@ -246,6 +248,9 @@ def test_slow_network_coalesces_uploads_and_still_uploads_the_last(
     assert uploaded[-1] == 6 and sync.last_step == 6
     # Every skipped step is reported with the upload that replaced it (metrics hook).
     assert sorted(s for r in sync.results for s in r.coalesced) == sorted(sync.skipped)
+    progress = json.loads((tmp_path / "progress.json").read_text())["checkpoint"]
+    assert sorted(progress["skippedSteps"]) == sorted(sync.skipped)
+    assert progress["lastStep"] == 6
     assert [f.result() is None for f in futures] == [s in sync.skipped for s in range(1, 7)]
     assert (
         json.loads(S3Store(s3_bucket, "slow", endpoint=s3_endpoint).get_bytes("latest"))["step"]

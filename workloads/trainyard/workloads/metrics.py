@@ -135,6 +135,9 @@ class TrainingMetrics:
                 "uploadSeconds": None,
                 "uploadBytes": 0,
                 "failures": 0,
+                # Steps saved but not uploaded: a newer save replaced them while the
+                # network was behind (checkpoint.CheckpointSync coalescing).
+                "skippedSteps": [],
             },
             "metricsPort": None,
             "updatedAt": None,
@@ -219,6 +222,7 @@ class TrainingMetrics:
         """Hook for CheckpointSync(on_upload=...): takes a checkpoint.UploadResult."""
         with self._lock:
             checkpoint = self.summary["checkpoint"]
+            checkpoint["skippedSteps"].extend(getattr(result, "coalesced", ()))
             if result.error is not None:
                 self.checkpoint_upload_failures.inc()
                 checkpoint["failures"] += 1
