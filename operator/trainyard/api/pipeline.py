@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
 from trainyard.api.common import ObjectMeta
-from trainyard.api.gate import Criterion, Evaluation
+from trainyard.api.gate import Criterion, Evaluation, criteria_problems
 from trainyard.api.rules import nested_error
 from trainyard.api.status import Condition
 from trainyard.api.training_run import TrainingRunSpec
@@ -18,11 +18,20 @@ class StageGate(ApiModel):
     """The gate after a stage."""
 
     criteria: list[Criterion] = Field(min_length=1)
-    """All must hold for the stage's model to move on."""
+    """What the stage's model must show to move on; advisory criteria never block."""
+    require: Literal["all", "any"] = "all"
+    """all: every blocking criterion must pass; any: one passing blocking criterion is enough."""
     evaluation: Evaluation | None = None
     """Evaluation Job run on the stage's model first."""
     manual_approval: bool = False
     """Wait for a person's approval after the criteria pass."""
+
+    @model_validator(mode="after")
+    def _criteria_fit_the_evaluation(self) -> StageGate:
+        problems = criteria_problems(self.criteria, self.evaluation)
+        if problems:
+            raise nested_error(problems)
+        return self
 
 
 class Stage(ApiModel):
