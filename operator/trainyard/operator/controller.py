@@ -2,10 +2,19 @@
 
 Everything else (watches, queue, retries, leadership, applying the plan) is the
 runtime's; the decisions are `reconcile.reconcile`'s.
+
+Rank 0's metrics are read beside the reconciles, not inside them: an observation takes
+the newest sample read so far and, when it is older than the progress period, starts
+the next read in the background (a few at a time); a read that brings a new sample
+enqueues the run. A slow or unresolvable metrics endpoint then costs its own read's
+timeout, never a reconcile worker, and cannot hold up an event of another run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +32,17 @@ from trainyard.operator.status import TERMINAL_PHASES
 CHILD_KINDS = ("ConfigMap", "Service", "Job", "Deployment")
 WATCHED_KINDS = (*CHILD_KINDS, "Pod")
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+METRICS_READS = 4  # rank-0 reads in flight at once, all runs together
+
+
+@dataclass
+class _Progress:
+    """What is known of one run's metrics reads."""
+
+    url: str | None = None
+    sample: MetricsSample | None = None
+    read_at: float = float("-inf")  # monotonic time the last read started
+    task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -31,6 +51,8 @@ class TrainingRuns:
 
     runtime: Runtime
     _metrics_client: MetricsClient | None = field(default=None, repr=False)
+    _progress: dict[str, _Progress] = field(default_factory=dict, repr=False)
+    _reads: asyncio.Semaphore | None = field(default=None, repr=False)
 
     @property
     def metrics_client(self) -> MetricsClient:
@@ -39,6 +61,12 @@ class TrainingRuns:
         return self._metrics_client
 
     async def close(self) -> None:
+        for progress in self._progress.values():
+            if progress.task is not None:
+                progress.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await progress.task
+        self._progress.clear()
         if self._metrics_client is not None:
             await self._metrics_client.close()
             self._metrics_client = None
@@ -51,8 +79,17 @@ class TrainingRuns:
             label_value=run_label_value,
             observe=self.observe,
             reconcile=reconcile,
-            recorded=record_run,
+            recorded=self.recorded,
         )
+
+    def recorded(self, metrics: OperatorMetrics, body: dict[str, Any], plan: Plan | None) -> None:
+        record_run(metrics, body, plan)
+        uid = body["metadata"]["uid"]
+        finished = plan is not None and plan.status.get("phase") in TERMINAL_PHASES
+        if (plan is None or finished) and uid in self._progress:
+            task = self._progress.pop(uid).task
+            if task is not None:
+                task.cancel()
 
     async def observe(self, runtime: Runtime, body: dict[str, Any]) -> Observed:
         meta = body["metadata"]
@@ -65,16 +102,45 @@ class TrainingRuns:
             run=body,
             children=children,
             pods=pods,
-            metrics=await self._read_metrics(body, children, pods),
+            metrics=self._sample(body, children, pods),
             image=config.default_image,
             vllm_image=config.default_vllm_image,
             progress_seconds=config.progress_seconds,
         )
 
-    async def _read_metrics(
+    def _sample(
         self, raw: dict[str, Any], children: list[dict[str, Any]], pods: list[dict[str, Any]]
     ) -> MetricsSample | None:
-        """Rank 0's metrics when the current attempt's rank 0 is running; else None."""
+        """The newest sample of the current attempt's rank 0; a read starts when it is due."""
+        uid = raw["metadata"]["uid"]
+        url = self._metrics_url(raw, children, pods)
+        if url is None:
+            self._progress.pop(uid, None)
+            return None
+        progress = self._progress.setdefault(uid, _Progress())
+        if progress.url != url:  # a new attempt, a new rank 0: an older sample is not its
+            progress.url, progress.sample, progress.read_at = url, None, float("-inf")
+        due = time.monotonic() - progress.read_at >= self.runtime.config.progress_seconds
+        if due and (progress.task is None or progress.task.done()):
+            progress.read_at = time.monotonic()
+            meta = raw["metadata"]
+            key = ("TrainingRun", meta["namespace"], meta["name"])
+            progress.task = asyncio.get_running_loop().create_task(self._read(progress, url, key))
+        return progress.sample
+
+    async def _read(self, progress: _Progress, url: str, key: tuple[str, str, str]) -> None:
+        if self._reads is None:
+            self._reads = asyncio.Semaphore(METRICS_READS)
+        async with self._reads:
+            sample = await self.metrics_client.fetch(url)
+        if sample is not None and progress.url == url and sample != progress.sample:
+            progress.sample = sample
+            self.runtime.enqueue(key)
+
+    def _metrics_url(
+        self, raw: dict[str, Any], children: list[dict[str, Any]], pods: list[dict[str, Any]]
+    ) -> str | None:
+        """Rank 0's metrics URL when the current attempt's rank 0 is running; else None."""
         status = raw.get("status") or {}
         if status.get("phase") in TERMINAL_PHASES:
             return None
@@ -89,7 +155,7 @@ class TrainingRuns:
         if rank0 is None:
             return None
         port = int(((raw.get("spec") or {}).get("metrics") or {}).get("port") or 9400)
-        url = metrics_url(
+        return metrics_url(
             self.runtime.config.run_metrics_url,
             run=name,
             namespace=raw["metadata"]["namespace"],
@@ -98,7 +164,6 @@ class TrainingRuns:
             port=port,
             pod_ip=(rank0.get("status") or {}).get("podIP"),
         )
-        return await self.metrics_client.fetch(url)
 
 
 def _is_running_rank0(pod: dict[str, Any], job: dict[str, Any]) -> bool:
