@@ -18,3 +18,8 @@ def wrong_length(completions, **columns):
 
 def no_completions(prompts):
     return []
+
+
+def column_value(completions, value, **columns):
+    """The row's own `value` column: a metric whose per-example values the test sets."""
+    return list(value)

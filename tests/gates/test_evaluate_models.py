@@ -368,3 +368,33 @@ def test_trainyard_evaluate_names_bad_options(tmp_path, args, message):
     )  # fmt: skip
     assert result.returncode == 1
     assert message in result.stdout + result.stderr
+
+
+def test_an_inconclusive_gate_evaluates_more_samples_where_asked(tmp_path):
+    # Per-example scores 0.1 … 1.0 with mean 0.6: on 6 records the 95% interval of the
+    # mean straddles 0.5; on 60 it clears it.
+    pattern = [0.1, 0.9, 0.2, 1.0, 0.6, 0.8]
+    rows = [{"id": f"r{i}", "prompt": f"Say {i}.", "value": pattern[i % 6]} for i in range(60)]
+    data = write_jsonl(tmp_path / "scores.jsonl", rows)
+    spec = gate(
+        "more",
+        [{"metric": "score", "op": ">=", "value": 0.5, "confidence": 0.95}],
+        {
+            "dataset": f"file://{data}",
+            "maxSamples": 6,
+            "moreSamples": 60,
+            "generation": {"maxNewTokens": 1, "batchSize": 30},
+            "metrics": [{"name": "score", "python": "tests.gates.metric_fixtures:column_value"}],
+        },
+    )
+    del spec["spec"]["run"]
+    spec["spec"]["model"] = {"source": "builtin://tiny-qwen2"}
+    gate_file = tmp_path / "more.yaml"
+    gate_file.write_text(yaml.safe_dump(spec))
+    result = trainyard("run", str(gate_file), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "inconclusive on 6 records: evaluating again on up to 60" in result.stdout
+    status = json.loads((tmp_path / "runs" / "gate-more" / "gate-more.json").read_text())
+    assert (status["verdict"], status["evaluationAttempts"]) == ("Passed", 2)
+    assert status["results"][0]["samples"] == 60
+    assert status["results"][0]["marginLower"] > 0

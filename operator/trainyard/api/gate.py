@@ -212,6 +212,8 @@ class Evaluation(ApiModel):
     """Evaluation data (hf://, s3://, file://, builtin://)."""
     max_samples: int | None = Field(default=None, ge=1)
     """Evaluate at most this many records."""
+    more_samples: int | None = Field(default=None, ge=1)
+    """When a confidence criterion is Inconclusive, evaluate once more on up to this many records before asking a person."""
     baseline: ModelSource | None = None
     """A model evaluated on the same records (e.g. the stage's input model) for baseline criteria."""
     seed: int = 0

@@ -182,17 +182,13 @@ def judge_gate(
         previous = PromotionGateStatus()
 
     now = datetime.now(UTC)
-    results: EvalResults | dict[str, float]
-    eval_uri = None
-    if spec.evaluation is not None:
-        if model_uri is None:
-            raise GateProblem(
-                [
-                    f"PromotionGate/{gate.metadata.name}: run {spec.run!r} left no complete checkpoint"
-                ]
-            )
+    attempts = 0
+
+    def evaluate(evaluation: Any) -> tuple[EvalResults, str]:
+        nonlocal attempts
+        attempts += 1
         task = evaluation_task(
-            spec.evaluation,
+            evaluation,
             model=spec.model or ModelSource(source=model_uri),
             output=eval_output_uri(
                 model_uri if spec.model is None else f"file://{state_dir.resolve()}",
@@ -206,33 +202,59 @@ def judge_gate(
             raise GateProblem(
                 [f"PromotionGate/{gate.metadata.name}: evaluation failed: {error}"]
             ) from None
-        results = evaluated.results
+        found = evaluated.results
         if run_dir is not None and spec.run is not None:
-            results = with_run_metrics(results, run_metrics(run_dir))
-        eval_uri = f"{evaluated.output_uri}/{EVAL_RESULTS_FILE}"
+            found = with_run_metrics(found, run_metrics(run_dir))
+        return found, f"{evaluated.output_uri}/{EVAL_RESULTS_FILE}"
+
+    def decide(found: EvalResults | dict[str, float]) -> GateVerdict:
+        # Only a judgement of the same model carries its waiting time over.
+        awaiting = _parse_time(previous.awaiting_since) if previous.model == model_uri else None
+        return judge(
+            spec,
+            found,
+            now=now,
+            approval=Decision(approve, now) if approve else None,
+            rejection=Decision(reject, now) if reject else None,
+            awaiting_since=awaiting,
+            seed=spec.evaluation.seed if spec.evaluation else 0,
+        )
+
+    results: EvalResults | dict[str, float]
+    eval_uri = None
+    evaluation = spec.evaluation
+    if evaluation is not None:
+        if model_uri is None:
+            raise GateProblem(
+                [
+                    f"PromotionGate/{gate.metadata.name}: run {spec.run!r} left no complete checkpoint"
+                ]
+            )
+        results, eval_uri = evaluate(evaluation)
     else:
         if run_dir is None:
             raise GateProblem(
                 [f"PromotionGate/{gate.metadata.name}: judging a model needs an evaluation"]
             )
         results = run_metrics(run_dir)
-
-    # Only a judgement of the same results carries its waiting time over.
-    awaiting = _parse_time(previous.awaiting_since) if previous.model == model_uri else None
-    verdict = judge(
-        spec,
-        results,
-        now=now,
-        approval=Decision(approve, now) if approve else None,
-        rejection=Decision(reject, now) if reject else None,
-        awaiting_since=awaiting,
-        seed=spec.evaluation.seed if spec.evaluation else 0,
-    )
+    verdict = decide(results)
+    more = evaluation.more_samples if evaluation is not None else None
+    if (
+        verdict.criteria_outcome == "Inconclusive"
+        and not verdict.decided
+        and more is not None
+        and evaluation.max_samples is not None
+        and more > evaluation.max_samples
+    ):
+        log(f"inconclusive on {evaluation.max_samples} records: evaluating again on up to {more}")
+        results, eval_uri = evaluate(evaluation.model_copy(update={"max_samples": more}))
+        verdict = decide(results)
     status = verdict.apply(PromotionGateStatus()).model_copy(
         update={
             "model": model_uri,
             "promoted_model": model_uri if verdict.verdict == "Passed" else None,
             "eval_results": eval_uri,
+            "evaluation_attempts": attempts or None,
             "report": eval_uri.rsplit("/", 1)[0] + "/eval-report.md" if eval_uri else None,
             "baseline_model": results.baseline.model
             if isinstance(results, EvalResults) and results.baseline
