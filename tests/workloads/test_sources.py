@@ -47,13 +47,63 @@ def test_unknown_sources_say_what_is_allowed(uri):
         sources.parse_source(uri, "model.source")
 
 
-def test_hub_models_keep_their_id_and_revision():
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """HF_ENDPOINT pointing at a TCP server on 127.0.0.1 that accepts connections."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield
+    server.close()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_hub_models_keep_their_id_and_revision(reachable_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     assert sources.resolve_model("hf://org/name@abc") == ("org/name", {"revision": "abc"})
     # model.revision wins over an @revision in the source.
     assert sources.resolve_model("hf://org/name@abc", revision="main") == (
         "org/name",
         {"revision": "main"},
     )
+    assert sources.resolve_model("hf://org/name") == ("org/name", {})
+
+
+@pytest.mark.parametrize("offline", ["probe", "HF_HUB_OFFLINE"])
+def test_an_unreachable_hub_is_known_in_seconds_with_what_to_do(tmp_path, monkeypatch, offline):
+    import time
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(SourceError) as raised:
+        sources.resolve_model("hf://org/name")
+    message = str(raised.value)
+    assert message.startswith("model.source: hf://org/name is not in the Hugging Face cache")
+    assert "cannot be reached" in message and "huggingface-cli download org/name" in message
+    assert "--tiny" in message
+    with pytest.raises(SourceError, match="huggingface-cli download --repo-type dataset org/d"):
+        sources.load_dataset_source("hf://org/d")
+    # Bounded by the probe's own timeout, not transformers' minute of retries.
+    assert time.monotonic() - started < 4 * sources.HUB_PROBE_SECONDS
+
+    # A model already in the cache is left to transformers, hub or not.
+    (tmp_path / "cache" / "models--org--name").mkdir(parents=True)
     assert sources.resolve_model("hf://org/name") == ("org/name", {})
 
 
@@ -146,6 +196,26 @@ def test_missing_s3_object_is_a_clear_error(s3_endpoint, s3_bucket, fresh_cache)
     storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
     with pytest.raises(SourceError, match=r"dataset.source: nothing found at s3://"):
         sources.load_dataset_source(f"s3://{s3_bucket}/nope.jsonl", storage=storage)
+
+
+def test_missing_s3_credentials_are_one_line_saying_what_to_set(
+    s3_endpoint, s3_bucket, fresh_cache, monkeypatch
+):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    storage = Storage(s3=S3Storage(endpoint=s3_endpoint))
+    with pytest.raises(SourceError) as raised:
+        sources.load_dataset_source(f"s3://{s3_bucket}/train.jsonl", storage=storage)
+    message = str(raised.value)
+    assert message.startswith(f"dataset.source: s3://{s3_bucket}/train.jsonl: no S3 credentials")
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message
+    assert "\n" not in message
+
+
+def test_an_unreachable_s3_endpoint_is_one_line(fresh_cache):
+    storage = Storage(s3=S3Storage(endpoint=f"http://127.0.0.1:{closed_port()}"))
+    with pytest.raises(SourceError, match=r"dataset.source: s3://b/x.jsonl: cannot reach the S3"):
+        sources.load_dataset_source("s3://b/x.jsonl", storage=storage)
 
 
 def test_local_dataset_files(tmp_path):

@@ -31,12 +31,27 @@ class UnreadableFile(Exception):
     """A file that is missing or is not YAML."""
 
 
+def not_utf8(path: str, error: UnicodeDecodeError) -> str:
+    """One line for a file that is not UTF-8 text (YAML files are).
+
+    >>> not_utf8("a.yaml", UnicodeDecodeError("utf-8", b"ab\\xff", 2, 3, "invalid start byte"))
+    'a.yaml: not UTF-8 text (byte 0xff at offset 2: invalid start byte); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 a.yaml`'
+    """
+    byte = error.object[error.start : error.start + 1].hex()
+    return (
+        f"{path}: not UTF-8 text (byte 0x{byte} at offset {error.start}: {error.reason}); "
+        f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path}`"
+    )
+
+
 def read_documents(path: str) -> list[Document]:
     """The non-empty documents of a YAML file ('-' reads standard input)."""
     try:
         text = Path("/dev/stdin").read_text() if path == "-" else Path(path).read_text()
     except OSError as error:
         raise UnreadableFile(f"{path}: cannot read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(not_utf8(path, error)) from None
     try:
         bodies = manifests.load_all(text)
     except yaml.YAMLError as error:

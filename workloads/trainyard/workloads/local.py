@@ -144,6 +144,10 @@ def load_training_run(path: str, overrides: list[str]) -> tuple[dict[str, Any], 
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as error:
         raise SpecProblem([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError as error:
+        from trainyard.cli.documents import not_utf8
+
+        raise SpecProblem([not_utf8(path, error)]) from None
     try:
         documents = [d for d in manifests.load_all(text) if d is not None]
     except yaml.YAMLError as error:
@@ -192,6 +196,25 @@ def needs_gpu(run: TrainingRun) -> bool:
     )
 
 
+TRAINING_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
+
+
+def missing_training_packages() -> list[str]:
+    """The packages the training workload imports that this Python lacks (found without
+    importing them: torch alone takes seconds)."""
+    import importlib.util
+
+    missing = []
+    for name in TRAINING_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def uses_run_sources(run: TrainingRun) -> bool:
     """Whether a source of the spec (model, tokenizer, reward model…) names an earlier run."""
     return '"run://' in json.dumps(run.to_yaml_dict())
@@ -201,10 +224,14 @@ def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def workload_command(run_json: Path, output_dir: Path, nproc: int) -> list[str]:
-    """The command line of the training workload, under torchrun for several processes."""
+def workload_command(
+    run_json: Path, output_dir: Path, nproc: int, torchrun: bool = False
+) -> list[str]:
+    """The command line of the training workload, under torchrun for several processes
+    (or when `torchrun`: DeepSpeed wants torchrun's environment even for one process, else
+    it looks for MPI)."""
     entry = ["-m", "trainyard.workloads.train", str(run_json), "--output", str(output_dir)]
-    if nproc <= 1:
+    if nproc <= 1 and not torchrun:
         return [sys.executable, *entry]
     # `python -m torch.distributed.run` is torchrun, with this interpreter for sure.
     return [
@@ -456,9 +483,22 @@ def summary_table(summary: dict[str, Any]) -> Table:
 def run_command(argv: list[str]) -> int:
     """`trainyard run`; returns the training process's exit code (1 for a bad spec), or the
     verdict of the file's PromotionGates on the run (`evaluate.local_gate`)."""
-    if local_gate.gate_file_in(argv):  # only gates in the file: judge, do not train
+    try:
+        # `--help` is the runner's own, not the gate judge's.
+        gates_only = not {"-h", "--help"} & set(argv) and local_gate.gate_file_in(argv)
+    except UnicodeDecodeError:
+        gates_only = None  # load_training_run below says what is wrong with the file
+    if gates_only:  # only gates in the file: judge, do not train
         return local_gate.gate_command(argv)
     args = build_parser().parse_args(argv)
+    missing = missing_training_packages()
+    if missing:
+        print(
+            f"trainyard run: {', '.join(missing)} not installed; training needs the train extra: "
+            "pip install 'trainyard[train]'",
+            file=sys.stderr,
+        )
+        return 1
     console = Console()
     if args.nproc < 1:
         print(f"--nproc: {args.nproc} is not allowed; allowed: 1 or more")
@@ -510,7 +550,9 @@ def run_command(argv: list[str]) -> int:
     if uses_run_sources(run):
         console.print(f"  [dim]run:// sources: under {runs_root}[/]", highlight=False)
 
-    command = workload_command(run_json, output_dir, args.nproc)
+    command = workload_command(
+        run_json, output_dir, args.nproc, torchrun=run.spec.distributed.deepspeed is not None
+    )
     started = time.monotonic()
     child, log = start_workload(command, output_dir, {contract.Env.RUNS_URI: runs_root})
     follower = Follower(output_dir / PROGRESS_FILE)

@@ -46,6 +46,79 @@ def parse_source(uri: str, field: str = "source") -> Source:
         raise SourceError(f"{field}: {error}") from None
 
 
+# --------------------------------------------------------------------------- hub
+
+HUB_PROBE_SECONDS = 5.0
+"""How long to wait for the hub before saying it cannot be reached (the libraries'
+own retries take a minute before they fail)."""
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub finds it (read at call time)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_cached(repo: str, repo_type: str) -> bool:
+    """Whether the Hugging Face cache holds anything of this repository."""
+    return (hub_cache() / f"{repo_type}s--{repo.replace('/', '--')}").is_dir()
+
+
+def unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why an HTTP endpoint (the hub, an S3 endpoint) cannot be reached (name lookup or TCP connect, within `timeout`
+    seconds), or None when it can."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(str(error) or type(error).__name__)
+
+    # A name lookup has no timeout of its own; a thread bounds it.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def check_hub_source(uri: str, repo: str, repo_type: str, field: str) -> None:
+    """Fail in seconds, saying what to do, when a hub source is neither cached nor reachable."""
+    if hub_cached(repo, repo_type):
+        return
+    endpoint = hub_endpoint()
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        reason = unreachable(endpoint)
+    if reason is None:
+        return
+    download = "huggingface-cli download " + (
+        repo if repo_type == "model" else f"--repo-type dataset {repo}"
+    )
+    raise SourceError(
+        f"{field}: {uri} is not in the Hugging Face cache and the hub ({endpoint}) cannot be "
+        f"reached ({reason}); connect to the network, or download it first (`{download}`) "
+        "into the cache (HF_HOME), or try the spec offline with `trainyard run FILE --tiny`"
+    )
+
+
 # --------------------------------------------------------------------------- S3
 
 
@@ -71,6 +144,42 @@ class S3Settings:
             "region": self.region,
             "addressing_style": self.addressing_style,
         }
+
+
+def s3_problem(error: BaseException) -> str | None:
+    """One line for an S3 error a user fixes by hand (credentials, endpoint, bucket), or
+    None for any other error.
+
+    >>> from botocore.exceptions import NoCredentialsError
+    >>> s3_problem(NoCredentialsError()).split(";")[0]
+    'no S3 credentials found'
+    """
+    try:
+        from botocore import exceptions
+    except ImportError:
+        return None
+    if isinstance(error, exceptions.NoCredentialsError):
+        return (
+            "no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+            "AWS_ENDPOINT_URL for MinIO and other S3-compatible stores), or on a cluster name a "
+            "Secret in storage.s3.credentialsSecret"
+        )
+    if isinstance(error, exceptions.EndpointConnectionError):
+        return (
+            f"cannot reach the S3 endpoint ({error}); check storage.s3.endpoint or "
+            "AWS_ENDPOINT_URL and the network"
+        )
+    if isinstance(error, exceptions.ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return (
+                f"S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or the Secret in storage.s3.credentialsSecret) and "
+                "the bucket's permissions"
+            )
+        if code in ("NoSuchBucket", "404"):
+            return f"the S3 bucket does not exist ({code}); check the URI's bucket name"
+    return None
 
 
 def cache_dir(kind: str) -> Path:
@@ -101,14 +210,31 @@ def download_s3(uri: str, settings: S3Settings, field: str = "source") -> Path:
     the same key, same size or not, is downloaded again. Credentials come from the
     storage module (mounted Secret, else boto3's default chain).
     """
-    import json
-
-    from trainyard.workloads.storage import open_store
-
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     key = key.strip("/")
     if not bucket or not key:
         raise SourceError(f"{field}: {uri!r} names no object; expected s3://bucket/key")
+    # The S3 client retries a refused connection for many seconds before it gives up.
+    reason = unreachable(settings.endpoint) if settings.endpoint else None
+    if reason is not None:
+        raise SourceError(
+            f"{field}: {uri}: cannot reach the S3 endpoint {settings.endpoint} ({reason}); "
+            "check storage.s3.endpoint or AWS_ENDPOINT_URL and the network"
+        )
+    try:
+        return _download_s3(uri, bucket, key, settings, field)
+    except Exception as error:
+        problem = s3_problem(error)
+        if problem is None:
+            raise
+        raise SourceError(f"{field}: {uri}: {problem}") from None
+
+
+def _download_s3(uri: str, bucket: str, key: str, settings: S3Settings, field: str) -> Path:
+    import json
+
+    from trainyard.workloads.storage import open_store
+
     target = cache_dir("s3") / bucket / key
     record = target.with_name(f".{target.name}.versions.json")
     with _locked(target):
@@ -244,13 +370,14 @@ def resolve_model(
 ) -> tuple[str, dict[str, Any]]:
     """Turn a model or tokenizer source into `(name_or_path, from_pretrained kwargs)`.
 
-    >>> resolve_model("hf://Qwen/Qwen2.5-0.5B@v1", revision=None)
-    ('Qwen/Qwen2.5-0.5B', {'revision': 'v1'})
+    A hub model is left to transformers to download (by id, with its revision), once
+    it is known to be in the cache or the hub to answer (`check_hub_source`).
     """
     source = parse_source(uri, field)
     s3 = S3Settings.from_spec(storage)
     if source.scheme == "hf":
         rev = revision or source.revision
+        check_hub_source(uri, source.path, "model", field)
         return source.path, ({"revision": rev} if rev else {})
     if source.scheme == "builtin":
         try:
@@ -306,6 +433,7 @@ def load_dataset_source(
     if source.scheme == "hf":
         import datasets
 
+        check_hub_source(uri, source.path, "dataset", field)
         return datasets.load_dataset(source.path, config, revision=source.revision, split=split)
     if source.scheme == "run":
         raise SourceError(f"{field}: run:// names a model checkpoint, not a dataset")

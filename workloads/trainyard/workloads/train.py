@@ -541,6 +541,14 @@ def main(argv: list[str] | None = None) -> int:
     except (RunFileError, SpecError, sources.SourceError, DatasetFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # S3 errors a user fixes by hand (credentials, endpoint) get one line, wherever
+        # they surface (sources, resuming, checkpoint uploads); anything else is a bug.
+        problem = sources.s3_problem(error)
+        if problem is None:
+            raise
+        print(f"error: checkpoint.uri / storage: {problem}", file=sys.stderr)
+        return 2
     loss = result.get("lastLoss")
     summary = f"{result['method']}: {result['globalStep']} steps"
     if loss is not None and math.isfinite(loss):

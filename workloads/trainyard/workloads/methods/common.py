@@ -132,8 +132,30 @@ def apply_trainer_options(
     return {**options, **trainer_options}
 
 
+BITSANDBYTES_OPTIMIZERS = ("8bit", "paged_")
+"""Parts of transformers `optim` names whose optimizers need bitsandbytes."""
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def check_environment(spec: Any, env: Environment) -> None:
     """Refuse, before loading anything, what this machine cannot run."""
+    if spec.distributed.deepspeed is not None and not installed("deepspeed"):
+        raise SpecError(
+            "distributed.deepspeed: DeepSpeed is not installed here; install it with "
+            "`pip install 'trainyard[deepspeed]'`, or train without it "
+            "(`--set distributed.deepspeed=null`)"
+        )
+    optim = spec.training.optim
+    if any(part in optim for part in BITSANDBYTES_OPTIMIZERS) and not installed("bitsandbytes"):
+        raise SpecError(
+            f"training.optim: {optim} needs bitsandbytes, which is not installed here "
+            "(and needs a CUDA GPU); use adamw_torch (`--set training.optim=adamw_torch`)"
+        )
     if spec.model.quantization is not None and not env.cuda:
         raise SpecError(
             "model.quantization: quantization needs a CUDA GPU (bitsandbytes); this machine has "
