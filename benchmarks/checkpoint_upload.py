@@ -179,8 +179,10 @@ def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
     size = write_checkpoint(directory, total_mb)
     store = S3Store(bucket, "ours", endpoint=endpoint)
     # One sync for the run, as in training: its uploader process starts with the
-    # first upload (a warm-up round here) and serves every later one.
-    sync = CheckpointSync(store)
+    # first upload (a warm-up round here) and serves every later one. Training runs it
+    # nicer than itself; here it runs at the CLI's priority, so the machine's other
+    # load treats both alike.
+    sync = CheckpointSync(store, upload_niceness=0)
     sync.submit(directory, 0)
     sync.wait()
     ours, cli, manager, crt = [], [], [], []

@@ -29,6 +29,7 @@ needs to read checkpoints back (those fall back to the trainer's own save entire
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -45,6 +46,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "optimizer.pt"
+# The writer thread runs this much nicer than training (Linux schedules threads one by
+# one), so serializing a checkpoint takes idle CPU before the step's.
+WRITER_NICENESS = 10
 PARTIAL_SUFFIX = ".writing"
 
 
@@ -328,6 +332,8 @@ class AsyncSaves:
     # ------------------------------------------------------------------ writer
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: same priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
         while True:
             with self._changed:
                 while self._waiting is None and not self._closed:
