@@ -15,6 +15,8 @@ from chart_rendering import (
     NAMESPACE,
     POD_MONITOR_API,
     PROMETHEUS_RULE_API,
+    VALUE_SETS,
+    helm,
     of_kind,
     prometheus_operator_schema,
     rendered,
@@ -215,3 +217,12 @@ def test_a_misspelt_monitor_field_is_refused():
     spec["podMetricEndpoints"] = spec.pop("podMetricsEndpoints")
     with pytest.raises(jsonschema.ValidationError, match="podMetricEndpoints"):
         jsonschema.validate({**pod_monitor, "spec": spec}, prometheus_operator_schema("PodMonitor"))
+
+
+@pytest.mark.parametrize("name", ["monitoring", "monitoring-two-namespaces"])
+def test_helm_lint_strict_passes_with_monitoring_on(name):
+    result = helm(
+        "lint", "--strict", str(CHART), "--values", "-", stdin=json.dumps(VALUE_SETS[name])
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout

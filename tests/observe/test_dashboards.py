@@ -151,3 +151,16 @@ def test_the_name_check_catches_a_misspelt_metric():
     ((name, _),) = selectors('vllm:gpu_cache_usage_perc{job="trainyard-vllm"}')  # vLLM V0's name
     assert name not in exported
     assert "vllm:kv_cache_usage_perc" in exported
+
+
+@pytest.mark.parametrize("uid", sorted(BOARDS))
+def test_checked_in_json_reads_back_into_the_sdks_dashboard_model(uid):
+    """The SDK's own unmarshaller takes every panel and query of the file (Grafana's schema)."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    register_default_plugins()
+    model = checked_in(uid)
+    decoded = Dashboard.from_json(model)
+    assert json.loads(JSONEncoder().encode(decoded)) == model
