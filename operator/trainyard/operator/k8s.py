@@ -326,7 +326,8 @@ class Informer:
     lists once, then watches from the list's resourceVersion; a watch that ends is
     re-opened from the last version seen, one answered 410 Gone (history compacted) makes
     it list again, and a watch silent for `client_timeout` is considered dead and
-    re-opened. `transform` trims each object to what the reconcile reads.
+    re-opened. `transform` trims each object to what the reconcile reads; `on_change(kind,
+    entry, added)` hears every change (added: first seen).
     """
 
     def __init__(
@@ -340,7 +341,7 @@ class Informer:
         server_timeout: float = 300.0,
         client_timeout: float = 330.0,
         backoff: float = 0.5,
-        on_change: Callable[[str, dict[str, Any]], None] | None = None,
+        on_change: Callable[[str, dict[str, Any], bool], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         on_synced: Callable[[], None] | None = None,
     ):
@@ -376,9 +377,11 @@ class Informer:
         value = self._key_value(meta)
         if value is not None:
             entry = self.transform(self.kind, obj)
-            self._by_key.setdefault((meta.get("namespace", ""), value), {})[meta["name"]] = entry
+            objects = self._by_key.setdefault((meta.get("namespace", ""), value), {})
+            added = meta["name"] not in objects
+            objects[meta["name"]] = entry
             if self.on_change is not None:
-                self.on_change(self.kind, entry)
+                self.on_change(self.kind, entry, added)
 
     def _drop(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -389,7 +392,7 @@ class Informer:
             if not objects:
                 del self._by_key[key]  # type: ignore[arg-type]
         if self.on_change is not None:
-            self.on_change(self.kind, self.transform(self.kind, obj))
+            self.on_change(self.kind, self.transform(self.kind, obj), False)
 
     async def run(self) -> None:
         """List and watch until cancelled."""
@@ -440,7 +443,7 @@ class Informer:
             self._put(item)
         if self.on_change is not None:  # deleted while nobody watched: their owners look again
             for gone in before.values():
-                self.on_change(self.kind, gone)
+                self.on_change(self.kind, gone, False)
         self._version = (body.get("metadata") or {}).get("resourceVersion")
         self._set_synced()
 

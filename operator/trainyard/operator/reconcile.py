@@ -212,7 +212,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
             reason=reasons.DEADLINE_EXCEEDED,
             message=expired,
         )
-        return _failed(status, old_status, decision, ours, deletes)
+        return _failed(status, old_status, decision, ours, deletes, spec)
 
     restart_reason = None
     disruption = failure_policy.classify_attempt(job, attempt_pods)
@@ -234,7 +234,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
             decision.preemptions,
         )
         if not decision.restart:
-            return _failed(status, old_status, decision, ours, deletes)
+            return _failed(status, old_status, decision, ours, deletes, spec)
         if job is not None:
             deletes.append(_ref(job))
         attempt = _restart(status, decision, attempt)
@@ -326,7 +326,7 @@ def _succeeded(
     deletes = deletes + [
         _ref(c) for c in ours if c.get("kind") == "Deployment"
     ]  # free the rollout GPUs
-    return _plan(status, old_status, deletes, [])
+    return _with_ttl(_plan(status, old_status, deletes, []), spec)
 
 
 def _failed(
@@ -335,6 +335,7 @@ def _failed(
     decision: failure_policy.Decision,
     ours: list[dict[str, Any]],
     deletes: list[ChildRef],
+    spec: Any,
 ) -> Plan:
     """Out of budget: say why, and stop every pod (a broken gang would hold its GPUs forever)."""
     status.condition(RunCondition.RUNNING, False, decision.reason, decision.message)
@@ -343,7 +344,17 @@ def _failed(
     deletes = deletes + [
         _ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes
     ]
-    return _plan(status, old_status, deletes, [])
+    return _with_ttl(_plan(status, old_status, deletes, []), spec)
+
+
+def _with_ttl(plan: Plan, spec: Any) -> Plan:
+    """A run that just finished comes back when its TTL is due (no event will say so)."""
+    ttl_seconds = spec.run_policy.ttl_seconds_after_finished
+    if ttl_seconds is None:
+        return plan
+    return Plan(
+        plan.status_patch, plan.deletes, plan.creates, plan.status, None, float(ttl_seconds)
+    )
 
 
 def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -> int:

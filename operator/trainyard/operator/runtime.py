@@ -209,7 +209,9 @@ class Runtime:
                 kind,
                 namespace,
                 label,
-                on_change=lambda _kind, entry, label=label: self._child_changed(label, entry),
+                on_change=lambda _kind, entry, added, label=label: self._child_changed(
+                    label, entry, added
+                ),
             )
             for namespace in self._scopes()
         ]
@@ -310,10 +312,14 @@ class Runtime:
             return
         self._owners[key] = dict(body)
         self._by_label[label] = key[2]
+        if event_type == "MODIFIED" and self._is_own_write(body):
+            return  # the status this operator just wrote, computed by the reconcile that wrote it
         self.enqueue(key)
 
-    def _child_changed(self, label: str, entry: Mapping[str, Any]) -> None:
+    def _child_changed(self, label: str, entry: Mapping[str, Any], added: bool = False) -> None:
         meta = entry.get("metadata") or {}
+        if added and self._was_expected(entry):
+            return  # our own create coming back: the reconcile that made it counted on it
         value = (meta.get("labels") or {}).get(label)
         namespace = meta.get("namespace") or ""
         for registration in self.registrations.values():
@@ -324,6 +330,26 @@ class Runtime:
                 # A short settle time: a burst of child events (pods of a gang starting,
                 # a Job's counters) becomes one reconcile, not one per event.
                 self.enqueue((registration.kind, namespace, name), self.config.child_event_delay)
+
+    def _was_expected(self, entry: Mapping[str, Any]) -> bool:
+        """Whether a newly seen child is one this operator just created (and settle that)."""
+        meta = entry.get("metadata") or {}
+        key = (entry.get("kind"), meta.get("name"))
+        for owner in meta.get("ownerReferences") or []:
+            created = self._created.get(owner.get("uid", ""))
+            if created is not None and created.pop(key, None) is not None:  # type: ignore[arg-type]
+                if not created:
+                    self._created.pop(owner.get("uid", ""), None)
+                return True
+        return False
+
+    def _is_own_write(self, body: Mapping[str, Any]) -> bool:
+        """Whether an owner event only echoes this operator's own last status write."""
+        meta = body.get("metadata") or {}
+        written = self._written.get(meta.get("uid", ""))
+        return written is not None and (
+            written[1]["metadata"]["resourceVersion"] == meta.get("resourceVersion")
+        )
 
     def enqueue(self, key: Key, after: float | None = None) -> None:
         """Ask for a reconcile of `key` (after `after` seconds); nothing while standing by."""
