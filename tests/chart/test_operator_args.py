@@ -28,7 +28,7 @@ def operator_config(name: str, tmp_path: Path) -> OperatorConfig:
 def test_defaults_serve_every_namespace_standalone(tmp_path):
     config = operator_config("defaults", tmp_path)
     assert (config.clusterwide, config.namespaces, config.standalone) == (True, [], True)
-    assert config.resync_seconds == 30.0
+    assert config.resync_seconds == 600.0
     assert config.metrics_port == 8080
     assert config.liveness_endpoint == "http://0.0.0.0:8081/healthz"
     assert (config.default_image, config.default_vllm_image) == (None, None)

@@ -90,14 +90,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 What the operator does in a namespace it serves, from its code: operator/trainyard/operator/k8s.py
 (KubeClient, Informer, apply_plan) and controller.py (CHILD_KINDS, WATCHED_KINDS), plus kopf's own
-needs (watching and patching runs, posting Events). tests/chart/test_rbac.py checks these rules
+needs (watching runs, posting Events). tests/chart/test_rbac.py checks these rules
 against the code and against every request the operator makes in a run.
 */}}
 {{- define "trainyard.namespacedRules" -}}
-# The runs: kopf and the resync informer list and watch them; kopf patches its annotations.
+# The runs: kopf lists and watches them (its only handlers are event handlers, which write
+# nothing to the runs: no finalizer, no annotations).
 - apiGroups: [trainyard.dev]
   resources: [trainingruns]
-  verbs: [list, watch, patch]
+  verbs: [list, watch]
 # Status is computed whole and merge-patched once per change.
 - apiGroups: [trainyard.dev]
   resources: [trainingruns/status]
