@@ -373,7 +373,7 @@ def _gate_parser() -> argparse.ArgumentParser:
         "--reject", metavar="NAME", help="reject as NAME (trainyard.dev/rejected-by)"
     )
     # `trainyard run` options that take a value, so their values are not taken for FILE.
-    for option in ("--set", "--nproc", "--metrics-port"):
+    for option in ("--set", "--nproc", "--metrics-port", "--runs-root"):
         parser.add_argument(option, help=argparse.SUPPRESS)
     return parser
 
