@@ -260,13 +260,20 @@ async def test_dashboards_show_a_real_run_and_a_stopped_run_pages(tmp_path):
 
                 # The operator's panels that the operator has series for return numbers too.
                 operator_board = json.loads(dashboards.render(dashboards.OPERATOR_BOARD))
-                must = ("reconciles_total", "reconcile_duration_seconds", "up{")
+                must = (
+                    "reconciles_total",
+                    "reconcile_duration_seconds",
+                    "up{",
+                    "queue_depth",
+                    "queue_wait_seconds",
+                    "operator_leader",
+                )
                 checked = 0
                 for expr in dashboards.exprs(operator_board):
                     if any(name in expr for name in must):
                         checked += 1
                         assert finite(await prom.query(grafana(expr))), expr
-                assert checked >= 4
+                assert checked >= 7
 
                 # A healthy run pages nobody.
                 assert not receiver.alerts("TrainyardRunStalled", "firing"), receiver.notifications
