@@ -11,7 +11,6 @@ which is what the failure scenarios rely on: a worker that cannot start fails fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -64,23 +63,26 @@ async def eventually(check, timeout: float = 120.0, interval: float = 0.5) -> An
     raise AssertionError(f"not reached in {timeout}s; last value: {last!r}")
 
 
+CRDS = (
+    ROOT / "crds" / "trainyard.dev_trainingruns.yaml",
+    ROOT / "charts" / "trainyard" / "crds" / "zalando.org_kopfpeerings.yaml",
+)
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[Any]:
-    import kopf
-
-    from trainyard.operator.k8s import KubeClient
+    from trainyard.operator.k8s import KubeClient, load_configuration
 
     os.environ["KUBECONFIG"] = os.path.expanduser(KUBECONFIG or "")
-    connection = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
-    async with KubeClient(connection) as api:
-        crd = yaml.safe_load((ROOT / "crds" / "trainyard.dev_trainingruns.yaml").read_text())
-        await api.request(
-            "create",
-            "POST",
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            json=crd,
-            accept=(409,),
-        )
+    async with KubeClient(await load_configuration()) as api:
+        for path in CRDS:
+            await api.request(
+                "create",
+                "POST",
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                json=yaml.safe_load(path.read_text()),
+                accept=(409,),
+            )
         await eventually(lambda: _served(api), timeout=60)
         yield api
 
@@ -103,22 +105,25 @@ async def namespace(client: Any) -> AsyncIterator[str]:
     await client.request("delete", "DELETE", f"/api/v1/namespaces/{name}", accept=(404,))
 
 
-@contextlib.asynccontextmanager
-async def operator(namespace: str) -> AsyncIterator[None]:
-    from trainyard.cli.operator_cmd import run_operator
+def operator(namespace: str, **settings: Any) -> Any:
+    """The operator in its own thread and loop, resync at 10 minutes: only events drive it.
+    `async with operator(ns) as metrics:` gives its OperatorMetrics."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "operator"))
+    from operator_fakes import OperatorThread
+
     from trainyard.operator.settings import OperatorConfig
 
     config = OperatorConfig(
-        namespaces=[namespace], standalone=True, resync_seconds=1.0, metrics_port=None
+        namespaces=[namespace],
+        standalone=True,
+        resync_seconds=600.0,
+        progress_seconds=2.0,
+        metrics_port=None,
+        **settings,
     )
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_operator(config, stop_flag=stop, ready_flag=ready))
-    await asyncio.wait_for(ready.wait(), 60)
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    return OperatorThread(config)
 
 
 async def status_of(client: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -238,6 +243,79 @@ async def test_deleting_a_run_deletes_its_children_and_a_restart_duplicates_noth
         assert kinds.count("ConfigMap") == 1 and kinds.count("Service") == 1
         await client.request("delete", "DELETE", RUNS.format(ns=namespace) + "/once")
         await eventually(lambda: _equals(children(client, namespace, "once"), []), timeout=180)
+
+
+async def test_a_deleted_run_is_forgotten_and_a_burst_of_child_events_coalesces(client, namespace):
+    async with operator(namespace) as metrics:
+        await client.request(
+            "create",
+            "POST",
+            RUNS.format(ns=namespace),
+            json=training_run("noisy", namespace, runPolicy={"maxRestarts": 50}),
+        )
+        await eventually(lambda: _jobs(client, namespace, "noisy"))
+        await asyncio.sleep(3)
+        before = _reconciles(metrics)
+        jobs = f"/apis/batch/v1/namespaces/{namespace}/jobs/noisy-attempt-0"
+        for index in range(100):
+            await client.request(
+                "patch",
+                "PATCH",
+                jobs,
+                json={"metadata": {"annotations": {"e2e/n": str(index)}}},
+                content_type="application/merge-patch+json",
+            )
+        await asyncio.sleep(3)
+        assert _reconciles(metrics) - before <= 40, "100 child events, far fewer reconciles"
+        await client.request("delete", "DELETE", RUNS.format(ns=namespace) + "/noisy")
+        await eventually(
+            lambda: _true(sum(metrics.runs.labels(phase=p)._value.get() for p in PHASES) == 0)
+        )
+
+
+async def test_two_replicas_only_the_active_one_reconciles_and_the_standby_takes_over(
+    client, namespace
+):
+    peering = {
+        "apiVersion": "zalando.org/v1",
+        "kind": "KopfPeering",
+        "metadata": {"name": "trainyard", "namespace": namespace},
+    }
+    await client.request(
+        "create", "POST", f"/apis/zalando.org/v1/namespaces/{namespace}/kopfpeerings", json=peering
+    )
+    standby = operator(namespace, standalone=False, priority=100, identity="e2e-standby")
+    async with standby as standby_metrics:
+        active = operator(namespace, standalone=False, priority=200, identity="e2e-active")
+        async with active as active_metrics:
+            await eventually(lambda: _true(active_metrics.leader._value.get() == 1))
+            await eventually(lambda: _true(standby_metrics.leader._value.get() == 0))
+            await client.request(
+                "create",
+                "POST",
+                RUNS.format(ns=namespace),
+                json=training_run("shared", namespace, runPolicy={"maxRestarts": 50}),
+            )
+            await eventually(lambda: _jobs(client, namespace, "shared"))
+            assert _reconciles(standby_metrics) == 0, "the standby reconciled nothing"
+        await eventually(lambda: _true(standby_metrics.leader._value.get() == 1), timeout=30)
+        await client.request("delete", "DELETE", RUNS.format(ns=namespace) + "/shared")
+        await eventually(lambda: _equals(children(client, namespace, "shared"), []), timeout=180)
+        assert _reconciles(standby_metrics) > 0
+
+
+PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Invalid")
+
+
+def _reconciles(metrics: Any) -> float:
+    return sum(
+        metrics.reconciles.labels(result=r)._value.get()
+        for r in ("converged", "changed", "invalid", "conflict", "error")
+    )
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _equals(value: Any, expected: Any) -> bool:

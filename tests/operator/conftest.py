@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from apiserver import TrainyardApiServer, running_api_server  # noqa: E402
-from operator_fakes import NAMESPACE, Kubelet, MetricsServer  # noqa: E402
+from operator_fakes import NAMESPACE, Kubelet, MetricsServer, OperatorThread  # noqa: E402,F401
 
 from trainyard.cli.operator_cmd import run_operator  # noqa: E402
 from trainyard.operator.observability import OperatorMetrics  # noqa: E402
@@ -118,45 +117,6 @@ async def operator_running(
             await asyncio.wait_for(task, 10)
         except TimeoutError:
             task.cancel()
-
-
-class OperatorThread:
-    """The real operator in its own thread and event loop, as a replica in its own process
-    would be: kopf cancels every task of its loop that it did not find at start when it
-    stops, so two operators in one loop cannot stop independently."""
-
-    def __init__(self, config: OperatorConfig, metrics: OperatorMetrics | None = None):
-        self.config, self.metrics = config, metrics or OperatorMetrics()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        async def main() -> None:
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            ready = asyncio.Event()
-            task = asyncio.create_task(
-                run_operator(
-                    self.config, stop_flag=self._stop, ready_flag=ready, metrics=self.metrics
-                )
-            )
-            await ready.wait()
-            self._ready.set()
-            await task
-
-        asyncio.run(main())
-
-    async def __aenter__(self) -> OperatorMetrics:
-        self._thread.start()
-        await asyncio.to_thread(self._ready.wait, 15)
-        assert self._ready.is_set(), "the operator did not start within 15 s"
-        return self.metrics
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        await asyncio.to_thread(self._thread.join, 15)
 
 
 @pytest.fixture

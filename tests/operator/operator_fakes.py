@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp.web
 from apiserver import TrainyardApiServer
+
+from trainyard.cli.operator_cmd import run_operator
+from trainyard.operator.observability import OperatorMetrics
+from trainyard.operator.settings import OperatorConfig
 
 NAMESPACE = "ml"
 RUNS = "trainyard.dev/v1alpha1/trainingruns"
@@ -192,3 +197,42 @@ class MetricsServer:
     async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         self.requests += 1
         return aiohttp.web.Response(text=self.text(), content_type="text/plain")
+
+
+class OperatorThread:
+    """The real operator in its own thread and event loop, as a replica in its own process
+    would be: kopf cancels every task of its loop that it did not find at start when it
+    stops, so two operators in one loop cannot stop independently."""
+
+    def __init__(self, config: OperatorConfig, metrics: OperatorMetrics | None = None):
+        self.config, self.metrics = config, metrics or OperatorMetrics()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            ready = asyncio.Event()
+            task = asyncio.create_task(
+                run_operator(
+                    self.config, stop_flag=self._stop, ready_flag=ready, metrics=self.metrics
+                )
+            )
+            await ready.wait()
+            self._ready.set()
+            await task
+
+        asyncio.run(main())
+
+    async def __aenter__(self) -> OperatorMetrics:
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait, 15)
+        assert self._ready.is_set(), "the operator did not start within 15 s"
+        return self.metrics
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, 15)

@@ -11,8 +11,7 @@ import contextlib
 import dataclasses
 
 import pytest
-from conftest import OperatorThread
-from operator_fakes import JOBS, NAMESPACE, RUNS, eventually, training_run
+from operator_fakes import JOBS, NAMESPACE, RUNS, OperatorThread, eventually, training_run
 
 pytestmark = pytest.mark.timeout(90)
 
