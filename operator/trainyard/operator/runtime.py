@@ -16,6 +16,12 @@ child kinds it owns, and how to read its observation. The runtime then
 
 What the runtime keeps per object (owner body, locks, expectations, written status,
 schedules, failures, the phase gauge) goes when the object's deletion is seen.
+
+Adding a controller for a new kind is a pure `reconcile(observed) -> Plan`, an `observe`
+that gathers what it reads (`runtime.children(...)` for its children, `runtime.owner(...)`
+for another registered kind it follows), and a `Registration` passed to
+`runtime.register` before the operator starts (see `controller.TrainingRuns`); kopf's
+event handler is registered for every registered kind (`handlers.PLURALS`).
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ class Registration:
     """Pure: observation in, plan out."""
     recorded: Callable[[OperatorMetrics, dict[str, Any], Plan | None], None] | None = None
     """Keep this kind's gauges true after a reconcile (plan None: the object is gone)."""
+    follows: Mapping[str, Callable[[Runtime, dict[str, Any]], list[str]]] = field(
+        default_factory=dict
+    )
+    """Other registered kinds this kind's reconcile reads, e.g. {"TrainingRun": gates_of_run}:
+    an event of such an object enqueues the names (same namespace) the function returns."""
 
 
 def child_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -309,12 +320,30 @@ class Runtime:
         label = (kind, key[1], registration.label_value(key[2]))
         if event_type == "DELETED":
             self.forget(key, meta.get("uid", ""))
+            self._notify_followers(kind, body)
             return
         self._owners[key] = dict(body)
         self._by_label[label] = key[2]
         if event_type == "MODIFIED" and self._is_own_write(body):
             return  # the status this operator just wrote, computed by the reconcile that wrote it
         self.enqueue(key)
+        self._notify_followers(kind, body)
+
+    def _notify_followers(self, kind: str, body: Mapping[str, Any]) -> None:
+        namespace = (body.get("metadata") or {}).get("namespace") or ""
+        for follower in self.registrations.values():
+            mapper = follower.follows.get(kind)
+            if mapper is not None:
+                for name in mapper(self, dict(body)):
+                    self.enqueue((follower.kind, namespace, name))
+
+    def owners(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        """The cached objects of a registered kind in a namespace (as kopf last delivered them)."""
+        return [body for (k, ns, _), body in self._owners.items() if k == kind and ns == namespace]
+
+    def owner(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One cached object of a registered kind, or None when it does not exist."""
+        return self._owners.get((kind, namespace, name))
 
     def _child_changed(self, label: str, entry: Mapping[str, Any], added: bool = False) -> None:
         meta = entry.get("metadata") or {}
