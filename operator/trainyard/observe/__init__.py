@@ -7,8 +7,9 @@ the Prometheus alert rules. `python -m trainyard.observe` writes both into the c
 `--check` fails when the checked-in files are stale. Nothing here talks to a cluster:
 text in, text out.
 
-The metric names used here are those the code exports (the operator's
-`OperatorMetrics`, the workload's `TrainingMetrics`) and vLLM's own; the target labels
+The training pod's metric names come from the pod contract (`trainyard.api.contract.Metric`);
+the operator's are those of its `OperatorMetrics`, vLLM's its own. tests/observe checks
+every name a query reads against the real registries and vLLM's sources. The target labels
 (`job`, `namespace`, `run`, `pipeline`, `attempt`, `component`) are those the chart's
 PodMonitors and ServiceMonitor give the scraped series (`labels.py`).
 """

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from trainyard.api.contract import Metric as M
 from trainyard.observe.labels import OPERATOR_JOB, TRAINING_JOB
 
 TRAINING = f'job="{TRAINING_JOB}"'
@@ -68,12 +69,12 @@ class Alert:
 
 def run_alerts(s: AlertSettings) -> list[Alert]:
     stalled_steps = (
-        f"max by (namespace, run) (changes(trainyard_step{{{TRAINING}}}[{s.stall_window}])) == 0"
+        f"max by (namespace, run) (changes({M.STEP}{{{TRAINING}}}[{s.stall_window}])) == 0"
         # ...and the run was already training a whole window ago (a new run loads its model)...
-        f"\nand on (namespace, run) max by (namespace, run) (trainyard_step{{{TRAINING}}} offset {s.stall_window})"
+        f"\nand on (namespace, run) max by (namespace, run) ({M.STEP}{{{TRAINING}}} offset {s.stall_window})"
         # ...and has steps left.
         f"\nand on (namespace, run) max by (namespace, run) "
-        f"(trainyard_step{{{TRAINING}}} < trainyard_total_steps{{{TRAINING}}})"
+        f"({M.STEP}{{{TRAINING}}} < {M.TOTAL_STEPS}{{{TRAINING}}})"
     )
     # A hung or stopped process answers no scrape either: its rank 0 down the whole window,
     # after it had reported steps and before it reported the last one (a pod that never
@@ -81,8 +82,8 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
     unreachable = (
         f"max by (namespace, run) (max_over_time(up{{{TRAINING}}}[{s.stall_window}])) == 0"
         f"\nand on (namespace, run) max by (namespace, run) ("
-        f"last_over_time(trainyard_step{{{TRAINING}}}[{s.stall_memory}])"
-        f" < last_over_time(trainyard_total_steps{{{TRAINING}}}[{s.stall_memory}]))"
+        f"last_over_time({M.STEP}{{{TRAINING}}}[{s.stall_memory}])"
+        f" < last_over_time({M.TOTAL_STEPS}{{{TRAINING}}}[{s.stall_memory}]))"
     )
     return [
         Alert(
@@ -122,7 +123,7 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
         ),
         Alert(
             "TrainyardCheckpointUploadFailing",
-            f"max by (namespace, run) (increase(trainyard_checkpoint_upload_failures_total{{{TRAINING}}}[{s.upload_window}])) > 0",
+            f"max by (namespace, run) (increase({M.CHECKPOINT_UPLOAD_FAILURES}_total{{{TRAINING}}}[{s.upload_window}])) > 0",
             "0m",
             "warning",
             "Checkpoint uploads of {{ $labels.namespace }}/{{ $labels.run }} fail",
@@ -135,7 +136,7 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
         Alert(
             "TrainyardCheckpointUploadSlow",
             "histogram_quantile(0.9, sum by (namespace, run, le) "
-            f"(rate(trainyard_checkpoint_upload_seconds_bucket{{{TRAINING}}}[{s.upload_window}])))"
+            f"(rate({M.CHECKPOINT_UPLOAD_SECONDS}_bucket{{{TRAINING}}}[{s.upload_window}])))"
             f" > {s.upload_slow_seconds:g}",
             "0m",
             "warning",
@@ -143,7 +144,7 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
             "90% of its checkpoint uploads took up to {{ $value | humanizeDuration }} "
             f"(over {s.upload_slow_seconds:g}s).",
             "kubectl -n {{ $labels.namespace }} logs -l trainyard.dev/run={{ $labels.run }} "
-            "| grep -i upload; compare the checkpoint size (trainyard_checkpoint_upload_bytes_total) "
+            f"| grep -i upload; compare the checkpoint size ({M.CHECKPOINT_UPLOAD_BYTES}_total) "
             "with the node's egress, or save less often (spec.checkpoint.everySteps).",
         ),
     ]

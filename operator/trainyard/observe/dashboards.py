@@ -24,6 +24,7 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableSort,
 )
 
+from trainyard.api.contract import Metric as M
 from trainyard.observe.labels import OPERATOR_JOB, TRAINING_JOB, VLLM_JOB
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -99,7 +100,7 @@ def quantiles(metric: str, selector: str, by: str, legend: str) -> tuple[tuple[s
 
 NAMESPACE_OF = {
     "training": Variable(
-        "namespace", "Namespace", f'label_values(trainyard_step{{job="{TRAINING_JOB}"}}, namespace)'
+        "namespace", "Namespace", f'label_values({M.STEP}{{job="{TRAINING_JOB}"}}, namespace)'
     ),
     "operator": Variable(
         "namespace",
@@ -123,7 +124,7 @@ TRAINING_RUNS = Board(
         Variable(
             "run",
             "Run",
-            f'label_values(trainyard_step{{job="{TRAINING_JOB}", namespace=~"$namespace"}}, run)',
+            f'label_values({M.STEP}{{job="{TRAINING_JOB}", namespace=~"$namespace"}}, run)',
         ),
     ),
     rows=(
@@ -143,15 +144,15 @@ TRAINING_RUNS = Board(
             (
                 graph(
                     "Step / max steps",
-                    (per_run("trainyard_step"), "{{run}} step"),
-                    (per_run("trainyard_total_steps"), "{{run}} max steps"),
+                    (per_run(M.STEP), "{{run}} step"),
+                    (per_run(M.TOTAL_STEPS), "{{run}} max steps"),
                     width=8,
                 ),
                 graph(
                     "ETA",
                     (
-                        f"({per_run('trainyard_total_steps')} - {per_run('trainyard_step')})"
-                        f" / max by ({PER_RUN}) (deriv(trainyard_step{{{TRAINING}}}[5m]) > 0)",
+                        f"({per_run(M.TOTAL_STEPS)} - {per_run(M.STEP)})"
+                        f" / max by ({PER_RUN}) (deriv({M.STEP}{{{TRAINING}}}[5m]) > 0)",
                         "{{run}}",
                     ),
                     unit="s",
@@ -160,7 +161,7 @@ TRAINING_RUNS = Board(
                 ),
                 graph(
                     "Tokens per second",
-                    (per_run("trainyard_tokens_per_second"), "{{run}}"),
+                    (per_run(M.TOKENS_PER_SECOND), "{{run}}"),
                     width=8,
                 ),
             ),
@@ -168,9 +169,9 @@ TRAINING_RUNS = Board(
         (
             "Optimisation",
             (
-                graph("Loss", (per_run("trainyard_loss"), "{{run}}"), width=8),
-                graph("Learning rate", (per_run("trainyard_learning_rate"), "{{run}}"), width=8),
-                graph("Grad norm", (per_run("trainyard_grad_norm"), "{{run}}"), width=8),
+                graph("Loss", (per_run(M.LOSS), "{{run}}"), width=8),
+                graph("Learning rate", (per_run(M.LEARNING_RATE), "{{run}}"), width=8),
+                graph("Grad norm", (per_run(M.GRAD_NORM), "{{run}}"), width=8),
             ),
         ),
         (
@@ -178,20 +179,20 @@ TRAINING_RUNS = Board(
             (
                 graph(
                     "Reward mean",
-                    (per_run("trainyard_reward_mean"), "{{run}} mean"),
-                    (per_run("trainyard_reward_std"), "{{run}} std"),
+                    (per_run(M.REWARD_MEAN), "{{run}} mean"),
+                    (per_run(M.REWARD_STD), "{{run}} std"),
                 ),
                 graph(
                     "Reward per component",
                     (
-                        f"max by ({PER_RUN}, component) (trainyard_reward_component_mean{{{TRAINING}}})",
+                        f"max by ({PER_RUN}, component) ({M.REWARD_COMPONENT_MEAN}{{{TRAINING}}})",
                         "{{run}} {{component}}",
                     ),
                 ),
-                graph("KL", (per_run("trainyard_kl"), "{{run}}")),
+                graph("KL", (per_run(M.KL), "{{run}}")),
                 graph(
                     "Completion length",
-                    (per_run("trainyard_completion_length"), "{{run}}"),
+                    (per_run(M.COMPLETION_LENGTH), "{{run}}"),
                     description="Mean completion length in tokens.",
                 ),
             ),
@@ -202,7 +203,7 @@ TRAINING_RUNS = Board(
                 graph(
                     "Checkpoint upload time",
                     *quantiles(
-                        "trainyard_checkpoint_upload_seconds",
+                        M.CHECKPOINT_UPLOAD_SECONDS,
                         TRAINING,
                         "namespace, run, ",
                         "{{run}}",
@@ -212,9 +213,9 @@ TRAINING_RUNS = Board(
                 ),
                 graph(
                     "Checkpoints uploaded (newest step) and failed uploads",
-                    (per_run("trainyard_checkpoint_last_step"), "{{run}} newest step"),
+                    (per_run(M.CHECKPOINT_LAST_STEP), "{{run}} newest step"),
                     (
-                        f"max by ({PER_RUN}) (trainyard_checkpoint_upload_failures_total{{{TRAINING}}})",
+                        f"max by ({PER_RUN}) ({M.CHECKPOINT_UPLOAD_FAILURES}_total{{{TRAINING}}})",
                         "{{run}} failed uploads",
                     ),
                     width=8,
@@ -223,7 +224,7 @@ TRAINING_RUNS = Board(
                     "Restarts",
                     (
                         f"count by ({PER_RUN}) (count by ({PER_RUN}, attempt) "
-                        f"(count_over_time(trainyard_step{{{TRAINING}}}[$__range]))) - 1",
+                        f"(count_over_time({M.STEP}{{{TRAINING}}}[$__range]))) - 1",
                         "{{run}} attempts - 1",
                     ),
                     (
@@ -272,7 +273,7 @@ PIPELINES_AND_GATES = Board(
                 graph(
                     "Loss of the pipeline's runs",
                     (
-                        f"max by (namespace, pipeline, run) (trainyard_loss{{{PIPELINE_RUNS}}})",
+                        f"max by (namespace, pipeline, run) ({M.LOSS}{{{PIPELINE_RUNS}}})",
                         "{{pipeline}} / {{run}}",
                     ),
                     description="Training pods carry their pipeline's label (the PodMonitor copies it).",

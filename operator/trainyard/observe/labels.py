@@ -7,18 +7,25 @@ query can join a training pod's metrics to its run and pipeline.
 
 from __future__ import annotations
 
+from trainyard.operator.builders.labels import ATTEMPT_LABEL, COMPONENT_LABEL, RUN_LABEL
+
 OPERATOR_JOB = "trainyard-operator"
 TRAINING_JOB = "trainyard-training"
 VLLM_JOB = "trainyard-vllm"
 
 # Target label ← pod label (Prometheus' Kubernetes discovery spells the pod label
 # __meta_kubernetes_pod_label_<name with every non-alphanumeric character as _>).
+# The pipeline and server labels are not set by any controller yet: a pipeline must put
+# PIPELINE_LABEL on the runs it creates (run labels are copied to every child), an
+# InferenceServer SERVER_LABEL on its pods.
+PIPELINE_LABEL = "trainyard.dev/pipeline"
+SERVER_LABEL = "trainyard.dev/server"
 POD_LABELS = {
-    "run": "trainyard.dev/run",
-    "pipeline": "trainyard.dev/pipeline",
-    "attempt": "trainyard.dev/attempt",
-    "server": "trainyard.dev/server",
-    "component": "app.kubernetes.io/component",
+    "run": RUN_LABEL,
+    "pipeline": PIPELINE_LABEL,
+    "attempt": ATTEMPT_LABEL,
+    "server": SERVER_LABEL,
+    "component": COMPONENT_LABEL,
 }
 
 
