@@ -41,6 +41,7 @@ from trainyard.api.verdict import (
     judge,
     with_run_metrics,
 )
+from trainyard.workloads.local_spec import RUN_FILE
 
 AWAITING_EXIT = 3
 SUMMARY_KEYS = {
@@ -415,7 +416,7 @@ def _run_spec(run_dir: Path | None) -> Any:
     if run_dir is None:
         return None
     try:
-        document = json.loads((run_dir / "run.json").read_text())
+        document = json.loads((run_dir / RUN_FILE).read_text())
         return parse_resource(document).spec
     except (OSError, ValueError, InvalidResource):
         return None
