@@ -220,9 +220,9 @@ def test_every_suite_is_written_beside_the_checkpoint_eval_json_last(gated_run):
     assert results.metrics["perplexity"] == pytest.approx(math.exp(results.metrics["eval_loss"]))
     assert 0 <= results.metrics["refusal_rate"] <= 1
     assert results.samples["refusal_rate"].values.count(None) == 8  # 4 of 12 must be refused
-    extra = results.model_extra
-    assert extra["seed"] == 0 and extra["backend"] == "transformers"
-    assert extra["generation"] == {
+    assert results.seed == 0 and results.backend == "transformers"
+    assert results.examples == 12 and results.examples_file == "eval-examples.jsonl"
+    assert results.generation == {
         "maxNewTokens": 8,
         "temperature": 0.0,
         "topP": 1.0,

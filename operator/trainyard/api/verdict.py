@@ -147,6 +147,26 @@ class EvalResults(ApiModel):
     """Per-example values of each metric that has them."""
     baseline: EvalResults | None = None
     """The baseline model evaluated on the same examples in the same job."""
+    dataset: str | None = None
+    """The evaluation data."""
+    examples: int | None = None
+    """Records evaluated."""
+    suite: list[str] = Field(default_factory=list)
+    """Suites computed."""
+    seed: int | None = None
+    """Seed of generation (and of the gate's bootstrap)."""
+    generation: dict[str, Any] | None = None
+    """Generation settings (maxNewTokens, temperature, topP, batchSize); None without generation."""
+    backend: str | None = None
+    """What generated the completions: transformers, vllm, or none."""
+    created_at: str | None = None
+    """When the evaluation finished (RFC 3339)."""
+    seconds: float | None = None
+    """How long it took."""
+    examples_file: str | None = None
+    """The per-example records beside eval.json."""
+    report_file: str | None = None
+    """The Markdown report beside eval.json."""
 
 
 class DecisionLike(Protocol):

@@ -105,14 +105,17 @@ def render_report(
 ) -> str:
     """The Markdown report."""
     lines = [f"# Evaluation of `{results.model}`", ""]
-    extra = results.model_extra or {}
+    generation = results.generation
     settings = [
-        ("dataset", extra.get("dataset")),
-        ("examples", extra.get("examples")),
-        ("suite", ", ".join(extra.get("suite") or [])),
-        ("seed", extra.get("seed")),
-        ("generation", extra.get("generation")),
-        ("backend", extra.get("backend")),
+        ("dataset", results.dataset),
+        ("examples", results.examples),
+        ("suite", ", ".join(results.suite)),
+        ("seed", results.seed),
+        (
+            "generation",
+            ", ".join(f"{k} {v}" for k, v in generation.items()) if generation else None,
+        ),
+        ("backend", results.backend),
         ("baseline", results.baseline.model if results.baseline else None),
     ]
     lines += [f"- {name}: `{value}`" for name, value in settings if value not in (None, "")]

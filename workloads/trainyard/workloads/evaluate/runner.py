@@ -222,11 +222,10 @@ def run_task(task: EvaluationTask, log=print) -> Evaluated:
         baseline, base_backend = evaluate_model(base.source, base, task, rows, extras)
         results.baseline = _results(base.source, baseline, task, base_backend, len(rows))
         baseline_examples = baseline.examples
-    extra = results.model_extra
-    extra["createdAt"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    extra["seconds"] = round(time.monotonic() - started, 3)
-    extra["examplesFile"] = EXAMPLES_FILE
-    extra["reportFile"] = REPORT_FILE
+    results.created_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    results.seconds = round(time.monotonic() - started, 3)
+    results.examples_file = EXAMPLES_FILE
+    results.report_file = REPORT_FILE
     write_results(output_uri, results, candidate.examples, baseline_examples, task)
     log(f"wrote {output_uri.rstrip('/')}/{EVAL_RESULTS_FILE}")
     return Evaluated(results, output_uri, candidate.examples, baseline_examples)
