@@ -556,3 +556,10 @@ def test_a_rejection_annotation_rejects():
     )
     assert (verdict.verdict, verdict.reason) == ("Failed", "Rejected")
     assert verdict.apply().rejection.by == "bob"
+
+
+def test_a_gate_of_only_advisory_criteria_is_refused():
+    with pytest.raises(ValueError, match="every criterion is advisory"):
+        PromotionGateSpec.model_validate(
+            {"run": "a", "criteria": [{"metric": "kl", "op": "<=", "value": 1, "advisory": True}]}
+        )

@@ -326,9 +326,16 @@ class PromotionGateSpec(ApiModel):
 def criteria_problems(
     criteria: list[Criterion], evaluation: Evaluation | None
 ) -> list[tuple[str, str]]:
-    """What a gate asks that its evaluation cannot give: a baseline threshold without a
-    baseline model, a confidence bound without per-example values."""
+    """What a gate asks that cannot work: only advisory criteria, a baseline threshold
+    without a baseline model, a confidence bound without per-example values."""
     problems = []
+    if criteria and all(c.advisory for c in criteria):
+        problems.append(
+            (
+                "criteria",
+                "every criterion is advisory, so the gate would pass anything: make one blocking",
+            )
+        )
     for i, criterion in enumerate(criteria):
         if criterion.baseline is not None and (evaluation is None or evaluation.baseline is None):
             problems.append(
@@ -349,7 +356,10 @@ def criteria_problems(
     return problems
 
 
-Verdict = Literal["Pending", "Evaluating", "AwaitingApproval", "Inconclusive", "Passed", "Failed"]
+Verdict = Literal[
+    "Pending", "Evaluating", "AwaitingApproval", "Inconclusive", "Passed", "Failed", "Invalid"
+]
+"""Invalid: the operator cannot act on the spec (status.message lists what to fix)."""
 VERDICTS: tuple[str, ...] = Verdict.__args__  # type: ignore[attr-defined]
 CriterionOutcome = Literal["Passed", "Failed", "Inconclusive"]
 
