@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from trainyard.operator import status
+from trainyard.operator import reasons, status
+from trainyard.operator.outcome import Outcome
 
 
 def active_since(*, start_time: datetime | None, resumed_at: datetime | None) -> datetime | None:
@@ -29,3 +30,26 @@ def is_exceeded(
 ) -> bool:
     left = seconds_left(active_since=active_since, deadline_seconds=deadline_seconds, now=now)
     return left is not None and left <= 0
+
+
+def outcome(
+    *,
+    deadline_seconds: int | None,
+    start_time: datetime | None,
+    resumed_at: datetime | None,
+    now: datetime,
+) -> Outcome | None:
+    """Fail the run once its active time passed the deadline; else say when to look again."""
+    since = active_since(start_time=start_time, resumed_at=resumed_at)
+    left = seconds_left(active_since=since, deadline_seconds=deadline_seconds, now=now)
+    if left is None:
+        return None
+    if left > 0:
+        return Outcome("note", requeue_after=left)
+    assert since is not None
+    return Outcome(
+        "fail",
+        reasons.DEADLINE_EXCEEDED,
+        f"active since {status.format_time(since)} for more than "
+        f"runPolicy.activeDeadlineSeconds={deadline_seconds}; stopping every worker",
+    )

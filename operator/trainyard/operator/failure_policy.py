@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from trainyard.operator import reasons
+from trainyard.operator.outcome import Outcome
 
 Kind = Literal["preemption", "failure"]
 
@@ -197,4 +198,21 @@ def decide(
         preemptions,
         reasons.RESTART_BUDGET_EXHAUSTED,
         f"{disruption.message}; the restart budget is used up ({restarts} of runPolicy.maxRestarts={max_restarts})",
+    )
+
+
+def outcome(
+    disruption: Disruption | None, *, restarts: int, preemptions: int, max_restarts: int
+) -> Outcome | None:
+    """The gang's fate after a disruption: a restart within the budget, or failure."""
+    if disruption is None:
+        return None
+    decision = decide(
+        disruption, restarts=restarts, preemptions=preemptions, max_restarts=max_restarts
+    )
+    return Outcome(
+        "restart" if decision.restart else "fail",
+        decision.reason,
+        decision.message,
+        counters=(decision.restarts, decision.preemptions),
     )

@@ -9,7 +9,9 @@ never restart twice for free), then deletes, then creates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,6 +22,7 @@ from trainyard.operator import deadline, failure_policy, reasons, stall, suspend
 from trainyard.operator.builders import UnrenderableRun, child_names, render_children
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
+from trainyard.operator.outcome import Outcome
 from trainyard.operator.plan import ChildRef, Plan, earliest, is_owned, ref
 from trainyard.operator.progress import MetricsSample, next_progress
 from trainyard.operator.status import (
@@ -146,221 +149,254 @@ def reconcile(observed: Observed) -> Plan:
         return _invalid(_Status(old_status, meta.get("generation"), now), old_status, [str(error)])
 
 
-def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now: datetime) -> Plan:
-    spec = run.spec
-    meta = observed.run.get("metadata") or {}
-    old_status = observed.run.get("status")
-    uid = meta.get("uid", "")
-    status.condition(RunCondition.VALID, True, reasons.SPEC_VALID, "the spec is valid")
-    status.data["observedGeneration"] = meta.get("generation")
+@dataclass
+class _Facts:
+    """What every policy of one reconcile reads (the attempt moves on a resume or restart)."""
 
-    ours = [c for c in observed.children if _is_owned(c, uid)]
-    pods = observed.pods
+    observed: Observed
+    run: TrainingRun
+    status: _Status
+    old_status: dict[str, Any] | None
+    ours: list[dict[str, Any]]
+    attempt: int
+    now: datetime
+    requeues: list[float | None] = field(default_factory=list)
+    restart_reason: str | None = None
+    stall_checked: bool = False
 
-    if status.data.get("phase") in TERMINAL_PHASES:
-        return _finished(status, old_status, spec, ours, now)
+    @property
+    def spec(self) -> Any:
+        return self.run.spec
 
-    attempt = int(status.data.get("restartAttempt") or 0)
-    transition = suspend.suspend_transition(
-        suspend=spec.suspend, conditions=status.data.get("conditions")
-    )
-    if transition in ("suspend", "stay-suspended"):
-        return _suspended(
-            status,
-            old_status,
-            run,
-            ours,
-            uid,
-            attempt,
-            observed.image,
-            observed.vllm_image,
-            observed.run,
+    @property
+    def job_name(self) -> str:
+        return builder_names.worker_job_name(self.run.metadata.name, self.attempt)
+
+    @property
+    def job(self) -> dict[str, Any] | None:
+        return next(
+            (
+                c
+                for c in self.ours
+                if c.get("kind") == "Job" and c["metadata"]["name"] == self.job_name
+            ),
+            None,
         )
-    if transition == "resume":
-        attempt += 1
-        status.condition(
-            RunCondition.SUSPENDED, False, reasons.RESUMED, "resumed from the latest checkpoint"
-        )
-    status.data["restartAttempt"] = attempt
-    status.data.setdefault("restarts", 0)
-    status.data.setdefault("preemptions", 0)
 
-    job_name = builder_names.worker_job_name(run.metadata.name, attempt)
-    job = next(
-        (c for c in ours if c.get("kind") == "Job" and c["metadata"]["name"] == job_name), None
-    )
-    attempt_pods = _attempt_pods(pods, job, attempt)
-    config_name = builder_names.config_map_name(run.metadata.name, attempt)
-    # Earlier attempts' Jobs and configs; a config goes once its attempt's pods are gone.
-    stale = [
-        c
-        for c in ours
-        if (c.get("kind") == "Job" and c["metadata"]["name"] != job_name)
-        or (c.get("kind") == "ConfigMap" and c["metadata"]["name"] != config_name)
-    ]
-    deletes = [_ref(c) for c in stale]
+    @property
+    def attempt_pods(self) -> list[dict[str, Any]]:
+        return _attempt_pods(self.observed.pods, self.job, self.attempt)
 
-    if failure_policy.job_condition(job, "Complete") is not None:
-        return _succeeded(status, old_status, observed.metrics, spec, ours, deletes, job_name, now)
+    def stale(self) -> list[ChildRef]:
+        """Earlier attempts' Jobs and configs; a config goes once its attempt's pods are gone."""
+        config_name = builder_names.config_map_name(self.run.metadata.name, self.attempt)
+        return [
+            _ref(c)
+            for c in self.ours
+            if (c.get("kind") == "Job" and c["metadata"]["name"] != self.job_name)
+            or (c.get("kind") == "ConfigMap" and c["metadata"]["name"] != config_name)
+        ]
 
-    expired = _deadline_message(status, spec, now)
-    if expired is not None:
-        decision = failure_policy.Decision(
-            restart=False,
-            restarts=int(status.data.get("restarts") or 0),
-            preemptions=int(status.data.get("preemptions") or 0),
-            reason=reasons.DEADLINE_EXCEEDED,
-            message=expired,
-        )
-        return _failed(status, old_status, decision, ours, deletes, spec)
+    def counters(self) -> dict[str, int]:
+        return {
+            "restarts": int(self.status.data.get("restarts") or 0),
+            "preemptions": int(self.status.data.get("preemptions") or 0),
+        }
 
-    restart_reason = None
-    disruption = failure_policy.classify_attempt(job, attempt_pods)
-    if disruption is None:
-        _take_progress(status, observed.metrics, spec, now)
-        stalled = _stall_message(status, spec, now, job)
-        if stalled is not None and spec.run_policy.restart_on_stall:
-            disruption = failure_policy.Disruption("failure", reasons.STALLED, stalled)
 
-    if disruption is not None:
-        decision = failure_policy.decide(
-            disruption,
-            restarts=int(status.data.get("restarts") or 0),
-            preemptions=int(status.data.get("preemptions") or 0),
-            max_restarts=spec.run_policy.max_restarts,
-        )
-        status.data["restarts"], status.data["preemptions"] = (
-            decision.restarts,
-            decision.preemptions,
-        )
-        if not decision.restart:
-            return _failed(status, old_status, decision, ours, deletes, spec)
-        if job is not None:
-            deletes.append(_ref(job))
-        attempt = _restart(status, decision, attempt)
-        restart_reason = decision.reason
-        job, attempt_pods = None, []
+# -- the policies, asked in this order; the first decisive outcome ends the walk ------------
 
-    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours} - {
-        (d.kind, d.name) for d in deletes
-    }
-    spec_seen = (old_status or {}).get("observedGeneration") == meta.get("generation")
-    if spec_seen and desired_names(run, attempt) <= existing:
-        creates = []  # converged: rendering would only confirm it (a spec change renders again)
-    else:
-        desired = render_children(
-            run,
-            uid=uid,
-            image=observed.image,
-            vllm_image=observed.vllm_image,
-            restart_attempt=attempt,
-            suspend=False,
-        )
-        creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
-    _note_applied_spec(status, observed.run, creates)
 
-    if restart_reason is None:
-        _observe_running(status, spec, attempt_pods, job, now)
-    plan = _plan(status, old_status, deletes, creates)
-    return Plan(
-        plan.status_patch,
-        plan.deletes,
-        plan.creates,
-        plan.status,
-        restart_reason,
-        _requeue_after(status, spec, observed.progress_seconds, now),
+def _suspend_policy(facts: _Facts) -> Outcome | None:
+    return suspend.outcome(
+        suspend=facts.spec.suspend,
+        conditions=facts.status.data.get("conditions"),
+        children=facts.ours,
     )
 
 
-def _requeue_after(
-    status: _Status, spec: Any, progress_seconds: float | None, now: datetime
-) -> float | None:
-    """When to look again without an event: the next progress read while Running, the
-    active deadline, the stall timeout (events cannot announce a clock running out)."""
-    running = status.data.get("phase") == RunPhase.RUNNING
-    suspended = find_condition(status.data.get("conditions"), RunCondition.SUSPENDED)
-    since = deadline.active_since(
-        start_time=parse_time(status.data.get("startTime")),
+def _success_policy(facts: _Facts) -> Outcome | None:
+    if failure_policy.job_condition(facts.job, "Complete") is None:
+        return None
+    return Outcome("succeed", reasons.JOB_COMPLETED, f"job {facts.job_name} completed")
+
+
+def _deadline_policy(facts: _Facts) -> Outcome | None:
+    suspended = find_condition(facts.status.data.get("conditions"), RunCondition.SUSPENDED)
+    return deadline.outcome(
+        deadline_seconds=facts.spec.run_policy.active_deadline_seconds,
+        start_time=parse_time(facts.status.data.get("startTime")),
         resumed_at=parse_time(suspended.get("lastTransitionTime"))
         if suspended is not None and suspended.get("status") == "False"
         else None,
+        now=facts.now,
     )
-    deadline_left = deadline.seconds_left(
-        active_since=since, deadline_seconds=spec.run_policy.active_deadline_seconds, now=now
+
+
+def _failure_policy(facts: _Facts) -> Outcome | None:
+    return failure_policy.outcome(
+        failure_policy.classify_attempt(facts.job, facts.attempt_pods),
+        **facts.counters(),
+        max_restarts=facts.spec.run_policy.max_restarts,
     )
-    stall_left = None
-    timeout = spec.run_policy.stall_timeout_seconds
-    running_condition = find_condition(status.data.get("conditions"), RunCondition.RUNNING)
-    if timeout is not None and running and running_condition is not None:
-        moments = (
-            parse_time((status.data.get("progress") or {}).get("updatedAt")),
-            parse_time(running_condition.get("lastTransitionTime")),
+
+
+def _progress_policy(facts: _Facts) -> Outcome | None:
+    """Not a decision: the newest metrics go into the status before the stall check."""
+    _take_progress(facts.status, facts.observed.metrics, facts.spec, facts.now)
+    return None
+
+
+def _stall_policy(facts: _Facts) -> Outcome | None:
+    running = find_condition(facts.status.data.get("conditions"), RunCondition.RUNNING)
+    if facts.job is None or running is None or running.get("status") != "True":
+        return None
+    facts.stall_checked = True
+    stalled = stall.outcome(
+        timeout_seconds=facts.spec.run_policy.stall_timeout_seconds,
+        running_since=parse_time(running.get("lastTransitionTime")),
+        last_progress=parse_time((facts.status.data.get("progress") or {}).get("updatedAt")),
+        was_stalled=find_condition(facts.status.data.get("conditions"), RunCondition.STALLED)
+        is not None,
+        restart_on_stall=facts.spec.run_policy.restart_on_stall,
+        now=facts.now,
+    )
+    if stalled is None or stalled.action != "restart":
+        return stalled
+    fate = failure_policy.outcome(
+        failure_policy.Disruption("failure", reasons.STALLED, stalled.message),
+        **facts.counters(),
+        max_restarts=facts.spec.run_policy.max_restarts,
+    )
+    assert fate is not None
+    return Outcome(
+        fate.action, fate.reason, fate.message, stalled.conditions, counters=fate.counters
+    )
+
+
+POLICIES: tuple[tuple[str, Callable[[_Facts], Outcome | None]], ...] = (
+    ("suspend", _suspend_policy),
+    ("success", _success_policy),
+    ("deadline", _deadline_policy),
+    ("failure", _failure_policy),
+    ("progress", _progress_policy),
+    ("stall", _stall_policy),
+)
+
+
+def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now: datetime) -> Plan:
+    meta = observed.run.get("metadata") or {}
+    uid = meta.get("uid", "")
+    status.condition(RunCondition.VALID, True, reasons.SPEC_VALID, "the spec is valid")
+    status.data["observedGeneration"] = meta.get("generation")
+    facts = _Facts(
+        observed=observed,
+        run=run,
+        status=status,
+        old_status=observed.run.get("status"),
+        ours=[c for c in observed.children if _is_owned(c, uid)],
+        attempt=int(status.data.get("restartAttempt") or 0),
+        now=now,
+    )
+    if status.data.get("phase") in TERMINAL_PHASES:
+        return _keep_finished(facts)
+    for _, policy in POLICIES:
+        outcome = policy(facts)
+        if outcome is None:
+            continue
+        for change in outcome.conditions:
+            status.condition(change.type, change.status, change.reason, change.message)
+        facts.requeues.append(outcome.requeue_after)
+        if outcome.counters is not None:
+            status.data["restarts"], status.data["preemptions"] = outcome.counters
+        if outcome.action == "resume":
+            facts.attempt += 1
+        if outcome.decisive:
+            return ACTIONS[outcome.action](facts, outcome)
+    return _converge(facts)
+
+
+def _keep_finished(facts: _Facts) -> Plan:
+    """A finished run stays finished; what still holds accelerators goes (an operator
+    killed between the terminal status write and its deletes left it), the rest at the TTL."""
+    status = facts.status
+    failed = status.data.get("phase") == RunPhase.FAILED
+    leftovers = [
+        c
+        for c in facts.ours
+        if c.get("kind") == "Deployment"
+        or (
+            c.get("kind") == "Job"
+            and (failed or failure_policy.job_condition(c, "Complete") is None)
         )
-        last = max((t for t in moments if t is not None), default=None)
-        left = None if last is None else timeout - (now - last).total_seconds()
-        stall_left = left + 1.0 if left is not None and left > 0 else None  # once, not again
-    return earliest(progress_seconds if running else None, deadline_left, stall_left)
-
-
-def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
-    """(kind, name) of every child this attempt should have: the builders' own naming."""
-    return child_names(run, restart_attempt=attempt)
-
-
-def _succeeded(
-    status: _Status,
-    old_status: dict[str, Any] | None,
-    sample: MetricsSample | None,
-    spec: Any,
-    ours: list[dict[str, Any]],
-    deletes: list[ChildRef],
-    job_name: str,
-    now: datetime,
-) -> Plan:
-    status.condition(RunCondition.RUNNING, False, reasons.JOB_COMPLETED, "all workers finished")
-    status.condition(
-        RunCondition.SUCCEEDED, True, reasons.JOB_COMPLETED, f"job {job_name} completed"
-    )
-    status.finish(RunPhase.SUCCEEDED, "training finished")
-    _take_progress(status, sample, spec, now)
-    deletes = deletes + [
-        _ref(c) for c in ours if c.get("kind") == "Deployment"
-    ]  # free the rollout GPUs
-    return _with_ttl(_plan(status, old_status, deletes, []), spec)
-
-
-def _failed(
-    status: _Status,
-    old_status: dict[str, Any] | None,
-    decision: failure_policy.Decision,
-    ours: list[dict[str, Any]],
-    deletes: list[ChildRef],
-    spec: Any,
-) -> Plan:
-    """Out of budget: say why, and stop every pod (a broken gang would hold its GPUs forever)."""
-    status.condition(RunCondition.RUNNING, False, decision.reason, decision.message)
-    status.condition(RunCondition.FAILED, True, decision.reason, decision.message)
-    status.finish(RunPhase.FAILED, decision.message)
-    deletes = deletes + [
-        _ref(c) for c in ours if c.get("kind") in ("Job", "Deployment") and _ref(c) not in deletes
     ]
-    return _with_ttl(_plan(status, old_status, deletes, []), spec)
-
-
-def _with_ttl(plan: Plan, spec: Any) -> Plan:
-    """A run that just finished comes back when its TTL is due (no event will say so)."""
-    ttl_seconds = spec.run_policy.ttl_seconds_after_finished
-    if ttl_seconds is None:
-        return plan
-    return Plan(
-        plan.status_patch, plan.deletes, plan.creates, plan.status, None, float(ttl_seconds)
+    outcome = ttl.outcome(
+        completion_time=parse_time(status.data.get("completionTime")),
+        ttl_seconds=facts.spec.run_policy.ttl_seconds_after_finished,
+        children=facts.ours,
+        leftovers=leftovers,
+        now=facts.now,
     )
+    for change in outcome.conditions:
+        status.condition(change.type, change.status, change.reason, change.message)
+    return _plan(status, facts.old_status, list(outcome.deletes), [], outcome.requeue_after)
 
 
-def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -> int:
-    """Record a gang restart in the status; the next attempt's number."""
-    attempt += 1
-    status.data["restartAttempt"] = attempt
+def _suspend(facts: _Facts, outcome: Outcome) -> Plan:
+    status, run = facts.status, facts.run
+    status.data["restartAttempt"] = facts.attempt
+    status.data["phase"] = RunPhase.SUSPENDED
+    status.data["message"] = outcome.message
+    existing = {(c.get("kind"), c["metadata"]["name"]) for c in facts.ours}
+    kept = [
+        m
+        for m in render_children(
+            run,
+            uid=facts.observed.run["metadata"].get("uid", ""),
+            image=facts.observed.image,
+            vllm_image=facts.observed.vllm_image,
+            restart_attempt=facts.attempt,
+            suspend=True,
+        )
+        if suspend.kept_while_suspended(m)
+    ]
+    creates = [m for m in kept if (m["kind"], m["metadata"]["name"]) not in existing]
+    _note_applied_spec(status, facts.observed.run, creates, suspended=True)
+    return _plan(status, facts.old_status, list(outcome.deletes), creates)
+
+
+def _succeed(facts: _Facts, outcome: Outcome) -> Plan:
+    status = facts.status
+    status.condition(RunCondition.RUNNING, False, outcome.reason, "all workers finished")
+    status.condition(RunCondition.SUCCEEDED, True, outcome.reason, outcome.message)
+    status.finish(RunPhase.SUCCEEDED, "training finished")
+    _take_progress(status, facts.observed.metrics, facts.spec, facts.now)
+    servers = [_ref(c) for c in facts.ours if c.get("kind") == "Deployment"]  # rollout GPUs
+    return _plan(status, facts.old_status, facts.stale() + servers, [], _ttl_requeue(facts))
+
+
+def _fail(facts: _Facts, outcome: Outcome) -> Plan:
+    """Stop every pod (a broken gang would hold its GPUs forever) and say why."""
+    status = facts.status
+    status.condition(RunCondition.RUNNING, False, outcome.reason, outcome.message)
+    status.condition(RunCondition.FAILED, True, outcome.reason, outcome.message)
+    status.finish(RunPhase.FAILED, outcome.message)
+    workers = [_ref(c) for c in facts.ours if c.get("kind") in ("Job", "Deployment")]
+    return _plan(status, facts.old_status, facts.stale() + workers, [], _ttl_requeue(facts))
+
+
+def _ttl_requeue(facts: _Facts) -> float | None:
+    """A run that just finished comes back when its TTL is due (no event will say so)."""
+    ttl_seconds = facts.spec.run_policy.ttl_seconds_after_finished
+    return None if ttl_seconds is None else float(ttl_seconds)
+
+
+def _restart(facts: _Facts, outcome: Outcome) -> Plan:
+    """Record a gang restart, delete the attempt's Job, and start the next attempt."""
+    status = facts.status
+    deletes = facts.stale() + ([_ref(facts.job)] if facts.job is not None else [])
+    facts.attempt += 1
+    status.data["restartAttempt"] = facts.attempt
     checkpoint = (status.data.get("checkpoints") or {}).get("latestStep")
     origin = (
         f"checkpoint step {checkpoint}"
@@ -370,14 +406,66 @@ def _restart(status: _Status, decision: failure_policy.Decision, attempt: int) -
     status.condition(
         RunCondition.RUNNING,
         False,
-        decision.reason,
-        f"{decision.message}; restarting the gang from {origin}",
+        outcome.reason,
+        f"{outcome.message}; restarting the gang from {origin}",
     )
     status.data["phase"] = RunPhase.RESTARTING
-    status.data["message"] = f"{decision.reason}: restarting from {origin}"
+    status.data["message"] = f"{outcome.reason}: restarting from {origin}"
     if find_condition(status.data.get("conditions"), RunCondition.STALLED) is not None:
         status.condition(RunCondition.STALLED, False, reasons.RESTARTING, "a new attempt started")
-    return attempt
+    facts.restart_reason = outcome.reason
+    return _converge(facts, deletes)
+
+
+ACTIONS: dict[str, Callable[[_Facts, Outcome], Plan]] = {
+    "suspend": _suspend,
+    "succeed": _succeed,
+    "fail": _fail,
+    "restart": _restart,
+}
+
+
+def _converge(facts: _Facts, deletes: list[ChildRef] | None = None) -> Plan:
+    """The attempt's children exist; the status says how far the gang is."""
+    status, run = facts.status, facts.run
+    status.data["restartAttempt"] = facts.attempt
+    status.data.setdefault("restarts", 0)
+    status.data.setdefault("preemptions", 0)
+    deletes = deletes if deletes is not None else facts.stale()
+    meta = facts.observed.run.get("metadata") or {}
+    existing = {(c.get("kind"), c["metadata"]["name"]) for c in facts.ours} - {
+        (d.kind, d.name) for d in deletes
+    }
+    spec_seen = (facts.old_status or {}).get("observedGeneration") == meta.get("generation")
+    if spec_seen and desired_names(run, facts.attempt) <= existing:
+        creates = []  # converged: rendering would only confirm it (a spec change renders again)
+    else:
+        desired = render_children(
+            run,
+            uid=meta.get("uid", ""),
+            image=facts.observed.image,
+            vllm_image=facts.observed.vllm_image,
+            restart_attempt=facts.attempt,
+            suspend=False,
+        )
+        creates = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
+    _note_applied_spec(status, facts.observed.run, creates)
+    if facts.restart_reason is None:
+        _observe_running(status, facts.spec, facts.attempt_pods, facts.job, facts.now)
+    running = status.data.get("phase") == RunPhase.RUNNING
+    if running and not facts.stall_checked:
+        # the gang has just started running: the stall clock starts now
+        started = _stall_policy(facts)
+        facts.requeues.append(started.requeue_after if started is not None else None)
+    progress = facts.observed.progress_seconds if running else None
+    requeue = earliest(progress, *facts.requeues) if running or facts.requeues else None
+    plan = _plan(status, facts.old_status, deletes, creates, requeue)
+    return dataclasses.replace(plan, restart_reason=facts.restart_reason)
+
+
+def desired_names(run: TrainingRun, attempt: int) -> set[tuple[str, str]]:
+    """(kind, name) of every child this attempt should have: the builders' own naming."""
+    return child_names(run, restart_attempt=attempt)
 
 
 def _observe_running(
@@ -424,24 +512,6 @@ def _take_progress(status: _Status, sample: MetricsSample | None, spec: Any, now
             "latestStep": sample.checkpoint_step,
             "latestUri": f"{spec.checkpoint.uri.rstrip('/')}/step-{sample.checkpoint_step}",
         }
-
-
-def _deadline_message(status: _Status, spec: Any, now: datetime) -> str | None:
-    """Why the run is past runPolicy.activeDeadlineSeconds, or None when it is not."""
-    limit = spec.run_policy.active_deadline_seconds
-    suspended = find_condition(status.data.get("conditions"), RunCondition.SUSPENDED)
-    resumed_at = None
-    if suspended is not None and suspended.get("status") == "False":
-        resumed_at = parse_time(suspended.get("lastTransitionTime"))
-    since = deadline.active_since(
-        start_time=parse_time(status.data.get("startTime")), resumed_at=resumed_at
-    )
-    if not deadline.is_exceeded(active_since=since, deadline_seconds=limit, now=now):
-        return None
-    return (
-        f"active since {format_time(since)} for more than "
-        f"runPolicy.activeDeadlineSeconds={limit}; stopping every worker"
-    )
 
 
 # Read by the operator at every reconcile, so an edit takes effect at once.
@@ -492,30 +562,6 @@ def _note_applied_spec(
         )
 
 
-def _stall_message(
-    status: _Status, spec: Any, now: datetime, job: dict[str, Any] | None
-) -> str | None:
-    """Set the Stalled condition; the message when the run is stalled."""
-    timeout = spec.run_policy.stall_timeout_seconds
-    running = find_condition(status.data.get("conditions"), RunCondition.RUNNING)
-    if timeout is None or job is None or running is None or running.get("status") != "True":
-        return None
-    last_progress = parse_time((status.data.get("progress") or {}).get("updatedAt"))
-    running_since = parse_time(running.get("lastTransitionTime"))
-    check = stall.check_stall(
-        last_progress=last_progress, running_since=running_since, now=now, timeout_seconds=timeout
-    )
-    if check.stalled:
-        # No idle counter in the message: it would change the status on every resync.
-        since = max(t for t in (last_progress, running_since) if t is not None)
-        message = f"the step has not moved since {format_time(since)} (runPolicy.stallTimeoutSeconds={timeout})"
-        status.condition(RunCondition.STALLED, True, reasons.NO_PROGRESS, message)
-        return message
-    if find_condition(status.data.get("conditions"), RunCondition.STALLED) is not None:
-        status.condition(RunCondition.STALLED, False, reasons.PROGRESSING, "the step is moving")
-    return None
-
-
 def _invalid(status: _Status, old_status: dict[str, Any] | None, problems: list[str]) -> Plan:
     message = "; ".join(problems)
     status.condition(RunCondition.VALID, False, reasons.INVALID_SPEC, message)
@@ -525,87 +571,17 @@ def _invalid(status: _Status, old_status: dict[str, Any] | None, problems: list[
     return _plan(status, old_status, [], [])
 
 
-def _finished(
-    status: _Status,
-    old_status: dict[str, Any] | None,
-    spec: Any,
-    ours: list[dict[str, Any]],
-    now: datetime,
-) -> Plan:
-    completion = parse_time(status.data.get("completionTime"))
-    ttl_seconds = spec.run_policy.ttl_seconds_after_finished
-    # Whatever happened before (an operator killed between the status write and the
-    # deletes), a finished run holds no GPUs: no rollout server, and no Job still running.
-    leftovers = [
-        _ref(c)
-        for c in ours
-        if c.get("kind") == "Deployment"
-        or (
-            c.get("kind") == "Job"
-            and (
-                status.data.get("phase") == RunPhase.FAILED
-                or failure_policy.job_condition(c, "Complete") is None
-            )
-        )
-    ]
-    if ttl.is_cleanup_due(completion_time=completion, ttl_seconds=ttl_seconds, now=now):
-        deletes = [_ref(c) for c in ours]
-        if deletes:
-            status.condition(
-                RunCondition.CLEANED_UP,
-                True,
-                reasons.TTL_EXPIRED,
-                f"children deleted {ttl_seconds}s after the run finished",
-            )
-        return _plan(status, old_status, deletes, [])
-    plan = _plan(status, old_status, leftovers, [])
-    left = ttl.seconds_until_cleanup(completion_time=completion, ttl_seconds=ttl_seconds, now=now)
-    return Plan(plan.status_patch, plan.deletes, (), plan.status, None, left)
-
-
-def _suspended(
-    status: _Status,
-    old_status: dict[str, Any] | None,
-    run: TrainingRun,
-    ours: list[dict[str, Any]],
-    uid: str,
-    attempt: int,
-    image: str | None,
-    vllm_image: str | None,
-    run_body: dict[str, Any],
-) -> Plan:
-    deletes = [_ref(c) for c in ours if not suspend.kept_while_suspended(c)]
-    status.data["restartAttempt"] = attempt
-    status.data["phase"] = RunPhase.SUSPENDED
-    status.data["message"] = (
-        "suspended by spec.suspend; set it to false to resume from the latest checkpoint"
-    )
-    status.condition(
-        RunCondition.SUSPENDED, True, reasons.SUSPENDED_BY_SPEC, status.data["message"]
-    )
-    status.condition(RunCondition.RUNNING, False, reasons.SUSPENDED_BY_SPEC, "suspended")
-    existing = {(c.get("kind"), c["metadata"]["name"]) for c in ours}
-    kept = [
-        m
-        for m in render_children(
-            run, uid=uid, image=image, vllm_image=vllm_image, restart_attempt=attempt, suspend=True
-        )
-        if suspend.kept_while_suspended(m)
-    ]
-    creates = [m for m in kept if (m["kind"], m["metadata"]["name"]) not in existing]
-    _note_applied_spec(status, run_body, creates, suspended=True)
-    return _plan(status, old_status, deletes, creates)
-
-
 def _plan(
     status: _Status,
     old_status: dict[str, Any] | None,
     deletes: list[ChildRef],
     creates: list[dict[str, Any]],
+    requeue_after: float | None = None,
 ) -> Plan:
     return Plan(
         status_patch=status_patch(old_status, status.data),
         deletes=tuple(dict.fromkeys(deletes)),
         creates=tuple(creates),
         status=status.data,
+        requeue_after=requeue_after,
     )
