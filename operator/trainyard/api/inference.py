@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
@@ -77,19 +78,99 @@ class InferenceServerSpec(ApiModel):
     rules = ENV_RULES
 
 
+class ServerPhase(StrEnum):
+    """`status.phase` of an InferenceServer, for humans (`kubectl get`); conditions say the rest."""
+
+    PENDING = "Pending"
+    """Waiting for the model (a run:// model whose run has not finished)."""
+    PROGRESSING = "Progressing"
+    """The Deployment rolls out the current spec; older replicas serve meanwhile."""
+    READY = "Ready"
+    """Every replica runs the current spec and is available."""
+    FAILED = "Failed"
+    """The model cannot be had (its run failed) or the rollout exceeded its deadline."""
+    INVALID = "Invalid"
+    """The spec cannot be served; status.message says what to fix."""
+
+
+ServerPhaseName = Literal["Pending", "Progressing", "Ready", "Failed", "Invalid"]
+
+
+class ServerCondition(StrEnum):
+    """The condition types the operator sets on an InferenceServer (the CRD lists exactly these)."""
+
+    VALID = "Valid"
+    READY = "Ready"
+
+
+SERVER_CONDITION_MEANINGS: dict[ServerCondition, str] = {
+    ServerCondition.VALID: "the spec passed validation (False: status.message says what to fix)",
+    ServerCondition.READY: (
+        "at least one replica serves the OpenAI API (status.model names the model it serves)"
+    ),
+}
+
+
+class ServerReason:
+    """Condition reasons of an InferenceServer: one CamelCase word each, spelled only here."""
+
+    SPEC_VALID = "SpecValid"
+    INVALID_SPEC = "InvalidSpec"
+    WAITING_FOR_MODEL = "WaitingForModel"
+    MODEL_UNAVAILABLE = "ModelUnavailable"
+    ROLLING_OUT = "RollingOut"
+    REPLICAS_AVAILABLE = "ReplicasAvailable"
+    NO_REPLICA_AVAILABLE = "NoReplicaAvailable"
+    SCALED_TO_ZERO = "ScaledToZero"
+    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+
+
+class ServerRollout(ApiModel):
+    """The Deployment template the operator last wrote, until it has rolled out."""
+
+    template_hash: str
+    """Hash of the rendered Deployment (its `trainyard.dev/spec-hash` annotation)."""
+    model: str
+    """The model source that template serves."""
+    since_generation: int | None = None
+    """The Deployment's status.observedGeneration when the template was written: the
+    rollout counts only once the Deployment controller has moved past it."""
+
+
 class InferenceServerStatus(ApiModel):
     """Observed state of an InferenceServer."""
 
     model_config = ApiModel.model_config | {"extra": "allow"}
 
+    phase: ServerPhaseName | None = None
+    """Pending, Progressing, Ready, Failed or Invalid."""
+    message: str | None = None
+    """Why the server is in its phase."""
     ready: bool | None = None
     """Whether at least one replica serves."""
+    replicas: int | None = None
+    """Replicas asked for (spec.replicas)."""
     ready_replicas: int | None = None
     """Replicas passing readiness."""
+    updated_replicas: int | None = None
+    """Replicas running the current spec."""
     url: str | None = None
-    """In-cluster URL of the OpenAI API."""
-    conditions: list[Condition] | None = None
-    """Valid, Ready."""
+    """In-cluster URL of the OpenAI API (append /v1)."""
+    model: str | None = None
+    """The model source the available replicas serve (as spec.model.source said when it rolled out)."""
+    served_model_name: str | None = None
+    """Name clients ask for the base model."""
+    adapters: list[str] | None = None
+    """Names of the LoRA adapters served beside the base model."""
+    rollout: ServerRollout | None = None
+    """The template being rolled out, while it is."""
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="; ".join(
+            f"{type_}: {meaning}" for type_, meaning in SERVER_CONDITION_MEANINGS.items()
+        )
+        + ".",
+    )
     observed_generation: int | None = None
     """metadata.generation this status describes."""
 

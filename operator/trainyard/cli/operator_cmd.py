@@ -17,6 +17,7 @@ from trainyard.operator.controller import TrainingRuns
 from trainyard.operator.handlers import register_handlers
 from trainyard.operator.observability import OperatorMetrics
 from trainyard.operator.runtime import Runtime
+from trainyard.operator.server_controller import InferenceServers
 from trainyard.operator.settings import OperatorConfig, configure_kopf
 
 
@@ -174,6 +175,7 @@ async def run_operator(
     runtime = Runtime(config, metrics or OperatorMetrics(), identity=identity)
     runs = TrainingRuns(runtime)
     runtime.register(runs.registration())
+    runtime.register(InferenceServers().registration())
     registry = kopf.OperatorRegistry()
     register_handlers(registry, runtime)
     settings = kopf.OperatorSettings()

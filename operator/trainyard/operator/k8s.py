@@ -230,6 +230,19 @@ class KubeClient:
         )
         return status != 409
 
+    async def replace(self, manifest: dict[str, Any], namespace: str) -> bool:
+        """Replace a child whole (PUT, unconditional: the operator renders all of it); False
+        when it is gone (the next reconcile creates it)."""
+        meta = manifest["metadata"]
+        status, _ = await self.request(
+            "update",
+            "PUT",
+            object_path(manifest["kind"], namespace, meta["name"]),
+            json=manifest,
+            accept=(404,),
+        )
+        return status != 404
+
     async def delete(self, ref: ChildRef, namespace: str) -> bool:
         """Delete (dependents in the background) unless gone; True when this call deleted it."""
         status, _ = await self.request(
@@ -287,6 +300,7 @@ class Applied:
     resource_version: str | None
     deleted: int
     created: int
+    updated: int = 0
 
 
 async def apply_plan(
@@ -298,7 +312,7 @@ async def apply_plan(
     name: str,
     resource_version: str | None,
 ) -> Applied:
-    """Carry out a plan: status first, then deletes, then creates (see plan.py)."""
+    """Carry out a plan: status first, then deletes, then creates, then updates (see plan.py)."""
     new_body = None
     if plan.status_patch is not None:
         new_body = await client.patch_status(
@@ -311,11 +325,13 @@ async def apply_plan(
     created = 0
     for batch in (first, last):
         created += sum(await asyncio.gather(*(client.create(m, namespace) for m in batch)))
+    updated = sum(await asyncio.gather(*(client.replace(m, namespace) for m in plan.updates)))
     return Applied(
         new_body.get("status") if new_body else None,
         (new_body or {}).get("metadata", {}).get("resourceVersion"),
         deleted,
         created,
+        updated,
     )
 
 

@@ -3,8 +3,10 @@
 A pure reconcile returns a `Plan`; the runtime carries it out in one order, whatever
 the kind: the owner's status first (so a counter such as a restart is recorded before
 the restart happens, and a crash in between can never restart twice for free), then
-deletes, then creates. `requeue_after` asks for another reconcile after that many
-seconds without an event (a TTL, a deadline, the next progress read).
+deletes, then creates, then updates (whole replacements of children whose rendering
+changed, e.g. an InferenceServer's Deployment after a model change). `requeue_after`
+asks for another reconcile after that many seconds without an event (a TTL, a
+deadline, the next progress read).
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ class Plan:
     status: dict[str, Any] = field(default_factory=dict)
     restart_reason: str | None = None
     requeue_after: float | None = None
+    updates: tuple[dict[str, Any], ...] = ()
+    """Children that exist and are replaced whole by these manifests (PUT)."""
 
     @property
     def is_empty(self) -> bool:
-        return self.status_patch is None and not self.deletes and not self.creates
+        return (
+            self.status_patch is None and not self.deletes and not self.creates and not self.updates
+        )
 
 
 def ref(obj: dict[str, Any]) -> ChildRef:
