@@ -6,7 +6,8 @@ API), resolved through the code's own constants (k8s.RESOURCES, controller.CHILD
 WATCHED_KINDS, the runtime's peering kinds) and the kinds the builders render for every
 example, plus what kopf itself does. The second runs the real operator (kopf included) with the chart's own command line
 against the Kubernetes API emulation of tests/operator, takes a run through creation and a
-gang restart, and checks every request it made against the rendered Roles.
+gang restart, an InferenceServer through a model change, and checks every request it made
+against the rendered Roles.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from chart_rendering import REPO, VALUE_SETS, of_kind, operator_argv, rendered
 from trainyard.api import parse_resource
 from trainyard.api.base import GROUP
 from trainyard.cli.operator_cmd import config_from_args, run_operator
-from trainyard.operator import controller, k8s
+from trainyard.operator import controller, k8s, server_controller
 from trainyard.operator.builders import render_children
 from trainyard.operator.observability import OperatorMetrics
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 from apiserver import TrainyardApiServer, running_api_server  # noqa: E402
-from operator_fakes import JOBS, NAMESPACE, RUNS, Kubelet, eventually  # noqa: E402
+from operator_fakes import DEPLOYMENTS, JOBS, NAMESPACE, RUNS, Kubelet, eventually  # noqa: E402
+
+SERVERS = "trainyard.dev/v1alpha1/inferenceservers"
 
 OPERATOR_CODE = REPO / "operator" / "trainyard" / "operator"
 Need = tuple[str, str, str]  # (API group, resource[/subresource], verb)
@@ -70,7 +73,7 @@ def informer_kinds() -> set[str]:
     assert "registration.owns" in source and "PEERING_KINDS" in source, (
         "runtime.py builds its informers differently now: resolve them here"
     )
-    return set(controller.WATCHED_KINDS)
+    return set(controller.WATCHED_KINDS) | set(server_controller.CHILD_KINDS)
 
 
 def created_kinds() -> set[str]:
@@ -92,6 +95,7 @@ def operator_needs() -> set[Need]:
     known = {
         ("create", None),  # apply_plan: plan.creates, the run's children
         ("delete", None),  # apply_plan: plan.deletes, the run's children
+        ("replace", None),  # apply_plan: plan.updates, an InferenceServer's children (PUT)
         ("patch_status", None),  # apply_plan: the owner's status subresource (TrainingRun)
         ("request", "list"),  # Informer._list
         ("open", "GET"),  # Informer._watch: GET ?watch=true on the collection
@@ -110,8 +114,12 @@ def operator_needs() -> set[Need]:
     for kind in informer_kinds():
         group, plural = group_and_plural(kind)
         needs |= {(group, plural, "list"), (group, plural, "watch")}
-    group, plural = group_and_plural("TrainingRun")
-    needs.add((group, f"{plural}/status", "patch"))
+    for kind in server_controller.CHILD_KINDS:  # created, deleted by GC, replaced when changed
+        group, plural = group_and_plural(kind)
+        needs |= {(group, plural, "create"), (group, plural, "update")}
+    for kind in ("TrainingRun", server_controller.KIND):
+        group, plural = group_and_plural(kind)
+        needs.add((group, f"{plural}/status", "patch"))
     return needs
 
 
@@ -121,6 +129,8 @@ def operator_needs() -> set[Need]:
 KOPF_NAMESPACED: set[Need] = {
     (GROUP, "trainingruns", "list"),
     (GROUP, "trainingruns", "watch"),
+    (GROUP, "inferenceservers", "list"),
+    (GROUP, "inferenceservers", "watch"),
     ("", "events", "create"),
 }
 KOPF_CLUSTER: set[Need] = {
@@ -257,6 +267,20 @@ async def run_operator_from_chart(
         await kubelet.fail_pod(pods[0], reason="OOMKilled", exit_code=137)
         await eventually(lambda: api.get(JOBS, NAMESPACE, f"{name}-attempt-1"))
         await eventually(lambda: api.get(JOBS, NAMESPACE, f"{name}-attempt-0") is None)
+        # An InferenceServer, then a new model: its Deployment is replaced.
+        server = yaml.safe_load((REPO / "examples" / "inference-server.yaml").read_text())
+        server["metadata"]["namespace"] = NAMESPACE
+        server["spec"]["adapters"] = None
+        await api.put_object(SERVERS, server)
+        deployment = f"{server['metadata']['name']}-server"
+        await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, deployment))
+        await api.patch_object(
+            SERVERS,
+            NAMESPACE,
+            server["metadata"]["name"],
+            {"spec": {"model": {"source": "hf://Qwen/Qwen2.5-1.5B-Instruct"}}},
+        )
+        await eventually(lambda: "1.5B" in str(api.get(DEPLOYMENTS, NAMESPACE, deployment)["spec"]))
         for rid, peering in peering_objects(manifests):  # kopf keeps alive in the chart's object
             meta = peering["metadata"]
             await eventually(
@@ -280,6 +304,7 @@ async def test_every_request_of_the_running_operator_is_granted(name, tmp_path):
     manifests = rendered(name, "--include-crds")
     cluster, per_namespace = grants(manifests)
     async with running_api_server() as api:
+        api.declare(SERVERS, "InferenceServer")
         api.declare("zalando.org/v1/kopfpeerings", "KopfPeering", namespaced=True, status=False)
         api.declare(
             "zalando.org/v1/clusterkopfpeerings",
@@ -309,5 +334,7 @@ async def test_every_request_of_the_running_operator_is_granted(name, tmp_path):
         ("batch", "jobs", "create"),
         ("batch", "jobs", "delete"),
         ("apps", "deployments", "create"),
+        ("apps", "deployments", "update"),
+        ("trainyard.dev", "inferenceservers/status", "patch"),
     } <= seen
     assert any(resource.endswith("kopfpeerings") and verb == "patch" for _, resource, verb in seen)

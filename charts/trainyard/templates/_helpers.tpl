@@ -113,6 +113,21 @@ against the code and against every request the operator makes in a run.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [create, delete, list, watch]
+# InferenceServers (server_controller.py): kopf lists and watches them, the status is
+# merge-patched; their Deployment and Service are replaced whole (PUT) when the model or
+# the flags change.
+- apiGroups: [trainyard.dev]
+  resources: [inferenceservers]
+  verbs: [list, watch]
+- apiGroups: [trainyard.dev]
+  resources: [inferenceservers/status]
+  verbs: [patch]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [update]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [update]
 # Worker pods: read only, for progress and failure reasons.
 - apiGroups: [""]
   resources: [pods]
