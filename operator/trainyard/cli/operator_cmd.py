@@ -14,6 +14,7 @@ from typing import Any
 import kopf
 
 from trainyard.operator.controller import TrainingRuns
+from trainyard.operator.gate_controller import PromotionGates
 from trainyard.operator.handlers import register_handlers
 from trainyard.operator.observability import OperatorMetrics
 from trainyard.operator.runtime import Runtime
@@ -176,6 +177,7 @@ async def run_operator(
     runs = TrainingRuns(runtime)
     runtime.register(runs.registration())
     runtime.register(InferenceServers().registration())
+    runtime.register(PromotionGates(runtime).registration())
     registry = kopf.OperatorRegistry()
     register_handlers(registry, runtime)
     settings = kopf.OperatorSettings()

@@ -324,10 +324,12 @@ class Runtime:
             return
         self._owners[key] = dict(body)
         self._by_label[label] = key[2]
+        # Followers read this object's status, which is mostly this operator's own writes
+        # (a run's phase): they hear every change, the echo of such a write included.
+        self._notify_followers(kind, body)
         if event_type == "MODIFIED" and self._is_own_write(body):
             return  # the status this operator just wrote, computed by the reconcile that wrote it
         self.enqueue(key)
-        self._notify_followers(kind, body)
 
     def _notify_followers(self, kind: str, body: Mapping[str, Any]) -> None:
         namespace = (body.get("metadata") or {}).get("namespace") or ""
