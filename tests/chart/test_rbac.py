@@ -27,7 +27,7 @@ from chart_rendering import REPO, VALUE_SETS, of_kind, operator_argv, rendered
 from trainyard.api import parse_resource
 from trainyard.api.base import GROUP
 from trainyard.cli.operator_cmd import config_from_args, run_operator
-from trainyard.operator import controller, k8s, server_controller
+from trainyard.operator import controller, gate_controller, k8s, server_controller
 from trainyard.operator.builders import render_children
 from trainyard.operator.observability import OperatorMetrics
 
@@ -73,7 +73,11 @@ def informer_kinds() -> set[str]:
     assert "registration.owns" in source and "PEERING_KINDS" in source, (
         "runtime.py builds its informers differently now: resolve them here"
     )
-    return set(controller.WATCHED_KINDS) | set(server_controller.CHILD_KINDS)
+    return (
+        set(controller.WATCHED_KINDS)
+        | set(server_controller.CHILD_KINDS)
+        | set(gate_controller.CHILD_KINDS)
+    )
 
 
 def created_kinds() -> set[str]:
@@ -117,7 +121,10 @@ def operator_needs() -> set[Need]:
     for kind in server_controller.CHILD_KINDS:  # created, deleted by GC, replaced when changed
         group, plural = group_and_plural(kind)
         needs |= {(group, plural, "create"), (group, plural, "update")}
-    for kind in ("TrainingRun", server_controller.KIND):
+    for kind in gate_controller.CHILD_KINDS:  # the evaluation's ConfigMap and Job
+        group, plural = group_and_plural(kind)
+        needs |= {(group, plural, "create"), (group, plural, "delete")}
+    for kind in ("TrainingRun", server_controller.KIND, gate_controller.KIND):
         group, plural = group_and_plural(kind)
         needs.add((group, f"{plural}/status", "patch"))
     return needs
@@ -131,6 +138,8 @@ KOPF_NAMESPACED: set[Need] = {
     (GROUP, "trainingruns", "watch"),
     (GROUP, "inferenceservers", "list"),
     (GROUP, "inferenceservers", "watch"),
+    (GROUP, "promotiongates", "list"),
+    (GROUP, "promotiongates", "watch"),
     ("", "events", "create"),
 }
 KOPF_CLUSTER: set[Need] = {

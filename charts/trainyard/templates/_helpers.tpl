@@ -128,6 +128,15 @@ against the code and against every request the operator makes in a run.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [update]
+# PromotionGates (gate_controller.py): kopf lists and watches them, the status is
+# merge-patched; their evaluation ConfigMap and Job are created (and a running evaluation
+# Job deleted when a person rejects the gate) under the configmaps and jobs rules above.
+- apiGroups: [trainyard.dev]
+  resources: [promotiongates]
+  verbs: [list, watch]
+- apiGroups: [trainyard.dev]
+  resources: [promotiongates/status]
+  verbs: [patch]
 # Worker pods: read only, for progress and failure reasons.
 - apiGroups: [""]
   resources: [pods]
