@@ -16,10 +16,12 @@ from chart_rendering import (
     POD_MONITOR_API,
     PROMETHEUS_RULE_API,
     VALUE_SETS,
+    documents,
     helm,
     of_kind,
     prometheus_operator_schema,
     rendered,
+    template,
     the,
 )
 
@@ -87,6 +89,44 @@ def test_prometheus_rule_carries_the_rule_file_with_its_templates_intact():
         r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "TrainyardRunStalled"
     )
     assert "{{ $labels.run }}" in stalled["annotations"]["summary"]  # not eaten by helm
+
+
+def test_alerts_can_be_left_out_and_labelled_for_routing():
+    values = {
+        "prometheusRule": {
+            "enabled": True,
+            "force": True,
+            "disabled": ["TrainyardGateAwaitingApproval", "TrainyardInferenceServerNotReady"],
+            "ruleLabels": {"team": "ml-platform", "severity": "page"},
+        }
+    }
+    result = template(values)
+    assert result.returncode == 0, result.stderr
+    rule = the(documents(result.stdout), "PrometheusRule")
+    shipped = yaml.safe_load((CHART / "rules" / "trainyard.rules.yaml").read_text())["groups"]
+    rendered_rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    expected = {r["alert"]: r for g in shipped for r in g["rules"]}
+    del expected["TrainyardGateAwaitingApproval"], expected["TrainyardInferenceServerNotReady"]
+    assert rendered_rules.keys() == expected.keys()
+    assert "trainyard.serving" not in {g["name"] for g in rule["spec"]["groups"]}  # left empty
+    for name, shipped_rule in expected.items():
+        assert rendered_rules[name]["labels"] == {**shipped_rule["labels"], "team": "ml-platform"}
+        assert rendered_rules[name]["expr"] == shipped_rule["expr"]
+        assert rendered_rules[name]["annotations"] == shipped_rule["annotations"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("RunStalled", "/prometheusRule/disabled/0"),  # the schema: not an alert name at all
+        ("TrainyardRunStaled", "prometheusRule.disabled: TrainyardRunStaled is not an alert"),
+    ],
+)
+def test_a_disabled_name_that_is_no_alert_is_refused(name, message):
+    values = {"prometheusRule": {"enabled": True, "force": True, "disabled": [name]}}
+    result = template(values)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
 
 
 def monitor(manifests, job):
