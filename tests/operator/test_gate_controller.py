@@ -272,3 +272,33 @@ async def test_deleting_the_gate_deletes_its_evaluation(
                 is None
             )
         )
+
+
+async def test_an_operator_restarted_mid_gate_decides_once(
+    api_with_gates, kubelet, start_operator, tmp_path
+):
+    api = api_with_gates
+    async with start_operator():
+        await api.put_object(RUNS, training_run("sft", checkpoint={"uri": f"file://{tmp_path}/c"}))
+        await finish_run(api, kubelet, "sft")
+        await api.put_object(GATES, promotion_gate("restarted", "sft", evaluation=evaluation()))
+        await eventually(lambda: verdict(api, "restarted") == "Evaluating")
+    # while no operator runs, the evaluation pod finishes
+    write_results(task_of(api, "restarted-eval-1")["output"], accuracy=0.9)
+    await complete(api, "restarted-eval-1")
+    async with start_operator() as metrics:
+        await eventually(lambda: verdict(api, "restarted") == "Passed")
+        decided_at = gate_status(api, "restarted")["decidedAt"]
+    async with start_operator() as again:
+        await eventually(
+            lambda: again.gate_verdict.labels(NAMESPACE, "restarted", "Passed")._value.get() == 1
+        )
+    assert gate_status(api, "restarted")["decidedAt"] == decided_at
+    assert [j["metadata"]["name"] for j in api.objects(JOBS, NAMESPACE)] == [
+        "restarted-eval-1",
+        "sft-attempt-0",
+    ], "one evaluation, never started again"
+    assert metrics.gate_verdicts.labels(NAMESPACE, "restarted", "Passed")._value.get() == 1
+    assert again.gate_verdicts.labels(NAMESPACE, "restarted", "Passed")._value.get() == 0, (
+        "a verdict reached before this process started is not counted again"
+    )
