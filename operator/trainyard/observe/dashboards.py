@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
-from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement
+from grafana_foundation_sdk.models.common import (
+    LegendDisplayMode,
+    LegendPlacement,
+    VisibilityMode,
+)
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DataSourceRef,
@@ -53,7 +57,7 @@ class Graph:
     queries: tuple[Query, ...]
     unit: str = "short"
     description: str = ""
-    kind: str = "timeseries"  # or "stat"
+    kind: str = "timeseries"  # or "stat", "state-timeline"
     width: int = 12
     min: float | None = None
     max: float | None = None
@@ -289,7 +293,8 @@ PIPELINES_AND_GATES = Board(
                         f'max by (namespace, gate, verdict) (trainyard_gate_verdict{{{GATES}, gate=~"$gate"}}) == 1',
                         "{{gate}}: {{verdict}}",
                     ),
-                    description="One line per gate at the verdict it holds.",
+                    description="One row per gate and verdict, filled while the gate holds it.",
+                    kind="state-timeline",
                 ),
                 graph(
                     "Verdicts reached",
@@ -495,7 +500,15 @@ def build_variable(variable: Variable) -> dash.QueryVariable:
 
 
 def build_panel(spec: Graph, panel_id: int):
-    if spec.kind == "stat":
+    if spec.kind == "state-timeline":
+        panel = (
+            statetimeline.Panel()
+            .show_value(VisibilityMode.NEVER)
+            .merge_values(True)
+            .line_width(0)
+            .fill_opacity(70)
+        )
+    elif spec.kind == "stat":
         panel = stat.Panel().reduce_options(
             common_builders.ReduceDataOptions().calcs(["lastNotNull"])
         )
