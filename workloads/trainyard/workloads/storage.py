@@ -205,6 +205,13 @@ class S3Store:
                 # One pooled connection per concurrent part; the default 10 would queue them.
                 max_pool_connections=max(10, max_concurrency),
                 retries={"mode": "standard", "max_attempts": 5},
+                # No CRC32 on every request (botocore's default since 1.36): a
+                # checkpoint's integrity check is its manifest's sha256, taken from the
+                # bytes that were sent and verified on every download, and computing
+                # and checking CRC32 too made uploads ~20% slower against a local S3
+                # server on 2 cores (benchmarks/checkpoint_upload.py).
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             ),
         )
         self.transfer_config = TransferConfig(
