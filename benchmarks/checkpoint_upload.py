@@ -287,6 +287,8 @@ def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int,
         # Busy: the next save comes while this one is written and uploaded.
         step += 1
         save(fast, step)
+        while saves.writing_step != step and step not in saves.written:
+            time.sleep(0.001)  # until the writer is on it: the next save meets it busy
         step += 1
         busy_s.append(save(fast, step))
         saves.wait()

@@ -104,6 +104,8 @@ def main() -> None:
         saves.wait()
         step += 1
         save(fast, step)
+        while saves.writing_step != step and step not in saves.written:
+            time.sleep(0.001)  # until the writer is on it: the next save meets it busy
         step += 1
         busy_s.append(save(fast, step))
         saves.wait()

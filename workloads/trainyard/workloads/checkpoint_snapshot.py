@@ -147,6 +147,7 @@ class AsyncSaves:
         self._current: _PendingSave | None = None  # being built by the training step
         self._waiting: _PendingSave | None = None  # sealed, not yet started
         self._writing = False
+        self.writing_step: int | None = None  # the save the writer works on now
         self._free: list[HostBuffers] = []
         self._closed = False
         self._error: BaseException | None = None
@@ -342,6 +343,7 @@ class AsyncSaves:
                     return
                 pending, self._waiting = self._waiting, None
                 self._writing = True
+                self.writing_step = pending.step
             started = time.perf_counter()
             try:
                 for write in pending.writes:
@@ -374,6 +376,7 @@ class AsyncSaves:
                 with self._changed:
                     self._free.append(pending.buffers)
                     self._writing = False
+                    self.writing_step = None
                     self._changed.notify_all()
 
     def wait(self) -> None:
