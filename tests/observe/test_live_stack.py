@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUN = "live-grpo"
 # Short windows, so a stall pages within a minute (the chart ships AlertSettings()).
-QUICK = alerts.AlertSettings(stall_window="20s")
+QUICK = alerts.AlertSettings(stall_window="30s")
 # Grafana's $__rate_interval and $__range as a dashboard over the last minutes would set them.
 RATE_INTERVAL, RANGE = "30s", "5m"
 
