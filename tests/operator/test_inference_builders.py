@@ -295,6 +295,11 @@ REFUSED = [
     ),
     ("run:// not resolved", {"model": {"source": "run://sft"}}, "spec.model.source"),
     (
+        "a LoRA rank vLLM does not offer",
+        {"adapters": [{"name": "l", "source": "hf://o/l"}], "vllm": {"maxLoraRank": 12}},
+        "spec.vllm.maxLoraRank",
+    ),
+    (
         "hub adapter at a revision",
         {"adapters": [{"name": "l", "source": "hf://o/l@v1"}]},
         "spec.adapters[0].source",

@@ -55,6 +55,8 @@ MODEL_REVISION_ANNOTATION = "trainyard.dev/model-revision"
 FETCH_IMAGE = "amazon/aws-cli:2.22.35"
 ADAPTERS_VOLUME = "adapters"
 ADAPTERS_DIR = "/var/lib/trainyard/adapters"
+# `vllm serve --max-lora-rank` takes only these (vLLM 0.31's argparse choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # A model of tens of GB may download for long; the startup probe allows 30 minutes, the
 # Deployment reports ProgressDeadlineExceeded after an hour.
 PROGRESS_DEADLINE_SECONDS = 3600
@@ -220,6 +222,13 @@ def server_args(server: InferenceServer, resolved: Mapping[str, str] | None = No
     if spec.model.trust_remote_code:
         args.append("--trust-remote-code")
     adapters = adapter_paths(server, resolved)
+    if adapters and vllm.max_lora_rank not in VLLM_LORA_RANKS:
+        allowed = ", ".join(map(str, VLLM_LORA_RANKS))
+        raise UnrenderableRun(
+            "spec.vllm.maxLoraRank",
+            f"{vllm.max_lora_rank} is not a rank vLLM serves adapters at; allowed: {allowed} "
+            "(the next one up from your adapters' rank)",
+        )
     if adapters:
         args += ["--enable-lora", "--max-lora-rank", str(vllm.max_lora_rank)]
         args += ["--max-loras", str(len(adapters))]
