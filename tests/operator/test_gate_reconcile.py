@@ -447,3 +447,41 @@ def test_results_are_wanted_only_from_the_current_completed_job():
     )
     assert results_wanted(gate(evaluation=evaluation()), run(), [job(state="Complete")]) is None
     assert results_wanted(gate(criteria=["x >>> 1"]), run(), []) is None
+
+
+def test_the_crd_lists_exactly_the_conditions_and_verdicts_the_code_sets():
+    import ast
+    from pathlib import Path
+
+    import yaml
+
+    from trainyard.api.gate import VERDICTS
+    from trainyard.operator import gate_reconcile
+    from trainyard.operator.gate_reconcile import GateCondition, GateVerdictName
+
+    repo = Path(__file__).resolve().parents[2]
+    crd = yaml.safe_load((repo / "crds" / "trainyard.dev_promotiongates.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    documented = {
+        word.strip(" .") for word in status["properties"]["conditions"]["description"].split(",")
+    }
+    assert documented == {c.value for c in GateCondition}
+    assert set(status["properties"]["verdict"]["enum"]) == set(VERDICTS)
+    assert {v.value for v in GateVerdictName} <= set(VERDICTS)
+    # the module spells no condition type or verdict outside its constants
+    tree = ast.parse(Path(gate_reconcile.__file__).read_text())
+    constants = {
+        id(node.value)
+        for holder in [tree, *(c for c in tree.body if isinstance(c, ast.ClassDef))]
+        for node in holder.body
+        if isinstance(node, ast.Assign)
+    }
+    spelled = {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in constants
+    }
+    names = {c.value for c in GateCondition} | set(VERDICTS)
+    assert not spelled & names, spelled & names

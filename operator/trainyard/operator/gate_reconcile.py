@@ -42,6 +42,7 @@ from trainyard.api.gate import (
 )
 from trainyard.api.training_run import RunPhase
 from trainyard.api.verdict import (
+    INCONCLUSIVE,
     REJECTED,
     REPORT_FILE,
     EvalResults,
@@ -98,6 +99,11 @@ EVALUATION_FAILED = "EvaluationFailed"
 RESULTS_READ = "ResultsRead"
 RUN_METRICS = "RunMetrics"
 UNDECIDED = "Undecided"
+
+# A Job's state, from its conditions (batch/v1 condition types Complete and Failed).
+JOB_COMPLETE = "Complete"
+JOB_FAILED = "Failed"
+JOB_RUNNING = "Running"
 
 # A run's final metrics (status.progress) under the names criteria use.
 PROGRESS_METRICS = {
@@ -162,11 +168,13 @@ def results_wanted(
     gate = _parse_gate(gate_body)
     if gate is None or gate.spec.evaluation is None:
         return None
+    if (gate_body.get("status") or {}).get("verdict") in DECIDED:
+        return None  # a decision is final: nothing more to read
     attempts = int((gate_body.get("status") or {}).get("evaluationAttempts") or 0)
     if attempts < 1:
         return None
     job = _child(children, "Job", evaluation_name(gate.metadata.name, attempts))
-    if job is None or _job_state(job)[0] != "Complete":
+    if job is None or _job_state(job)[0] != JOB_COMPLETE:
         return None
     run = _parse_run(run_body)
     base = _results_base(gate, run)
@@ -336,13 +344,13 @@ def _evaluate(
     if job is None:
         return _start(status, gate, run, observed, evaluation, attempts, model_uri, output)
     state, why = _job_state(job)
-    if state == "Failed":
+    if state == JOB_FAILED:
         message = f"evaluation Job {job_name} failed: {why}"
         status.condition(GateCondition.EVALUATED, False, EVALUATION_FAILED, message)
         status.verdict(GateVerdictName.FAILED, EVALUATION_FAILED, message)
         status.set(decided_at=format_time(status.now))
         return status.plan()
-    if state != "Complete":
+    if state != JOB_COMPLETE:
         message = f"evaluation Job {job_name} is running (attempt {attempts})"
         status.condition(GateCondition.EVALUATED, False, EVALUATING, message)
         status.verdict(GateVerdictName.EVALUATING, EVALUATING, message)
@@ -372,7 +380,7 @@ def _evaluate(
     plan_status = _judge(status, gate, results, approval, rejection, model_uri)
     more = evaluation.more_samples
     if (
-        plan_status.criteria_outcome == "Inconclusive"
+        plan_status.criteria_outcome == INCONCLUSIVE
         and not plan_status.decided
         and attempts == 1
         and more is not None
@@ -481,7 +489,7 @@ def _rejected_early(
         f"rejected by {rejection.by} at {format_time(rejection.at)} before the criteria were judged",
     )
     for child in observed.children:
-        if child.get("kind") == "Job" and _job_state(child)[0] == "Running":
+        if child.get("kind") == "Job" and _job_state(child)[0] == JOB_RUNNING:
             status.deletes.append(
                 ChildRef(child.get("apiVersion") or "batch/v1", "Job", child["metadata"]["name"])
             )
@@ -622,13 +630,13 @@ def _job_state(job: dict[str, Any]) -> tuple[str, str]:
     for condition in job_status.get("conditions") or []:
         if condition.get("status") != "True":
             continue
-        if condition.get("type") == "Complete":
-            return "Complete", ""
-        if condition.get("type") == "Failed":
-            reason = condition.get("reason") or "Failed"
+        if condition.get("type") == JOB_COMPLETE:
+            return JOB_COMPLETE, ""
+        if condition.get("type") == JOB_FAILED:
+            reason = condition.get("reason") or JOB_FAILED
             message = condition.get("message")
-            return "Failed", f"{reason}: {message}" if message else reason
-    return "Running", ""
+            return JOB_FAILED, f"{reason}: {message}" if message else reason
+    return JOB_RUNNING, ""
 
 
 def _finite(value: Any) -> Any:
