@@ -61,6 +61,7 @@ def test_the_issues_alerts_are_all_there():
         "TrainyardOperatorAPIErrors",
         "TrainyardOperatorQueueBackingUp",
         "TrainyardInferenceServerNotReady",
+        "TrainyardVLLMServerDown",
     }
 
 
@@ -238,6 +239,16 @@ CASES = [
         fires="20m",
         labels={"namespace": "serve", "server": "chat"},
         quiet="10m",
+    ),
+    Case(
+        "TrainyardVLLMServerDown",
+        {
+            'up{job="trainyard-vllm", namespace="ml", pod="grpo-vllm-0", run="grpo"}': "1x5 0x30",
+            'up{job="trainyard-vllm", namespace="serve", pod="chat-0", server="chat"}': "1x35",
+        },
+        fires="25m",
+        labels={"namespace": "ml", "pod": "grpo-vllm-0", "run": "grpo"},
+        quiet="15m",  # down for 10 minutes only
     ),
 ]
 

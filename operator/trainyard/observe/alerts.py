@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from trainyard.api.contract import Metric as M
-from trainyard.observe.labels import OPERATOR_JOB, TRAINING_JOB
+from trainyard.observe.labels import OPERATOR_JOB, TRAINING_JOB, VLLM_JOB
 
 TRAINING = f'job="{TRAINING_JOB}"'
 OPERATOR = f'job="{OPERATOR_JOB}"'
@@ -41,6 +41,8 @@ class AlertSettings:
     queue_wait_seconds: float = 30
     queue_for: str = "10m"
     server_not_ready_for: str = "10m"
+    vllm_down_for: str = "15m"
+    """A vLLM pod answers /metrics only once its model is loaded: long enough for a big one."""
     gate_failed_for: str = "0m"
 
 
@@ -238,6 +240,18 @@ def serving_alerts(s: AlertSettings) -> list[Alert]:
             f"Not all its vLLM replicas have been ready for {s.server_not_ready_for}.",
             "kubectl -n {{ $labels.namespace }} describe inferenceserver {{ $labels.server }}; "
             "kubectl logs of its pods (model download, CUDA out of memory, a bad --max-model-len).",
+        ),
+        Alert(
+            "TrainyardVLLMServerDown",
+            f'max by (namespace, pod, run, server) (up{{job="{VLLM_JOB}"}}) == 0',
+            s.vllm_down_for,
+            "warning",
+            "vLLM pod {{ $labels.namespace }}/{{ $labels.pod }} answers no scrape",
+            f"Its /metrics has not answered for {s.vllm_down_for}: the model is still loading, "
+            "or the server hangs or crashed (a GRPO run waits for its rollout server).",
+            "kubectl -n {{ $labels.namespace }} logs {{ $labels.pod }} (download progress, "
+            "CUDA out of memory, engine errors); kubectl -n {{ $labels.namespace }} describe pod "
+            "{{ $labels.pod }}.",
         ),
     ]
 
