@@ -302,3 +302,43 @@ async def test_an_operator_restarted_mid_gate_decides_once(
     assert again.gate_verdicts.labels(NAMESPACE, "restarted", "Passed")._value.get() == 0, (
         "a verdict reached before this process started is not counted again"
     )
+
+
+async def test_a_decision_is_announced_as_a_kubernetes_event(
+    api_with_gates, kubelet, start_operator, operator_config
+):
+    import dataclasses
+
+    api = api_with_gates
+    async with start_operator(dataclasses.replace(operator_config, post_events=True)):
+        await api.put_object(RUNS, training_run("sft"))
+        await finish_run(api, kubelet, "sft")
+        await api.patch_object(
+            RUNS, NAMESPACE, "sft", {"status": {"progress": {"loss": 2.5}}}, status=True
+        )
+        await api.put_object(GATES, promotion_gate("announced", "sft", criteria=["loss <= 1"]))
+        await eventually(lambda: verdict(api, "announced") == "Failed")
+
+        def decisions() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in api.objects("v1/events", NAMESPACE)
+                if e.get("involvedObject", {}).get("name") == "announced"
+            ]
+
+        (event,) = await eventually(decisions)
+        assert (event["type"], event["reason"]) == ("Warning", "CriterionFailed")
+        assert "loss <= 1" in event["message"]
+        assert event["involvedObject"]["kind"] == "PromotionGate"
+        await api.patch_object(
+            GATES, NAMESPACE, "announced", {"metadata": {"annotations": {"touched": "yes"}}}
+        )
+        await eventually(
+            lambda: (
+                (api.get(GATES, NAMESPACE, "announced") or {})
+                .get("metadata", {})
+                .get("annotations", {})
+                .get("touched")
+            )
+        )
+    assert len(decisions()) == 1, "one decision, one Event"

@@ -177,7 +177,8 @@ async def run_operator(
     runs = TrainingRuns(runtime)
     runtime.register(runs.registration())
     runtime.register(InferenceServers().registration())
-    runtime.register(PromotionGates(runtime).registration())
+    gates = PromotionGates(runtime)
+    runtime.register(gates.registration())
     registry = kopf.OperatorRegistry()
     register_handlers(registry, runtime)
     settings = kopf.OperatorSettings()
@@ -202,6 +203,7 @@ async def run_operator(
         )
     finally:
         await runs.close()
+        await gates.close()
         runtime.metrics.stop_serving()
 
 

@@ -9,8 +9,11 @@ evaluation Job has completed, and once per Job (cached by the Job's uid).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from trainyard.api.gate import VERDICTS
@@ -21,6 +24,8 @@ from trainyard.operator.observability import OperatorMetrics
 from trainyard.operator.plan import Plan
 from trainyard.operator.results_store import read_results
 from trainyard.operator.runtime import Registration, Runtime
+
+logger = logging.getLogger("trainyard.operator")
 
 KIND = "PromotionGate"
 CHILD_KINDS = ("ConfigMap", "Job")
@@ -55,6 +60,7 @@ class PromotionGates:
     runtime: Runtime
     _readings: dict[str, EvalReading] = field(default_factory=dict, repr=False)
     _shown: dict[str, _Shown] = field(default_factory=dict, repr=False)
+    _posts: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     def registration(self) -> Registration:
         return Registration(
@@ -106,6 +112,8 @@ class PromotionGates:
         if verdict != shown.verdict and verdict is not None:
             if shown.verdict is not None or (body.get("status") or {}).get("verdict") != verdict:
                 metrics.gate_verdicts.labels(shown.namespace, shown.name, verdict).inc()
+                if verdict in gate_reconcile.DECIDED:
+                    self._announce(body, status)
             for name in VERDICTS:
                 metrics.gate_verdict.labels(shown.namespace, shown.name, name).set(
                     1 if name == verdict else 0
@@ -124,6 +132,29 @@ class PromotionGates:
             _remove(metrics.gate_criterion_value, shown.namespace, shown.name, criterion)
             _remove(metrics.gate_criterion_threshold, shown.namespace, shown.name, criterion)
         shown.criteria = criteria
+
+    def _announce(self, body: dict[str, Any], status: dict[str, Any]) -> None:
+        """Post the decision as a Kubernetes Event, beside the reconciles (a failed post is
+        logged: the status already holds the decision). Off with `post_events`."""
+        if not self.runtime.config.post_events:
+            return
+        event = gate_reconcile.decision_event(body, status, datetime.now(UTC))
+        task = asyncio.get_running_loop().create_task(self._post(event))
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
+
+    async def _post(self, event: dict[str, Any]) -> None:
+        client = self.runtime.client
+        try:
+            await client.create(event, event["metadata"]["namespace"])
+        except Exception as error:  # an Event is a courtesy; never fail a gate over it
+            logger.info("event for %s not posted: %s", event["involvedObject"]["name"], error)
+
+    async def close(self) -> None:
+        for task in list(self._posts):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def _remove(metric: Any, *labels: str) -> None:

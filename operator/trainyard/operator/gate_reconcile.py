@@ -60,6 +60,7 @@ from trainyard.operator.plan import ChildRef, Plan
 from trainyard.operator.status import format_time, own_status, set_condition, status_patch
 
 KIND = "PromotionGate"
+EVENT_SOURCE = "trainyard-operator"
 USER_METADATA = ("name", "namespace", "labels")
 
 
@@ -503,6 +504,37 @@ def _has_results(gate: PromotionGate, observed: GateObserved) -> bool:
         return False
     job = _child(observed.children, "Job", evaluation_name(gate.metadata.name, attempts))
     return job is not None and job["metadata"].get("uid") == observed.reading.job_uid
+
+
+def decision_event(gate: dict[str, Any], status: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The core/v1 Event announcing a gate's decision (`kubectl describe promotiongate`):
+    Normal when it passed, Warning when it failed, the status' reason and message."""
+    meta = gate.get("metadata") or {}
+    verdict = status.get("verdict")
+    stamp = format_time(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "name": f"{meta.get('name')}.{int(now.timestamp() * 1e6):x}",
+            "namespace": meta.get("namespace"),
+        },
+        "involvedObject": {
+            "apiVersion": gate.get("apiVersion"),
+            "kind": KIND,
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
+        "type": "Normal" if verdict == GateVerdictName.PASSED else "Warning",
+        "reason": status.get("reason") or str(verdict),
+        "message": (status.get("message") or str(verdict))[:1024],
+        "source": {"component": EVENT_SOURCE},
+        "reportingComponent": EVENT_SOURCE,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
 
 
 # -- reading the observation ----------------------------------------------------------------

@@ -38,6 +38,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Pod": ("/api/v1", "pods"),
     "Job": ("/apis/batch/v1", "jobs"),
     "Deployment": ("/apis/apps/v1", "deployments"),
+    "Event": ("/api/v1", "events"),  # a PromotionGate's decision, announced
     "TrainingRun": (f"/apis/{API_VERSION}", "trainingruns"),
     "PromotionGate": (f"/apis/{API_VERSION}", "promotiongates"),
     "TrainingPipeline": (f"/apis/{API_VERSION}", "trainingpipelines"),
