@@ -27,7 +27,13 @@ from chart_rendering import REPO, VALUE_SETS, of_kind, operator_argv, rendered
 from trainyard.api import parse_resource
 from trainyard.api.base import GROUP
 from trainyard.cli.operator_cmd import config_from_args, run_operator
-from trainyard.operator import controller, gate_controller, k8s, server_controller
+from trainyard.operator import (
+    controller,
+    gate_controller,
+    k8s,
+    pipeline_controller,
+    server_controller,
+)
 from trainyard.operator.builders import render_children
 from trainyard.operator.observability import OperatorMetrics
 
@@ -77,6 +83,7 @@ def informer_kinds() -> set[str]:
         set(controller.WATCHED_KINDS)
         | set(server_controller.CHILD_KINDS)
         | set(gate_controller.CHILD_KINDS)
+        | set(pipeline_controller.CHILD_KINDS)
     )
 
 
@@ -124,7 +131,10 @@ def operator_needs() -> set[Need]:
     for kind in gate_controller.CHILD_KINDS:  # the evaluation's ConfigMap and Job
         group, plural = group_and_plural(kind)
         needs |= {(group, plural, "create"), (group, plural, "delete")}
-    for kind in ("TrainingRun", server_controller.KIND, gate_controller.KIND):
+    for kind in pipeline_controller.CHILD_KINDS:  # each started stage's run and gate
+        group, plural = group_and_plural(kind)
+        needs |= {(group, plural, "create"), (group, plural, "delete")}
+    for kind in ("TrainingRun", server_controller.KIND, gate_controller.KIND, "TrainingPipeline"):
         group, plural = group_and_plural(kind)
         needs.add((group, f"{plural}/status", "patch"))
     return needs
@@ -140,6 +150,8 @@ KOPF_NAMESPACED: set[Need] = {
     (GROUP, "inferenceservers", "watch"),
     (GROUP, "promotiongates", "list"),
     (GROUP, "promotiongates", "watch"),
+    (GROUP, "trainingpipelines", "list"),
+    (GROUP, "trainingpipelines", "watch"),
     ("", "events", "create"),
 }
 KOPF_CLUSTER: set[Need] = {

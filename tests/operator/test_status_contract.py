@@ -42,12 +42,8 @@ def condition_calls() -> list[ast.expr]:
 
 def test_the_operator_sets_exactly_the_documented_conditions():
     calls = condition_calls()
-    literal = [
-        ast.unparse(a)
-        for a in calls
-        if not isinstance(a, ast.Attribute) and ast.unparse(a) != "change.type"
-    ]
-    assert literal == [], f"condition types spelled outside RunCondition: {literal}"
+    literal = [ast.unparse(a) for a in calls if isinstance(a, ast.Constant)]
+    assert literal == [], f"condition types spelled as strings: {literal}"
     used = {
         RunCondition[a.attr]
         for a in calls
@@ -114,3 +110,17 @@ def test_every_status_reconcile_builds_is_a_valid_training_run_status(name, worl
     for condition in plan.status.get("conditions") or []:
         assert condition["type"] in {c.value for c in RunCondition}
         assert re.fullmatch(r"[A-Z][A-Za-z]+", condition["reason"])
+
+
+def test_the_pipeline_sets_exactly_the_documented_conditions():
+    from trainyard.api.pipeline import PIPELINE_CONDITION_MEANINGS, PipelineCondition
+
+    source = (OPERATOR / "pipeline_reconcile.py").read_text()
+    used = {PipelineCondition[name] for name in re.findall(r"PipelineCondition\.([A-Z_]+)", source)}
+    assert used == set(PipelineCondition) == set(PIPELINE_CONDITION_MEANINGS)
+    crd = yaml.safe_load((ROOT / "crds" / "trainyard.dev_trainingpipelines.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    described = set(
+        re.findall(r"(?:^|; )([A-Z][A-Za-z]+):", status["properties"]["conditions"]["description"])
+    )
+    assert described == {c.value for c in PipelineCondition}

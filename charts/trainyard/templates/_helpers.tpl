@@ -137,6 +137,18 @@ against the code and against every request the operator makes in a run.
 - apiGroups: [trainyard.dev]
   resources: [promotiongates/status]
   verbs: [patch]
+# TrainingPipelines (pipeline_controller.py): kopf lists and watches them, the status is
+# merge-patched; each started stage's TrainingRun and PromotionGate are created (and
+# deleted when a failed stage is retried).
+- apiGroups: [trainyard.dev]
+  resources: [trainingpipelines]
+  verbs: [list, watch]
+- apiGroups: [trainyard.dev]
+  resources: [trainingpipelines/status]
+  verbs: [patch]
+- apiGroups: [trainyard.dev]
+  resources: [trainingruns, promotiongates]
+  verbs: [create, delete]
 # Worker pods: read only, for progress and failure reasons.
 - apiGroups: [""]
   resources: [pods]

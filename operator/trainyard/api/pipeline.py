@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -71,6 +72,30 @@ class TrainingPipelineSpec(ApiModel):
         return self
 
 
+class PipelineCondition(StrEnum):
+    """The condition types the operator sets on a TrainingPipeline (the CRD lists exactly these)."""
+
+    VALID = "Valid"
+    PAUSED = "Paused"
+    SPEC_APPLIED = "SpecApplied"
+    RETRIED = "Retried"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+PIPELINE_CONDITION_MEANINGS: dict[PipelineCondition, str] = {
+    PipelineCondition.VALID: "the spec passed validation",
+    PipelineCondition.PAUSED: "a gate waits for a person (approval, or an inconclusive verdict); the message says who must act",
+    PipelineCondition.SPEC_APPLIED: "False: a stage edited after it started keeps the spec it started with (retry it to apply)",
+    PipelineCondition.RETRIED: "the last trainyard.dev/retry annotation was acted on (False: refused, and why)",
+    PipelineCondition.SUCCEEDED: "every stage was promoted",
+    PipelineCondition.FAILED: "a stage's run failed or its gate rejected it; the message names the stage and criterion",
+}
+RETRY_ANNOTATION = "trainyard.dev/retry"
+"""`kubectl annotate trainingpipeline P trainyard.dev/retry=STAGE --overwrite` reruns a failed
+or rejected stage (a new value, e.g. STAGE#2, retries it again); promoted stages never rerun."""
+
+
 class StageStatus(ApiModel):
     """Where one stage stands."""
 
@@ -82,8 +107,16 @@ class StageStatus(ApiModel):
     """Its TrainingRun."""
     gate: str | None = None
     """Its PromotionGate."""
+    input_model: str | None = None
+    """The model the stage trained from (the previous stage's promoted model, resolved)."""
     model: str | None = None
     """URI of the promoted model."""
+    verdict: str | None = None
+    """Its gate's verdict."""
+    started_at: str | None = None
+    """When the stage's run was created."""
+    message: str | None = None
+    """Why the stage is in its phase."""
 
 
 class TrainingPipelineStatus(ApiModel):
@@ -91,14 +124,20 @@ class TrainingPipelineStatus(ApiModel):
 
     model_config = ApiModel.model_config | {"extra": "allow"}
 
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Invalid"] | None = None
+    phase: Literal["Pending", "Running", "Paused", "Succeeded", "Failed", "Invalid"] | None = None
     """Pipeline state."""
+    message: str | None = None
+    """Why the pipeline is in its phase, and what to do."""
+    last_retry: str | None = None
+    """The trainyard.dev/retry annotation value last acted on."""
     current_stage: str | None = None
     """The stage running or being gated."""
     stages: list[StageStatus] | None = None
     """Every stage started so far."""
-    conditions: list[Condition] | None = None
-    """Valid, Succeeded, Failed."""
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="; ".join(f"{t}: {m}" for t, m in PIPELINE_CONDITION_MEANINGS.items()) + ".",
+    )
     observed_generation: int | None = None
     """metadata.generation this status describes."""
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from trainyard.operator import pipeline_controller
 from trainyard.operator.controller import TrainingRuns
 from trainyard.operator.gate_controller import PromotionGates
 from trainyard.operator.handlers import register_handlers
@@ -176,6 +177,7 @@ async def run_operator(
     runtime = Runtime(config, metrics or OperatorMetrics(), identity=identity)
     runs = TrainingRuns(runtime)
     runtime.register(runs.registration())
+    runtime.register(pipeline_controller.registration())
     runtime.register(InferenceServers().registration())
     gates = PromotionGates(runtime)
     runtime.register(gates.registration())

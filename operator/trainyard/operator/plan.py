@@ -64,3 +64,27 @@ def earliest(*delays: float | None) -> float | None:
     """
     wishes = [d for d in delays if d is not None]
     return max(0.0, min(wishes)) if wishes else None
+
+
+# What a user may write in metadata; the API server adds the rest.
+USER_METADATA = ("name", "namespace", "labels", "annotations")
+
+
+def user_document(body: dict[str, Any]) -> dict[str, Any]:
+    """The resource as its author wrote it: no status, no server-set metadata."""
+    meta = body.get("metadata") or {}
+    annotations = {
+        k: v
+        for k, v in (meta.get("annotations") or {}).items()
+        if not k.startswith(("kopf.zalando.org/", "kubectl.kubernetes.io/"))
+        and not k.startswith("trainyard.dev/kopf")
+    }
+    metadata = {k: meta[k] for k in USER_METADATA if k in meta and k != "annotations"}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": metadata,
+        "spec": body.get("spec"),
+    }

@@ -40,3 +40,13 @@ RESUMED = "Resumed"
 
 # Clean-up
 TTL_EXPIRED = "TTLExpired"
+
+# Pipelines
+STAGE_FAILED = "StageFailed"
+GATE_REJECTED = "GateRejected"
+AWAITING_PERSON = "AwaitingPerson"
+NOT_WAITING = "NotWaiting"
+ALL_PROMOTED = "AllPromoted"
+RETRYING = "Retrying"
+RETRY_ACCEPTED = "RetryAccepted"
+RETRY_REFUSED = "RetryRefused"

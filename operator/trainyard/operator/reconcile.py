@@ -23,7 +23,7 @@ from trainyard.operator.builders import UnrenderableRun, child_names, render_chi
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
 from trainyard.operator.outcome import Outcome
-from trainyard.operator.plan import ChildRef, Plan, earliest, is_owned, ref
+from trainyard.operator.plan import ChildRef, Plan, earliest, is_owned, ref, user_document
 from trainyard.operator.progress import MetricsSample, next_progress
 from trainyard.operator.status import (
     TERMINAL_PHASES,
@@ -34,9 +34,6 @@ from trainyard.operator.status import (
     set_condition,
     status_patch,
 )
-
-# What a user may write in metadata; the API server adds the rest.
-USER_METADATA = ("name", "namespace", "labels", "annotations")
 
 
 @dataclass(frozen=True)
@@ -52,26 +49,6 @@ class Observed:
     vllm_image: str | None = None
     progress_seconds: float | None = None
     """How often a Running run's progress (rank 0's metrics) is read: its requeue period."""
-
-
-def user_document(body: dict[str, Any]) -> dict[str, Any]:
-    """The resource as its author wrote it: no status, no server-set metadata."""
-    meta = body.get("metadata") or {}
-    annotations = {
-        k: v
-        for k, v in (meta.get("annotations") or {}).items()
-        if not k.startswith(("kopf.zalando.org/", "kubectl.kubernetes.io/"))
-        and not k.startswith("trainyard.dev/kopf")
-    }
-    metadata = {k: meta[k] for k in USER_METADATA if k in meta and k != "annotations"}
-    if annotations:
-        metadata["annotations"] = annotations
-    return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": metadata,
-        "spec": body.get("spec"),
-    }
 
 
 _ref, _is_owned = ref, is_owned

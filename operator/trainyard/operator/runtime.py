@@ -402,7 +402,8 @@ class Runtime:
         for kept in (self._written, self._created, self._deleted):
             kept.pop(uid, None)
         if registration.recorded is not None:
-            registration.recorded(self.metrics, {"metadata": {"uid": uid}}, None)
+            gone = {"metadata": {"uid": uid, "namespace": key[1], "name": key[2]}}
+            registration.recorded(self.metrics, gone, None)
 
     def kept_objects(self) -> int:
         """How many objects the runtime keeps anything about (tests check deletion empties it)."""

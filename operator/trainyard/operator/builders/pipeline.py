@@ -1,0 +1,117 @@
+"""A TrainingPipeline's children: one TrainingRun and one PromotionGate per started stage.
+
+Pure: the pipeline and the stage in, plain manifests out. The stage's run is named
+`<pipeline>-<stage>` and its gate `<pipeline>-<stage>-gate`; both carry the pipeline's
+owner reference (deleting the pipeline deletes them, and their own children after
+them), the `trainyard.dev/pipeline` label the runtime maps their events by, and a hash
+of the stage as the pipeline had it when the stage started (an edit made later is
+noticed, not applied).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from trainyard.api.base import API_VERSION
+from trainyard.api.pipeline import Stage, TrainingPipeline
+from trainyard.operator.builders.names import run_label_value, short_hash
+from trainyard.operator.builders.owner import owner_reference
+
+PIPELINE_LABEL = "trainyard.dev/pipeline"
+STAGE_LABEL = "trainyard.dev/stage"
+STAGE_HASH_ANNOTATION = "trainyard.dev/stage-spec-hash"
+PREVIOUS = "run://previous"
+
+
+def stage_run_name(pipeline: str, stage: str) -> str:
+    """The stage's TrainingRun: `<pipeline>-<stage>`.
+
+    >>> stage_run_name("assistant-v2", "sft")
+    'assistant-v2-sft'
+    """
+    return f"{pipeline}-{stage}"
+
+
+def stage_gate_name(pipeline: str, stage: str) -> str:
+    return f"{stage_run_name(pipeline, stage)}-gate"
+
+
+def stage_hash(stage: Stage) -> str:
+    """A short hash of a stage as written (run and gate)."""
+    return short_hash(json.dumps(stage.model_dump(by_alias=True, mode="json"), sort_keys=True))
+
+
+def _metadata(pipeline: TrainingPipeline, stage: Stage, name: str, uid: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            **(pipeline.metadata.labels or {}),
+            "app.kubernetes.io/part-of": "trainyard",
+            "app.kubernetes.io/managed-by": "trainyard-operator",
+            PIPELINE_LABEL: run_label_value(pipeline.metadata.name),
+            STAGE_LABEL: stage.name,
+        },
+        "annotations": {STAGE_HASH_ANNOTATION: stage_hash(stage)},
+        "ownerReferences": [owner_reference("TrainingPipeline", pipeline.metadata.name, uid)],
+    }
+    if pipeline.metadata.namespace:
+        metadata["namespace"] = pipeline.metadata.namespace
+    return metadata
+
+
+def render_stage_run(
+    pipeline: TrainingPipeline, stage: Stage, *, uid: str, model_source: str | None
+) -> dict[str, Any]:
+    """The stage's TrainingRun; `model_source` replaces run://previous (the model the
+    previous stage promoted)."""
+    # What the author wrote (defaults are the API server's to fill, as for any run).
+    spec = stage.run.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    if spec["model"]["source"] == PREVIOUS:
+        if model_source is None:
+            raise ValueError(f"stage {stage.name}: run://previous has no promoted model yet")
+        spec["model"]["source"] = model_source
+    name = stage_run_name(pipeline.metadata.name, stage.name)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainingRun",
+        "metadata": _metadata(pipeline, stage, name, uid),
+        "spec": spec,
+    }
+
+
+def render_stage_gate(
+    pipeline: TrainingPipeline, stage: Stage, *, uid: str
+) -> dict[str, Any] | None:
+    """The stage's PromotionGate on its run, or None for a stage without a gate."""
+    if stage.gate is None:
+        return None
+    gate = stage.gate.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    name = stage_gate_name(pipeline.metadata.name, stage.name)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "PromotionGate",
+        "metadata": _metadata(pipeline, stage, name, uid),
+        "spec": {"run": stage_run_name(pipeline.metadata.name, stage.name), **gate},
+    }
+
+
+def promoted_model(stage: Stage, run_name: str, gate_status: dict[str, Any] | None) -> str:
+    """Where the model a finished stage hands on lies: what its gate promoted, else the
+    stage's exported final model (`<checkpoint.uri>/final`), else `run://<run>`.
+
+    >>> from trainyard.api.pipeline import Stage
+    >>> stage = Stage.model_validate({"name": "sft", "run": {"method": "sft",
+    ...     "model": {"source": "hf://org/m"}, "dataset": {"source": "s3://b/d.jsonl"},
+    ...     "checkpoint": {"uri": "s3://ckpt/p/sft"}}})
+    >>> promoted_model(stage, "p-sft", None)
+    's3://ckpt/p/sft/final'
+    >>> promoted_model(stage, "p-sft", {"promotedModel": "s3://ckpt/p/sft/step-40"})
+    's3://ckpt/p/sft/step-40'
+    """
+    promoted = (gate_status or {}).get("promotedModel")
+    if promoted:
+        return str(promoted)
+    if stage.run.checkpoint is not None:
+        return f"{stage.run.checkpoint.uri.rstrip('/')}/final"
+    return f"run://{run_name}"

@@ -1,0 +1,305 @@
+"""Reconcile one TrainingPipeline: observed stage runs and gates in, a plan and status out.
+
+Pure and level-triggered, like the TrainingRun's. The stages are walked in order; each
+is in one of these states, decided by a table on what exists:
+
+| stage's run      | its gate                    | stage      | the walk                      |
+|------------------|-----------------------------|------------|-------------------------------|
+| absent           |                             | Running    | create run (+ gate), stop     |
+| not finished     |                             | Running    | stop                          |
+| Failed           |                             | Failed     | pipeline Failed, stop         |
+| Succeeded        | none in the spec            | Promoted   | next stage                    |
+| Succeeded        | Passed                      | Promoted   | next stage                    |
+| Succeeded        | Failed                      | Rejected   | pipeline Failed, stop         |
+| Succeeded        | AwaitingApproval/Inconcl.   | Gating     | pipeline Paused, stop         |
+| Succeeded        | anything else / absent      | Gating     | (create the gate), stop       |
+
+A stage starts only when every stage before it was promoted, with `run://previous`
+resolved to the model the previous stage promoted. A failed or rejected stage runs again
+when the `trainyard.dev/retry` annotation names it (its run and gate are deleted, then
+made anew); promoted stages never rerun. A stage edited after it started keeps what it
+started with, and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from trainyard.api import InvalidResource, parse_resource
+from trainyard.api.pipeline import (
+    RETRY_ANNOTATION,
+    PipelineCondition,
+    Stage,
+    TrainingPipeline,
+)
+from trainyard.operator import reasons
+from trainyard.operator.builders.pipeline import (
+    STAGE_HASH_ANNOTATION,
+    promoted_model,
+    render_stage_gate,
+    render_stage_run,
+    stage_gate_name,
+    stage_hash,
+    stage_run_name,
+)
+from trainyard.operator.plan import ChildRef, Plan, is_owned, ref, user_document
+from trainyard.operator.status import format_time, own_status, set_condition, status_patch
+
+WAITING_VERDICTS = {"AwaitingApproval", "Inconclusive"}
+
+
+@dataclass(frozen=True)
+class PipelineObserved:
+    """The pipeline and its children (stage runs and gates, as the informers hold them)."""
+
+    pipeline: dict[str, Any]
+    children: list[dict[str, Any]] = field(default_factory=list)
+    now: datetime | None = None
+
+
+class _Status:
+    def __init__(self, old: dict[str, Any] | None, generation: int | None, now: datetime):
+        self.data = own_status(old)
+        self.generation, self.now = generation, now
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.data["conditions"] = set_condition(
+            self.data.get("conditions"),
+            type_,
+            status,
+            reason,
+            message,
+            now=self.now,
+            generation=self.generation,
+        )
+
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        """Set a condition False only where it was set before (no noise on new objects)."""
+        if any(c.get("type") == type_ for c in self.data.get("conditions") or []):
+            self.condition(type_, False, reason, message)
+
+
+def reconcile_pipeline(observed: PipelineObserved) -> Plan:
+    body = observed.pipeline
+    meta = body.get("metadata") or {}
+    now = observed.now or datetime.now().astimezone()
+    status = _Status(body.get("status"), meta.get("generation"), now)
+    try:
+        pipeline = parse_resource(user_document(body))
+    except InvalidResource as invalid:
+        message = "; ".join(invalid.problems)
+        status.condition(PipelineCondition.VALID, False, reasons.INVALID_SPEC, message)
+        status.data.update(phase="Invalid", message=f"fix the spec: {message}")
+        status.data["observedGeneration"] = meta.get("generation")
+        return _plan(body, status, [], [])
+    assert isinstance(pipeline, TrainingPipeline)
+    status.condition(PipelineCondition.VALID, True, reasons.SPEC_VALID, "the spec is valid")
+    status.data["observedGeneration"] = meta.get("generation")
+    return _walk(pipeline, meta.get("uid", ""), observed, status)
+
+
+def _walk(
+    pipeline: TrainingPipeline, uid: str, observed: PipelineObserved, status: _Status
+) -> Plan:
+    ours = [c for c in observed.children if is_owned(c, uid)]
+    by_name = {(c.get("kind"), c["metadata"]["name"]): c for c in ours}
+    name = pipeline.metadata.name
+    deletes: list[ChildRef] = []
+    creates: list[dict[str, Any]] = []
+    retry = _retry(pipeline, status, by_name)
+    if retry is not None:
+        deletes += retry
+    previous_model: str | None = None
+    stages: list[dict[str, Any]] = []
+    edited: list[str] = []
+    phase, message, current = "Running", "", None
+    old_stages = {s["name"]: s for s in (status.data.get("stages") or [])}
+    for stage in pipeline.spec.stages:
+        run_name, gate_name = stage_run_name(name, stage.name), stage_gate_name(name, stage.name)
+        run = by_name.get(("TrainingRun", run_name))
+        gate = by_name.get(("PromotionGate", gate_name)) if stage.gate is not None else None
+        if any(d.name in (run_name, gate_name) for d in deletes):
+            run = gate = None  # being retried: made anew on a later look
+            stages.append(_stage(stage, run_name, gate_name, "Pending", "retrying"))
+            current, message = stage.name, f"stage {stage.name}: retrying"
+            break
+        entry = _stage(stage, run_name, gate_name, "Running", "", old_stages.get(stage.name))
+        entry["inputModel"] = previous_model if _from_previous(stage) else stage.run.model.source
+        stages.append(entry)
+        current = stage.name
+        if run is None:
+            creates.append(render_stage_run(pipeline, stage, uid=uid, model_source=previous_model))
+            manifest = render_stage_gate(pipeline, stage, uid=uid)
+            if manifest is not None and gate is None:
+                creates.append(manifest)
+            entry.update(startedAt=format_time(status.now), message=f"run {run_name}: Pending")
+            message = f"stage {stage.name}: training"
+            break
+        if (run["metadata"].get("annotations") or {}).get(STAGE_HASH_ANNOTATION) != stage_hash(
+            stage
+        ):
+            edited.append(stage.name)
+        run_status = run.get("status") or {}
+        if run_status.get("phase") == "Failed":
+            entry.update(phase="Failed", message=run_status.get("message") or "the run failed")
+            phase = "Failed"
+            message = (
+                f"stage {stage.name}: run {run_name} failed ({entry['message']}); fix the cause, "
+                f"then kubectl annotate trainingpipeline {name} {RETRY_ANNOTATION}={stage.name} --overwrite"
+            )
+            status.condition(PipelineCondition.FAILED, True, reasons.STAGE_FAILED, message)
+            break
+        if run_status.get("phase") != "Succeeded":
+            entry["message"] = f"run {run_name}: {run_status.get('phase') or 'Pending'}"
+            message = f"stage {stage.name}: training"
+            break
+        if stage.gate is None:
+            entry.update(phase="Promoted", model=promoted_model(stage, run_name, None))
+            entry["message"] = "no gate: promoted when the run succeeded"
+            previous_model = entry["model"]
+            continue
+        if gate is None:
+            manifest = render_stage_gate(pipeline, stage, uid=uid)
+            assert manifest is not None
+            creates.append(manifest)
+            entry.update(phase="Gating", message=f"gate {gate_name} created")
+            message = f"stage {stage.name}: gating"
+            break
+        gate_status = gate.get("status") or {}
+        verdict = gate_status.get("verdict")
+        entry["verdict"] = verdict
+        if verdict == "Passed":
+            entry.update(phase="Promoted", model=promoted_model(stage, run_name, gate_status))
+            entry["message"] = gate_status.get("message") or "the gate passed"
+            previous_model = entry["model"]
+            continue
+        if verdict == "Failed":
+            entry.update(phase="Rejected", message=gate_status.get("message") or "the gate failed")
+            phase = "Failed"
+            message = (
+                f"stage {stage.name}: gate {gate_name} rejected the model ({entry['message']}); "
+                f"kubectl annotate trainingpipeline {name} {RETRY_ANNOTATION}={stage.name} "
+                "--overwrite trains the stage again"
+            )
+            status.condition(PipelineCondition.FAILED, True, reasons.GATE_REJECTED, message)
+            break
+        entry.update(phase="Gating", message=gate_status.get("message") or "judging")
+        if verdict in WAITING_VERDICTS:
+            phase = "Paused"
+            message = (
+                f"stage {stage.name}: gate {gate_name} is {verdict} and waits for a person: "
+                f"kubectl annotate promotiongate {gate_name} trainyard.dev/approved-by=NAME "
+                "(or trainyard.dev/rejected-by=NAME)"
+            )
+            status.condition(PipelineCondition.PAUSED, True, reasons.AWAITING_PERSON, message)
+        else:
+            message = f"stage {stage.name}: gating ({verdict or 'Pending'})"
+        break
+    else:
+        phase, current = "Succeeded", None
+        message = f"every stage was promoted; the model is {previous_model}"
+        status.condition(PipelineCondition.SUCCEEDED, True, reasons.ALL_PROMOTED, message)
+
+    if phase != "Paused":
+        status.clear(PipelineCondition.PAUSED, reasons.NOT_WAITING, "no gate waits for a person")
+    if phase not in ("Failed",):
+        status.clear(
+            PipelineCondition.FAILED, reasons.RETRYING, "the failed stage is running again"
+        )
+    if edited:
+        status.condition(
+            PipelineCondition.SPEC_APPLIED,
+            False,
+            reasons.SPEC_CHANGE_PENDING,
+            f"stages {', '.join(edited)} changed after they started and keep the spec they "
+            f"started with; retry a stage ({RETRY_ANNOTATION}=STAGE) to run its new spec",
+        )
+    else:
+        status.clear(
+            PipelineCondition.SPEC_APPLIED, reasons.SPEC_APPLIED, "every stage runs its spec"
+        )
+    status.data.update(phase=phase, message=message, stages=stages)
+    if current is None:
+        status.data.pop("currentStage", None)
+    else:
+        status.data["currentStage"] = current
+    return _plan(observed.pipeline, status, deletes, creates)
+
+
+def _retry(
+    pipeline: TrainingPipeline,
+    status: _Status,
+    by_name: dict[tuple[str, str], dict[str, Any]],
+) -> list[ChildRef] | None:
+    """A new `trainyard.dev/retry` value naming a failed or rejected stage: its run and gate go."""
+    value = (pipeline.metadata.annotations or {}).get(RETRY_ANNOTATION)
+    if not value or value == status.data.get("lastRetry"):
+        return None
+    status.data["lastRetry"] = value
+    stage_name = value.split("#", 1)[0]
+    stages = {s["name"]: s for s in status.data.get("stages") or []}
+    if stage_name not in stages or stages[stage_name].get("phase") not in ("Failed", "Rejected"):
+        known = ", ".join(
+            s["name"] for s in stages.values() if s.get("phase") in ("Failed", "Rejected")
+        )
+        status.condition(
+            PipelineCondition.RETRIED,
+            False,
+            reasons.RETRY_REFUSED,
+            f"{RETRY_ANNOTATION}={value}: only a failed or rejected stage can be retried"
+            + (f" ({known})" if known else "; none is"),
+        )
+        return None
+    status.condition(
+        PipelineCondition.RETRIED, True, reasons.RETRY_ACCEPTED, f"stage {stage_name} runs again"
+    )
+    name = pipeline.metadata.name
+    return [
+        ref(child)
+        for key in (
+            ("TrainingRun", stage_run_name(name, stage_name)),
+            ("PromotionGate", stage_gate_name(name, stage_name)),
+        )
+        if (child := by_name.get(key)) is not None
+    ]
+
+
+def _from_previous(stage: Stage) -> bool:
+    return stage.run.model.source == "run://previous"
+
+
+def _stage(
+    stage: Stage,
+    run_name: str,
+    gate_name: str,
+    phase: str,
+    message: str,
+    old: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": stage.name, "phase": phase, "run": run_name}
+    if stage.gate is not None:
+        entry["gate"] = gate_name
+    if old and old.get("startedAt"):
+        entry["startedAt"] = old["startedAt"]
+    if message:
+        entry["message"] = message
+    return entry
+
+
+def _plan(
+    body: dict[str, Any],
+    status: _Status,
+    deletes: list[ChildRef],
+    creates: list[dict[str, Any]],
+) -> Plan:
+    stages = status.data.get("stages")
+    if stages is not None:  # drop unset fields so an unchanged stage compares equal
+        status.data["stages"] = [{k: v for k, v in s.items() if v is not None} for s in stages]
+    return Plan(
+        status_patch=status_patch(body.get("status"), status.data),
+        deletes=tuple(dict.fromkeys(deletes)),
+        creates=tuple(creates),
+        status=status.data,
+    )

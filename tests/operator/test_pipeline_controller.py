@@ -1,0 +1,148 @@
+"""The TrainingPipeline controller with the TrainingRun and PromotionGate controllers, all on
+the real operator against the API emulation over HTTP. Resync is 10 minutes (conftest):
+a stage advances only on events — its run succeeding, its gate's verdict.
+
+The test plays kubelet and rank 0 (its /metrics report the loss the gate judges).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_fakes import JOBS, NAMESPACE, RUNS, eventually
+
+from trainyard.api.pipeline import RETRY_ANNOTATION, PipelineCondition
+from trainyard.operator import reasons
+
+pytestmark = pytest.mark.timeout(120)
+
+PIPELINES = "trainyard.dev/v1alpha1/trainingpipelines"
+GATES = "trainyard.dev/v1alpha1/promotiongates"
+
+
+@pytest.fixture
+def api_with_pipelines(api):
+    api.declare(PIPELINES, "TrainingPipeline")
+    api.declare(GATES, "PromotionGate")
+    return api
+
+
+def pipeline(port: int, *, threshold: float = 2.0) -> dict[str, Any]:
+    def stage(name: str, source: str, gate: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "name": name,
+            "run": {
+                "method": "sft",
+                "model": {"source": source},
+                "dataset": {"source": "s3://data/train.jsonl"},
+                "checkpoint": {"uri": f"s3://ckpt/chain/{name}"},
+                "metrics": {"port": port},
+                "runPolicy": {"maxRestarts": 0},
+            },
+        }
+        if gate:
+            body["gate"] = {"criteria": [f"loss <= {threshold}"]}
+        return body
+
+    return {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "TrainingPipeline",
+        "metadata": {"name": "chain", "namespace": NAMESPACE},
+        "spec": {
+            "stages": [
+                stage("sft", "hf://sshleifer/tiny-gpt2", gate=True),
+                stage("dpo", "run://previous", gate=False),
+            ]
+        },
+    }
+
+
+def status(api) -> dict[str, Any]:
+    return (api.get(PIPELINES, NAMESPACE, "chain") or {}).get("status") or {}
+
+
+def condition(api, type_: str) -> dict[str, Any] | None:
+    return next((c for c in status(api).get("conditions") or [] if c["type"] == type_), None)
+
+
+async def train(api, kubelet, run: str, attempt: int = 0) -> None:
+    job = await eventually(lambda: api.get(JOBS, NAMESPACE, f"{run}-attempt-{attempt}"))
+    await kubelet.start_pods(job)
+    await eventually(lambda: (kubelet.status(run).get("progress") or {}).get("loss") is not None)
+    await kubelet.complete_job(job)
+    await eventually(lambda: kubelet.status(run).get("phase") == "Succeeded")
+
+
+async def test_a_stage_starts_when_the_gate_before_it_passes(
+    api_with_pipelines, kubelet, start_operator, rank0_metrics
+):
+    api = api_with_pipelines
+    rank0_metrics.values = {
+        "trainyard_step": 10,
+        "trainyard_total_steps": 10,
+        "trainyard_loss": 1.5,
+    }
+    async with start_operator() as metrics:
+        await api.put_object(PIPELINES, pipeline(rank0_metrics.port))
+        await eventually(lambda: kubelet.run("chain-sft"))
+        assert api.get(GATES, NAMESPACE, "chain-sft-gate") is not None
+        assert kubelet.run("chain-dpo") is None, "the next stage waits for the gate"
+        await train(api, kubelet, "chain-sft")
+        dpo = await eventually(lambda: kubelet.run("chain-dpo"))
+        assert dpo["spec"]["model"]["source"] == "s3://ckpt/chain/sft/final"
+        sft = status(api)["stages"][0]
+        assert (sft["phase"], sft["verdict"]) == ("Promoted", "Passed")
+        assert (
+            metrics.pipeline_stage.labels(namespace=NAMESPACE, pipeline="chain")._value.get() == 1
+        )
+        await train(api, kubelet, "chain-dpo")
+        await eventually(lambda: status(api).get("phase") == "Succeeded")
+        assert condition(api, PipelineCondition.SUCCEEDED)["reason"] == reasons.ALL_PROMOTED
+
+
+async def test_a_rejected_stage_stops_the_pipeline_and_a_retry_trains_it_again(
+    api_with_pipelines, kubelet, start_operator, rank0_metrics
+):
+    api = api_with_pipelines
+    rank0_metrics.values = {
+        "trainyard_step": 10,
+        "trainyard_total_steps": 10,
+        "trainyard_loss": 2.5,
+    }
+    async with start_operator():
+        await api.put_object(PIPELINES, pipeline(rank0_metrics.port))
+        await train(api, kubelet, "chain-sft")
+        await eventually(lambda: status(api).get("phase") == "Failed")
+        failed = condition(api, PipelineCondition.FAILED)
+        assert failed["reason"] == reasons.GATE_REJECTED
+        assert "stage sft" in failed["message"] and "loss" in failed["message"]
+        assert kubelet.run("chain-dpo") is None
+        first = kubelet.run("chain-sft")["metadata"]["uid"]
+
+        rank0_metrics.values["trainyard_loss"] = 1.2  # the cause is fixed
+        await api.patch_object(
+            PIPELINES, NAMESPACE, "chain", {"metadata": {"annotations": {RETRY_ANNOTATION: "sft"}}}
+        )
+        await eventually(
+            lambda: (
+                (kubelet.run("chain-sft") or {}).get("metadata", {}).get("uid") not in (None, first)
+            )
+        )
+        await train(api, kubelet, "chain-sft")
+        await eventually(lambda: kubelet.run("chain-dpo"))
+        assert condition(api, PipelineCondition.FAILED)["status"] == "False"
+
+
+async def test_deleting_the_pipeline_deletes_its_runs_and_gates(
+    api_with_pipelines, kubelet, start_operator, rank0_metrics
+):
+    api = api_with_pipelines
+    async with start_operator():
+        await api.put_object(PIPELINES, pipeline(rank0_metrics.port))
+        await eventually(lambda: kubelet.run("chain-sft"))
+        await api.delete_object(PIPELINES, NAMESPACE, "chain")
+        assert kubelet.run("chain-sft") is None
+        assert api.get(GATES, NAMESPACE, "chain-sft-gate") is None
+        assert api.objects(JOBS, NAMESPACE) == []
+        assert api.objects(RUNS, NAMESPACE) == []

@@ -1,0 +1,203 @@
+"""reconcile_pipeline(): stage runs and gates in, plan and status out. Named table cases."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from trainyard.api.pipeline import RETRY_ANNOTATION, PipelineCondition
+from trainyard.operator import reasons
+from trainyard.operator.builders.pipeline import STAGE_HASH_ANNOTATION
+from trainyard.operator.pipeline_reconcile import PipelineObserved, reconcile_pipeline
+from trainyard.operator.plan import Plan
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+UID = "pipe-uid"
+
+
+def stage(name: str, *, source: str = "run://previous", gate: dict | None = None) -> dict:
+    body: dict[str, Any] = {
+        "name": name,
+        "run": {
+            "method": "sft",
+            "model": {"source": source},
+            "dataset": {"source": "s3://data/train.jsonl"},
+            "checkpoint": {"uri": f"s3://ckpt/p/{name}"},
+        },
+    }
+    if gate is not None:
+        body["gate"] = gate
+    return body
+
+
+GATE = {"criteria": ["eval_loss <= 1.8"]}
+
+
+class Pipeline:
+    """A pipeline and what exists around it; `.reconcile()` plans, `.apply()` pretends."""
+
+    def __init__(self, *stages: dict):
+        self.body = {
+            "apiVersion": "trainyard.dev/v1alpha1",
+            "kind": "TrainingPipeline",
+            "metadata": {"name": "p", "namespace": "ml", "uid": UID, "generation": 1},
+            "spec": {"stages": list(stages)},
+        }
+        self.children: list[dict[str, Any]] = []
+
+    def reconcile(self) -> Plan:
+        return reconcile_pipeline(PipelineObserved(self.body, self.children, NOW))
+
+    def apply(self, plan: Plan) -> Pipeline:
+        self.body["status"] = copy.deepcopy(plan.status)
+        gone = {(d.kind, d.name) for d in plan.deletes}
+        self.children = [c for c in self.children if (c["kind"], c["metadata"]["name"]) not in gone]
+        for manifest in plan.creates:
+            child = copy.deepcopy(manifest)
+            child["metadata"]["uid"] = f"uid-{child['metadata']['name']}"
+            self.children.append(child)
+        return self
+
+    def child(self, kind: str, name: str) -> dict[str, Any]:
+        return next(c for c in self.children if c["kind"] == kind and c["metadata"]["name"] == name)
+
+    def run_phase(self, name: str, phase: str, message: str = "") -> Pipeline:
+        self.child("TrainingRun", name)["status"] = {"phase": phase, "message": message}
+        return self
+
+    def verdict(self, name: str, verdict: str, message: str = "", **extra: Any) -> Pipeline:
+        self.child("PromotionGate", name)["status"] = {
+            "verdict": verdict,
+            "message": message,
+            **extra,
+        }
+        return self
+
+    def step(self) -> Plan:
+        plan = self.reconcile()
+        self.apply(plan)
+        return plan
+
+
+def created(plan: Plan) -> list[str]:
+    return [f"{m['kind']}/{m['metadata']['name']}" for m in plan.creates]
+
+
+def condition(plan: Plan, type_: str) -> dict[str, Any] | None:
+    return next((c for c in plan.status.get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_the_first_stage_starts_with_its_gate_and_nothing_else():
+    pipeline = Pipeline(stage("sft", source="hf://org/base", gate=GATE), stage("dpo"))
+    plan = pipeline.step()
+    assert created(plan) == ["TrainingRun/p-sft", "PromotionGate/p-sft-gate"]
+    run = pipeline.child("TrainingRun", "p-sft")
+    assert run["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert run["metadata"]["labels"]["trainyard.dev/pipeline"] == "p"
+    assert pipeline.child("PromotionGate", "p-sft-gate")["spec"]["run"] == "p-sft"
+    assert plan.status["phase"] == "Running" and plan.status["currentStage"] == "sft"
+    assert pipeline.reconcile().is_empty, "running twice writes nothing"
+
+
+def test_the_next_stage_starts_only_when_the_gate_passed_with_the_promoted_model():
+    pipeline = Pipeline(stage("sft", source="hf://org/base", gate=GATE), stage("dpo"))
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Succeeded")
+    plan = pipeline.step()
+    assert created(plan) == [] and plan.status["stages"][0]["phase"] == "Gating"
+    pipeline.verdict("p-sft-gate", "Passed", promotedModel="s3://ckpt/p/sft/final")
+    plan = pipeline.step()
+    assert created(plan) == ["TrainingRun/p-dpo"]
+    assert pipeline.child("TrainingRun", "p-dpo")["spec"]["model"]["source"] == (
+        "s3://ckpt/p/sft/final"
+    )
+    assert plan.status["stages"][1]["inputModel"] == "s3://ckpt/p/sft/final"
+    pipeline.run_phase("p-dpo", "Succeeded")
+    plan = pipeline.step()
+    assert plan.status["phase"] == "Succeeded"
+    assert condition(plan, PipelineCondition.SUCCEEDED)["reason"] == reasons.ALL_PROMOTED
+
+
+@pytest.mark.parametrize(
+    ("verdict", "phase", "condition_type", "reason"),
+    [
+        ("Failed", "Failed", PipelineCondition.FAILED, reasons.GATE_REJECTED),
+        ("AwaitingApproval", "Paused", PipelineCondition.PAUSED, reasons.AWAITING_PERSON),
+        ("Inconclusive", "Paused", PipelineCondition.PAUSED, reasons.AWAITING_PERSON),
+        ("Evaluating", "Running", None, None),
+    ],
+    ids=["rejected stops", "awaiting approval pauses", "inconclusive pauses", "evaluating waits"],
+)
+def test_a_gate_that_did_not_pass(verdict, phase, condition_type, reason):
+    pipeline = Pipeline(stage("sft", source="hf://org/base", gate=GATE), stage("dpo"))
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Succeeded").verdict("p-sft-gate", verdict, "eval_loss 2.1 > 1.8")
+    plan = pipeline.step()
+    assert plan.status["phase"] == phase
+    assert created(plan) == [], "the next stage does not start"
+    if condition_type is not None:
+        found = condition(plan, condition_type)
+        assert found["status"] == "True" and found["reason"] == reason
+        assert "p-sft-gate" in found["message"]
+    if verdict == "Failed":
+        assert "eval_loss 2.1 > 1.8" in plan.status["message"]
+        assert plan.status["stages"][0]["phase"] == "Rejected"
+
+
+def test_a_failed_run_fails_the_pipeline_naming_the_stage_and_retry_runs_it_again():
+    pipeline = Pipeline(stage("sft", source="hf://org/base", gate=GATE), stage("dpo"))
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Failed", "RestartBudgetExhausted: OOM")
+    plan = pipeline.step()
+    assert plan.status["phase"] == "Failed"
+    assert "stage sft" in plan.status["message"] and "OOM" in plan.status["message"]
+    pipeline.body["metadata"]["annotations"] = {RETRY_ANNOTATION: "sft"}
+    plan = pipeline.step()
+    assert sorted((d.kind, d.name) for d in plan.deletes) == [
+        ("PromotionGate", "p-sft-gate"),
+        ("TrainingRun", "p-sft"),
+    ]
+    assert condition(plan, PipelineCondition.RETRIED)["status"] == "True"
+    plan = pipeline.step()
+    assert created(plan) == ["TrainingRun/p-sft", "PromotionGate/p-sft-gate"]
+    assert condition(plan, PipelineCondition.FAILED)["status"] == "False"
+    assert pipeline.reconcile().is_empty, "the same annotation is not acted on twice"
+
+
+def test_a_promoted_stage_is_never_retried():
+    pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"))
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Succeeded")
+    pipeline.step()
+    pipeline.body["metadata"]["annotations"] = {RETRY_ANNOTATION: "sft"}
+    plan = pipeline.step()
+    assert plan.deletes == ()
+    refused = condition(plan, PipelineCondition.RETRIED)
+    assert refused["status"] == "False" and refused["reason"] == reasons.RETRY_REFUSED
+
+
+def test_editing_a_started_stage_is_refused_in_status_and_an_unstarted_one_applies():
+    pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"))
+    pipeline.step()
+    stages = pipeline.body["spec"]["stages"]
+    stages[0]["run"]["training"] = {"learningRate": 1.0e-5}  # started: refused
+    stages[1]["run"]["training"] = {"learningRate": 5.0e-7}  # not started: applies
+    plan = pipeline.step()
+    edited = condition(plan, PipelineCondition.SPEC_APPLIED)
+    assert edited["status"] == "False" and "sft" in edited["message"]
+    assert "training" not in pipeline.child("TrainingRun", "p-sft")["spec"]
+    pipeline.run_phase("p-sft", "Succeeded")
+    pipeline.step()
+    assert pipeline.child("TrainingRun", "p-dpo")["spec"]["training"]["learningRate"] == 5.0e-7
+    stale = pipeline.child("TrainingRun", "p-sft")["metadata"]["annotations"]
+    assert STAGE_HASH_ANNOTATION in stale
+
+
+def test_a_bad_pipeline_is_invalid_and_makes_nothing():
+    pipeline = Pipeline(stage("sft"))  # the first stage has no previous stage
+    plan = pipeline.reconcile()
+    assert plan.status["phase"] == "Invalid" and plan.creates == ()
+    assert "stages[0].run.model.source" in condition(plan, PipelineCondition.VALID)["message"]
