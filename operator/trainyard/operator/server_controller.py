@@ -26,9 +26,11 @@ CHILD_KINDS = ("Service", "Deployment")
 
 def referenced_runs(body: dict[str, Any]) -> set[str]:
     """Names of the TrainingRuns a server's model and adapters come from (run:// sources)."""
-    spec = body.get("spec") or {}
-    sources = [(spec.get("model") or {}).get("source")]
-    sources += [(a or {}).get("source") for a in spec.get("adapters") or []]
+    # Read before validation (a follower map runs on every event): any shape may come.
+    spec = body.get("spec") if isinstance(body.get("spec"), dict) else {}
+    adapters = spec.get("adapters") if isinstance(spec.get("adapters"), list) else []
+    entries = [spec.get("model"), *adapters]
+    sources = [entry.get("source") for entry in entries if isinstance(entry, dict)]
     names = set()
     for source in sources:
         match = contract.RUN_REFERENCE.match(source) if isinstance(source, str) else None
@@ -67,7 +69,8 @@ class InferenceServers:
 
     def recorded(self, metrics: OperatorMetrics, body: dict[str, Any], plan: Plan | None) -> None:
         """trainyard_inference_server_ready: 1 while every replica of the current spec is
-        available; a server that is gone leaves the gauge."""
+        available (phase Ready; a server scaled to zero has all of its none), 0 otherwise;
+        a server that is gone leaves the gauge."""
         meta = body.get("metadata") or {}
         uid = meta.get("uid", "")
         if plan is None:
@@ -79,7 +82,7 @@ class InferenceServers:
         series = (meta.get("namespace") or "", meta.get("name") or "")
         self._series[uid] = series
         status = plan.status or body.get("status") or {}
-        ready = status.get("phase") == ServerPhase.READY and bool(status.get("ready"))
+        ready = status.get("phase") == ServerPhase.READY
         metrics.inference_servers_ready.labels(*series).set(1 if ready else 0)
 
 
