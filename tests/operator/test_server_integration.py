@@ -154,3 +154,45 @@ async def test_a_run_finishing_deploys_the_server_that_waits_for_its_model(
         await roll_out(api)
         await eventually(lambda: status(api).get("phase") == ServerPhase.READY, 20)
         assert status(api)["model"] == "run://sft"
+
+
+async def test_a_plan_replaces_children_whole_and_a_gone_one_is_no_error(api):
+    """The update verb (Plan.updates → KubeClient.replace, a PUT) on its own."""
+    from trainyard.operator import k8s
+    from trainyard.operator.plan import Plan
+
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "d",
+            "namespace": NAMESPACE,
+            "labels": {"keep": "no"},
+            "annotations": {"a": "1"},
+        },
+        "spec": {"replicas": 1, "template": {"spec": {"nodeSelector": {"old": "x"}}}},
+    }
+    created = await api.put_object(DEPLOYMENTS, dict(deployment))
+    replacement = {
+        **deployment,
+        "metadata": {"name": "d", "namespace": NAMESPACE, "annotations": {"a": "2"}},
+        "spec": {"replicas": 2, "template": {"spec": {}}},
+    }
+    gone = {**deployment, "metadata": {"name": "never-created", "namespace": NAMESPACE}}
+    configuration = await k8s.load_configuration(str(api.url).rstrip("/"))
+    async with k8s.KubeClient(configuration) as client:
+        applied = await k8s.apply_plan(
+            client,
+            Plan(updates=(replacement, gone)),
+            kind="InferenceServer",
+            namespace=NAMESPACE,
+            name="unused",
+            resource_version=None,
+        )
+    assert applied.updated == 1
+    now = api.get(DEPLOYMENTS, NAMESPACE, "d")
+    assert now["metadata"]["uid"] == created["metadata"]["uid"]
+    assert now["spec"] == replacement["spec"], "a removed map key is gone: not a merge"
+    assert "labels" not in now["metadata"] and now["metadata"]["annotations"] == {"a": "2"}
+    assert api.get(DEPLOYMENTS, NAMESPACE, "never-created") is None
+    assert Plan(updates=(replacement,)).is_empty is False
