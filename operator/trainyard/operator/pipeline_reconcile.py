@@ -45,7 +45,7 @@ from trainyard.operator.builders.pipeline import (
     stage_run_name,
 )
 from trainyard.operator.plan import ChildRef, Plan, is_owned, ref, user_document
-from trainyard.operator.status import format_time, own_status, set_condition, status_patch
+from trainyard.operator.status import StatusDraft, format_time, status_patch
 
 WAITING_VERDICTS = {"AwaitingApproval", "Inconclusive"}
 
@@ -59,33 +59,11 @@ class PipelineObserved:
     now: datetime | None = None
 
 
-class _Status:
-    def __init__(self, old: dict[str, Any] | None, generation: int | None, now: datetime):
-        self.data = own_status(old)
-        self.generation, self.now = generation, now
-
-    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
-        self.data["conditions"] = set_condition(
-            self.data.get("conditions"),
-            type_,
-            status,
-            reason,
-            message,
-            now=self.now,
-            generation=self.generation,
-        )
-
-    def clear(self, type_: str, reason: str, message: str) -> None:
-        """Set a condition False only where it was set before (no noise on new objects)."""
-        if any(c.get("type") == type_ for c in self.data.get("conditions") or []):
-            self.condition(type_, False, reason, message)
-
-
 def reconcile_pipeline(observed: PipelineObserved) -> Plan:
     body = observed.pipeline
     meta = body.get("metadata") or {}
     now = observed.now or datetime.now().astimezone()
-    status = _Status(body.get("status"), meta.get("generation"), now)
+    status = StatusDraft(body.get("status"), meta.get("generation"), now)
     try:
         pipeline = parse_resource(user_document(body))
     except InvalidResource as invalid:
@@ -101,7 +79,7 @@ def reconcile_pipeline(observed: PipelineObserved) -> Plan:
 
 
 def _walk(
-    pipeline: TrainingPipeline, uid: str, observed: PipelineObserved, status: _Status
+    pipeline: TrainingPipeline, uid: str, observed: PipelineObserved, status: StatusDraft
 ) -> Plan:
     ours = [c for c in observed.children if is_owned(c, uid)]
     by_name = {(c.get("kind"), c["metadata"]["name"]): c for c in ours}
@@ -230,7 +208,7 @@ def _walk(
 
 def _retry(
     pipeline: TrainingPipeline,
-    status: _Status,
+    status: StatusDraft,
     by_name: dict[tuple[str, str], dict[str, Any]],
 ) -> list[ChildRef] | None:
     """A new `trainyard.dev/retry` value naming a failed or rejected stage: its run and gate go."""
@@ -290,7 +268,7 @@ def _stage(
 
 def _plan(
     body: dict[str, Any],
-    status: _Status,
+    status: StatusDraft,
     deletes: list[ChildRef],
     creates: list[dict[str, Any]],
 ) -> Plan:

@@ -27,11 +27,10 @@ from trainyard.operator.plan import ChildRef, Plan, earliest, is_owned, ref, use
 from trainyard.operator.progress import MetricsSample, next_progress
 from trainyard.operator.status import (
     TERMINAL_PHASES,
+    StatusDraft,
     find_condition,
     format_time,
-    own_status,
     parse_time,
-    set_condition,
     status_patch,
 )
 
@@ -81,24 +80,8 @@ def _pods_in_phase(pods: list[dict[str, Any]], phase: str) -> int:
     )
 
 
-class _Status:
-    """The status being computed, with the generation and clock every condition needs."""
-
-    def __init__(self, old: dict[str, Any] | None, generation: int | None, now: datetime):
-        self.data = own_status(old)
-        self.generation = generation
-        self.now = now
-
-    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
-        self.data["conditions"] = set_condition(
-            self.data.get("conditions"),
-            type_,
-            status,
-            reason,
-            message,
-            now=self.now,
-            generation=self.generation,
-        )
+class _Status(StatusDraft):
+    """A TrainingRun's status being computed."""
 
     def finish(self, phase: str, message: str) -> None:
         self.data["phase"] = phase

@@ -100,3 +100,30 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     for key in old_own.keys() - new.keys():
         patch[key] = None
     return patch
+
+
+class StatusDraft:
+    """A status being computed by a reconcile: a copy of the observed one, with the
+    generation and clock every condition it sets needs. Every controller builds its
+    status through one of these and hands `data` to `status_patch`."""
+
+    def __init__(self, old: dict[str, Any] | None, generation: int | None, now: datetime):
+        self.data = own_status(old)
+        self.generation = generation
+        self.now = now
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.data["conditions"] = set_condition(
+            self.data.get("conditions"),
+            type_,
+            status,
+            reason,
+            message,
+            now=self.now,
+            generation=self.generation,
+        )
+
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        """Set a condition False only where it was set before (no noise on new objects)."""
+        if find_condition(self.data.get("conditions"), type_) is not None:
+            self.condition(type_, False, reason, message)
