@@ -42,9 +42,8 @@ from trainyard.operator.builders.inference import (
     served_model_name,
     service_url,
 )
-from trainyard.operator.plan import Plan, is_owned
-from trainyard.operator.reconcile import user_document
-from trainyard.operator.status import own_status, set_condition, status_patch
+from trainyard.operator.plan import Plan, is_owned, user_document
+from trainyard.operator.status import StatusDraft, status_patch
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,8 @@ class ServerObserved:
     """The operator's default vLLM image."""
 
 
-class _Status:
-    def __init__(self, old: dict[str, Any] | None, generation: int | None, now: datetime):
-        self.data = own_status(old)
-        self.generation = generation
-        self.now = now
-
-    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
-        self.data["conditions"] = set_condition(
-            self.data.get("conditions"),
-            type_,
-            status,
-            reason,
-            message,
-            now=self.now,
-            generation=self.generation,
-        )
+class _Status(StatusDraft):
+    """An InferenceServer's status being computed."""
 
     def set(self, key: str, value: Any) -> None:
         """Set a field, or drop it for None (a merge patch then removes it)."""
