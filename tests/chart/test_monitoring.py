@@ -15,6 +15,7 @@ from chart_rendering import (
     NAMESPACE,
     POD_MONITOR_API,
     PROMETHEUS_RULE_API,
+    REPO,
     VALUE_SETS,
     documents,
     helm,
@@ -25,10 +26,12 @@ from chart_rendering import (
     the,
 )
 
-from trainyard.api import TrainingRun
+from trainyard.api import TrainingRun, parse_resource
 from trainyard.observe.labels import POD_LABELS, TRAINING_JOB, VLLM_JOB, meta_label
 from trainyard.operator.builders import labels as builder_labels
+from trainyard.operator.builders.inference import render_server_deployment
 from trainyard.operator.builders.job import render_worker_job
+from trainyard.operator.builders.pipeline import render_stage_run
 from trainyard.operator.builders.vllm import render_rollout_deployment
 
 MONITORING_KINDS = ("PodMonitor", "PrometheusRule")
@@ -229,6 +232,39 @@ def test_vllm_monitor_scrapes_the_rollout_server_on_its_http_port():
     target = relabel(pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"], pod_meta(labels))
     assert target["run"] == "grpo-math" and target["pipeline"] == "math-pipeline"
     assert target["job"] == VLLM_JOB
+
+
+def test_vllm_monitor_scrapes_the_inference_servers_pods_and_names_the_server():
+    pod_monitor = monitor(rendered("monitoring", *MONITORING_APIS), VLLM_JOB)
+    document = yaml.safe_load((REPO / "examples" / "inference-server.yaml").read_text())
+    del document["spec"]["adapters"]  # a run:// adapter needs its run to render
+    server = parse_resource(document)
+    deployment = render_server_deployment(server, uid="u")
+    pod_template = deployment["spec"]["template"]
+    labels = pod_template["metadata"]["labels"]
+    assert selects(pod_monitor["spec"]["selector"], labels)
+    (container,) = pod_template["spec"]["containers"]
+    endpoint = pod_monitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] in {p["name"] for p in container["ports"]}
+    target = relabel(endpoint["relabelings"], pod_meta(labels))
+    assert target["server"] == server.metadata.name
+    assert target["component"] == "inference-server"
+
+
+def test_a_pipelines_run_carries_the_pipeline_label_the_monitor_turns_into_pipeline():
+    document = yaml.safe_load((REPO / "examples" / "pipeline-staged.yaml").read_text())
+    pipeline = parse_resource(document)
+    first = pipeline.spec.stages[0]
+    run = render_stage_run(pipeline, first, uid="u", model_source=None)
+    job = render_worker_job(TrainingRun.model_validate(run), uid="u")
+    labels = {
+        **job["spec"]["template"]["metadata"]["labels"],
+        "batch.kubernetes.io/job-completion-index": "0",
+    }
+    pod_monitor = monitor(rendered("monitoring", *MONITORING_APIS), TRAINING_JOB)
+    assert selects(pod_monitor["spec"]["selector"], labels)
+    target = relabel(pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"], pod_meta(labels))
+    assert target["pipeline"] == pipeline.metadata.name
 
 
 def test_relabelings_and_the_generator_name_the_same_pod_labels():

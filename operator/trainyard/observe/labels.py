@@ -7,7 +7,9 @@ query can join a training pod's metrics to its run and pipeline.
 
 from __future__ import annotations
 
+from trainyard.operator.builders.inference import SERVER_LABEL
 from trainyard.operator.builders.labels import ATTEMPT_LABEL, COMPONENT_LABEL, RUN_LABEL
+from trainyard.operator.builders.pipeline import PIPELINE_LABEL
 
 OPERATOR_JOB = "trainyard-operator"
 TRAINING_JOB = "trainyard-training"
@@ -15,11 +17,8 @@ VLLM_JOB = "trainyard-vllm"
 
 # Target label ← pod label (Prometheus' Kubernetes discovery spells the pod label
 # __meta_kubernetes_pod_label_<name with every non-alphanumeric character as _>).
-# The pipeline and server labels are not set by any controller yet: a pipeline must put
-# PIPELINE_LABEL on the runs it creates (run labels are copied to every child), an
-# InferenceServer SERVER_LABEL on its pods.
-PIPELINE_LABEL = "trainyard.dev/pipeline"
-SERVER_LABEL = "trainyard.dev/server"
+# A pipeline's runs carry PIPELINE_LABEL (a run's labels are copied to every child); an
+# InferenceServer's pods SERVER_LABEL.
 POD_LABELS = {
     "run": RUN_LABEL,
     "pipeline": PIPELINE_LABEL,
