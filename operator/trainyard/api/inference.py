@@ -133,8 +133,7 @@ class ServerRollout(ApiModel):
     model: str
     """The model source that template serves."""
     since_generation: int | None = None
-    """The Deployment's status.observedGeneration when the template was written: the
-    rollout counts only once the Deployment controller has moved past it."""
+    """The Deployment's observedGeneration when the template was written (the rollout counts once past it)."""
 
 
 class InferenceServerStatus(ApiModel):
