@@ -7,7 +7,7 @@ Nothing is downloaded. A model is built once and kept in the cache directory
 (`$TRAINYARD_CACHE`, else `~/.cache/trainyard`), so a second run loads it in milliseconds.
 
 >>> sorted(DATASETS)
-['alpaca', 'chat', 'preference', 'prompts', 'text', 'unpaired-preference']
+['alpaca', 'chat', 'code', 'preference', 'prompts', 'text', 'unpaired-preference']
 >>> build_dataset_rows("preference")[0]["prompt"]
 'What is 8 + 7?'
 """
@@ -228,6 +228,32 @@ def _text_rows(n: int = 48) -> list[dict[str, Any]]:
     return rows
 
 
+CODE_TASKS = [
+    ("add", "a, b", "the sum of a and b", "return a + b", [((2, 3), 5), ((0, 7), 7)]),
+    ("double", "x", "x times two", "return 2 * x", [((4,), 8), ((0,), 0)]),
+    ("is_even", "n", "whether n is even", "return n % 2 == 0", [((4,), True), ((7,), False)]),
+    ("last", "items", "the last item of a list", "return items[-1]", [(([1, 2, 3],), 3)]),
+]
+
+
+def _code_rows(n: int = 16) -> list[dict[str, Any]]:
+    """Code problems with tests: `prompt`, `tests` (asserts that call the function the
+    prompt asks for) and `solution` (a reference that passes them)."""
+    rows = []
+    for i in range(n):
+        name, params, does, body, cases = CODE_TASKS[i % len(CODE_TASKS)]
+        asserts = [f"assert {name}{args if len(args) > 1 else f'({args[0]!r})'} == {want!r}"
+                   for args, want in cases]  # fmt: skip
+        rows.append(
+            {
+                "prompt": f"Write a Python function {name}({params}) that returns {does}.",
+                "tests": "\n".join(asserts) + "\n",
+                "solution": f"def {name}({params}):\n    {body}\n",
+            }
+        )
+    return rows
+
+
 DATASETS = {
     "chat": _chat_rows,
     "alpaca": _alpaca_rows,
@@ -235,7 +261,11 @@ DATASETS = {
     "unpaired-preference": _unpaired_preference_rows,
     "prompts": _prompt_rows,
     "text": _text_rows,
+    "code": _code_rows,
 }
+# The tokenizer learnt its vocabulary from these; a dataset added later does not change
+# it (nor the cached models built with it).
+CORPUS_DATASETS = ("alpaca", "chat", "preference", "prompts", "text", "unpaired-preference")
 
 
 def build_dataset_rows(name: str) -> list[dict[str, Any]]:
@@ -260,7 +290,7 @@ def _corpus() -> list[str]:
     lines = list(TRAIN_FACTS) + NUMBER_WORDS
     for goals in SPRINT_PROJECTS.values():
         lines.extend(goals)
-    for name in sorted(DATASETS):
+    for name in CORPUS_DATASETS:
         for row in build_dataset_rows(name):
             for value in row.values():
                 if isinstance(value, str):

@@ -59,11 +59,14 @@ from trainyard.api import InvalidResource, TrainingRun, contract, manifests, par
 from trainyard.workloads.evaluate import local_gate
 from trainyard.workloads.local_spec import (
     RUN_FILE,
+    TINY_DATA_DIR,
     LocalOptions,
     OverrideError,
+    TinyData,
     apply_overrides,
     local_runs_root,
     localize,
+    tiny,
 )
 from trainyard.workloads.run_history import RESULT_FILE, final_value, plot_curves, read_history
 
@@ -118,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; values are YAML)",
     )
     parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the spec at toy size, offline: the built-in tiny model, a built-in data set of "
+        "the shape the method needs (under the spec's field names), 2 steps of small batches; "
+        "rewards, LoRA, DeepSpeed, packing, evaluation and checkpoints kept",
+    )
+    parser.add_argument(
         "--runs-root",
         metavar="DIR",
         help="where run://RUN sources look for earlier runs' output folders (default: the "
@@ -138,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_training_run(path: str, overrides: list[str]) -> tuple[dict[str, Any], TrainingRun]:
-    """The TrainingRun document of a file with overrides applied, checked; SpecProblem if not."""
+def load_training_run(
+    path: str, overrides: list[str], before: Any = None
+) -> tuple[dict[str, Any], TrainingRun]:
+    """The TrainingRun document of a file with overrides applied, checked; SpecProblem if not.
+    `before(document)` changes the document first (`--tiny`), so overrides win over it."""
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as error:
@@ -161,7 +174,7 @@ def load_training_run(path: str, overrides: list[str]) -> tuple[dict[str, Any], 
             ]
         )
     try:
-        document = apply_overrides(runs[0], overrides)
+        document = apply_overrides(before(runs[0]) if before else runs[0], overrides)
     except OverrideError as error:
         raise SpecProblem([str(error)]) from None
     try:
@@ -512,6 +525,22 @@ def run_command(argv: list[str]) -> int:
         return 1
 
     output_dir = Path(args.output) if args.output else default_output_dir(run.metadata.name)
+    tiny_notes: list[str] = []
+    tiny_data = TinyData()
+    if args.tiny:
+
+        def shrink(document: dict[str, Any]) -> dict[str, Any]:
+            nonlocal tiny_notes, tiny_data
+            shrunk, tiny_data = tiny(document, output_dir)
+            tiny_notes = shrunk.notes
+            return shrunk.document
+
+        try:
+            document, run = load_training_run(args.file, args.overrides, before=shrink)
+        except SpecProblem as problem:
+            for line in problem.lines:
+                print(line)
+            return 1
     options = LocalOptions(
         output_dir=output_dir,
         nproc=args.nproc,
@@ -521,6 +550,7 @@ def run_command(argv: list[str]) -> int:
         keep_storage=args.keep_storage,
     )
     local = localize(run.to_yaml_dict(), options)
+    local.notes[:0] = tiny_notes
     try:
         # Checked again: --nproc changes the world size that the batch rules depend on.
         run = parse_resource(local.document)
@@ -530,6 +560,10 @@ def run_command(argv: list[str]) -> int:
             print(f"  {problem}")
         return 1
     output_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in tiny_data.files.items():
+        (output_dir / TINY_DATA_DIR).mkdir(exist_ok=True)
+        with open(output_dir / TINY_DATA_DIR / name, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
     # Files of an earlier attempt in the same directory would pass for this one's
     # (a failed start would show the old loss); checkpoints stay, for resuming.
     for stale in (PROGRESS_FILE, RESULT_FILE, SUMMARY_FILE, CURVES_FILE):

@@ -245,4 +245,192 @@ def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:
                 "model.quantization: dropped (bitsandbytes needs CUDA); LoRA trains on the "
                 "full-precision base"
             )
+        deepspeed = (spec.get("distributed") or {}).get("deepspeed") or {}
+        offloaded = [
+            k for k in ("offloadOptimizer", "offloadParam") if deepspeed.get(k, "none") != "none"
+        ]
+        for key in offloaded:
+            deepspeed[key] = "none"
+        if offloaded:
+            notes.append(
+                f"distributed.deepspeed: {' and '.join(offloaded)} none (without a GPU everything "
+                "is in CPU memory already)"
+            )
+        optim = (spec.get("training") or {}).get("optim", "")
+        if "8bit" in optim or optim.startswith("paged_"):
+            spec["training"]["optim"] = "adamw_torch"
+            notes.append(
+                f"training.optim: adamw_torch instead of {optim} (bitsandbytes needs CUDA)"
+            )
     return LocalRun(document=doc, notes=notes)
+
+
+# ------------------------------------------------------------------ --tiny
+
+TINY_MODEL = "builtin://tiny-qwen2"
+TINY_MAX_STEPS = 2
+TINY_BATCH = 2
+TINY_GENERATIONS = 2
+TINY_COMPLETION_LENGTH = 8
+TINY_SEQUENCE_LENGTH = 128
+TINY_WORKERS = 2
+TINY_DATA_DIR = "tiny-data"
+# Built-in rows → the dataset format and the columns they hold under the API's default
+# field names (`dataset.<x>Field`), renamed to the spec's own field names.
+TINY_ROWS: dict[str, tuple[str, dict[str, str]]] = {
+    "chat": ("chat", {"messages": "messagesField"}),
+    "alpaca": (
+        "alpaca",
+        {"instruction": "instructionField", "input": "inputField", "output": "outputField"},
+    ),
+    "preference": (
+        "preference",
+        {"prompt": "promptField", "chosen": "chosenField", "rejected": "rejectedField"},
+    ),
+    "unpaired_preference": (
+        "unpaired-preference",
+        {"prompt": "promptField", "completion": "completionField", "label": "labelField"},
+    ),
+    "prompt": ("prompts", {"prompt": "promptField"}),
+    "text": ("text", {"text": "textField"}),
+}
+TINY_FORMAT_OF_METHOD = {
+    "sft": "chat",
+    "dpo": "preference",
+    "reward": "preference",
+    "kto": "unpaired_preference",
+    "grpo": "prompt",
+    "rloo": "prompt",
+    "pretrain": "text",
+}
+
+
+@dataclass
+class TinyData:
+    """Rows `--tiny` writes to OUTPUT/tiny-data/NAME.jsonl, which the spec then names."""
+
+    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def tiny(document: dict[str, Any], output_dir: Path) -> tuple[LocalRun, TinyData]:
+    """The spec at toy size, offline, every feature kept: the built-in tiny model, a
+    built-in data set of the shape the method and dataset format need (under the spec's
+    own field names, with the columns its rewards read), a few steps of small batches.
+    Rewards, LoRA, DeepSpeed, packing, evaluation, early stopping and checkpoints stay;
+    what needs a GPU is dropped later by `localize`, with its own note.
+
+    >>> run, data = tiny(
+    ...     {"spec": {"method": "dpo", "model": {"source": "hf://Qwen/Qwen2.5-7B"},
+    ...               "dataset": {"source": "hf://trl-lib/ultrafeedback_binarized",
+    ...                           "chosenField": "good"},
+    ...               "training": {"epochs": 3, "perDeviceBatchSize": 16}}},
+    ...     Path("/tmp/out"))
+    >>> run.document["spec"]["model"], run.document["spec"]["dataset"]["source"]
+    ({'source': 'builtin://tiny-qwen2'}, 'file:///tmp/out/tiny-data/train.jsonl')
+    >>> sorted(data.files["train.jsonl"][0])
+    ['good', 'prompt', 'rejected']
+    >>> run.document["spec"]["training"]
+    {'perDeviceBatchSize': 2, 'maxSteps': 2, 'loggingSteps': 1, 'precision': 'fp32'}
+    """
+    from trainyard.workloads import builtin
+
+    doc = copy.deepcopy(document)
+    spec = doc.setdefault("spec", {})
+    notes: list[str] = []
+    data = TinyData()
+    method = spec.get("method", "sft")
+    data_dir = (output_dir / TINY_DATA_DIR).resolve()
+
+    model = spec.setdefault("model", {})
+    if model.get("source") != TINY_MODEL:
+        notes.append(f"model.source: {TINY_MODEL} instead of {model.get('source')} (--tiny)")
+    kept = {k: v for k, v in model.items() if k in ("quantization", "trustRemoteCode")}
+    spec["model"] = {"source": TINY_MODEL, **kept}
+    if spec.pop("tokenizer", None) is not None:
+        notes.append("tokenizer: the tiny model's own (--tiny)")
+
+    dataset = spec.setdefault("dataset", {})
+    fmt = dataset.get("format", "auto")
+    shape = TINY_FORMAT_OF_METHOD[method] if fmt == "auto" else fmt
+    rl = spec.get(method) if method in ("grpo", "rloo") else None
+    code = rl is not None and any(
+        r.get("builtin") == "code_execution" for r in rl.get("rewards") or []
+    )
+    builtin_name, columns = TINY_ROWS[shape]
+    rows = builtin.build_dataset_rows("code" if code else builtin_name)
+    renamed = [
+        {dataset.get(columns.get(column, ""), column): value for column, value in row.items()}
+        for row in rows
+    ]
+    if rl is not None:
+        _add_reward_columns(renamed, rl)
+    data.files["train.jsonl"] = renamed
+    notes.append(
+        f"dataset.source: built-in {'code problems' if code else builtin_name} rows "
+        f"({len(renamed)}, format {shape}) instead of {dataset.get('source')} (--tiny)"
+    )
+    dataset["source"] = f"file://{data_dir / 'train.jsonl'}"
+    for key in ("config", "split"):
+        dataset.pop(key, None)
+    if dataset.get("evalSource"):
+        data.files["eval.jsonl"] = renamed[: max(4, len(renamed) // 4)]
+        dataset["evalSource"] = f"file://{data_dir / 'eval.jsonl'}"
+
+    training = spec.setdefault("training", {})
+    training.pop("epochs", None)
+    training["perDeviceBatchSize"] = min(training.get("perDeviceBatchSize", 8), TINY_BATCH)
+    if training.get("gradientAccumulationSteps", 1) != 1:
+        training["gradientAccumulationSteps"] = 1
+    training["maxSteps"] = TINY_MAX_STEPS
+    training["loggingSteps"] = 1
+    if training.get("evalSteps") is not None:
+        training["evalSteps"] = 1
+    if training.get("maxLength") is not None:
+        training["maxLength"] = min(training["maxLength"], TINY_SEQUENCE_LENGTH)
+    if training.get("precision", "fp32") != "fp32":
+        notes.append(f"training.precision: fp32 instead of {training['precision']} (--tiny)")
+    training["precision"] = "fp32"
+    if spec.get("pretrain", {}).get("blockSize", 0) > TINY_SEQUENCE_LENGTH:
+        spec["pretrain"]["blockSize"] = TINY_SEQUENCE_LENGTH
+    if rl is not None:
+        rl["numGenerations"] = TINY_GENERATIONS
+        rl["maxCompletionLength"] = min(
+            rl.get("maxCompletionLength", TINY_COMPLETION_LENGTH), TINY_COMPLETION_LENGTH
+        )
+        if rl.get("rewardWorkers", 1) > TINY_WORKERS:
+            rl["rewardWorkers"] = TINY_WORKERS
+        for reward in rl.get("rewards") or []:
+            args = reward.get("args") or {}
+            if args.get("workers", 0) > TINY_WORKERS:
+                args["workers"] = TINY_WORKERS
+        if rl.get("rewardModel") is not None:
+            rl["rewardModel"] = {"source": TINY_MODEL}
+            notes.append(f"{method}.rewardModel.source: {TINY_MODEL} (--tiny)")
+    checkpoint = spec.get("checkpoint")
+    if checkpoint is not None and checkpoint.get("everySteps") is not None:
+        checkpoint["everySteps"] = 1
+    notes.append(
+        f"training: {TINY_MAX_STEPS} steps, batch ≤ {TINY_BATCH}"
+        + (f", {TINY_GENERATIONS} generations" if rl is not None else "")
+        + " (--tiny; --set overrides any of it)"
+    )
+    return LocalRun(document=doc, notes=notes), data
+
+
+def _add_reward_columns(rows: list[dict[str, Any]], rl: dict[str, Any]) -> None:
+    """The columns the spec's rewards read (`args.<x>Field`), filled from the built-in
+    rows' reference, answer or tests."""
+    for reward in rl.get("rewards") or []:
+        args = reward.get("args") or {}
+        for key, column in args.items():
+            if not key.endswith("Field") or not isinstance(column, str):
+                continue
+            for row in rows:
+                if column in row:
+                    continue
+                if "tests" in row:
+                    module = Path(args.get("fileName", "solution.py")).stem
+                    header = f"from {module} import *\n" if args.get("testFileName") else ""
+                    row[column] = header + row["tests"]
+                else:
+                    row[column] = row.get("reference", row.get("answer", ""))
