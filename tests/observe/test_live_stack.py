@@ -2,7 +2,8 @@
 runs a TrainingRun whose rank 0 is a real tiny GRPO training process; Debian's prometheus
 scrapes both with the labels the chart's monitors give; every training-dashboard query
 returns numbers; Alertmanager pages the stall when the training process is stopped
-(SIGSTOP) and sends the all-clear when it continues (SIGCONT).
+(SIGSTOP) and sends the all-clear when it continues (SIGCONT); then two PromotionGates
+judge the finished run, their panels return numbers and the failed one pages.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from trainyard.operator.settings import OperatorConfig  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUN = "live-grpo"
+GATES = "trainyard.dev/v1alpha1/promotiongates"
 # Short windows, so a stall pages within a minute (the chart ships AlertSettings()).
 QUICK = alerts.AlertSettings(stall_window="30s")
 # Grafana's $__rate_interval and $__range as a dashboard over the last minutes would set them.
@@ -109,9 +111,7 @@ def target_labels(pod: dict) -> dict[str, str]:
     return {**found, "namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}
 
 
-async def start_rank0(kubelet: Kubelet, attempt: int) -> dict:
-    """Start the pods of the run's Job for `attempt` (as the Job controller would); rank 0's pod."""
-
+async def attempt_job(kubelet: Kubelet, attempt: int) -> dict:
     def job():
         return [
             j
@@ -120,12 +120,30 @@ async def start_rank0(kubelet: Kubelet, attempt: int) -> dict:
         ]
 
     (found,) = await eventually(job, 60, f"the operator's Job for attempt {attempt}")
-    pods = await kubelet.start_pods(found)
+    return found
+
+
+async def start_rank0(kubelet: Kubelet, attempt: int) -> dict:
+    """Start the pods of the run's Job for `attempt` (as the Job controller would); rank 0's pod."""
+    pods = await kubelet.start_pods(await attempt_job(kubelet, attempt))
     return next(
         p
         for p in pods
         if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "0"
     )
+
+
+def promotion_gate(name: str, criterion: str) -> dict:
+    return {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "PromotionGate",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"run": RUN, "criteria": [criterion]},
+    }
+
+
+def gate_verdict(api, name: str) -> str | None:
+    return ((api.get(GATES, NAMESPACE, name) or {}).get("status") or {}).get("verdict")
 
 
 def discover(path: Path, port: int, pod: dict) -> None:
@@ -163,6 +181,7 @@ async def test_dashboards_show_a_real_run_and_a_stopped_run_pages(tmp_path):
                 "v1/namespaces",
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
             )
+        api.declare(GATES, "PromotionGate")
         kubelet = Kubelet(api)
         metrics = OperatorMetrics()
         stop, ready = asyncio.Event(), asyncio.Event()
@@ -299,6 +318,57 @@ async def test_dashboards_show_a_real_run_and_a_stopped_run_pages(tmp_path):
                 )
                 assert resolved[0]["labels"]["run"] == RUN
                 assert trainer.poll() is None, "training died instead of continuing"
+
+                # The run finishes; two PromotionGates judge it on the loss the operator read
+                # from rank 0: one passes, one cannot. The gates dashboard shows both.
+                await kubelet.complete_job(await attempt_job(kubelet, 1))
+                await eventually(
+                    lambda: kubelet.status(RUN).get("phase") == "Succeeded", 60, "run Succeeded"
+                )
+                await api.put_object(GATES, promotion_gate("loss-ok", "loss <= 1000"))
+                await api.put_object(GATES, promotion_gate("loss-impossible", "loss <= -1"))
+                for gate, expected in (("loss-ok", "Passed"), ("loss-impossible", "Failed")):
+                    await eventually(
+                        lambda gate=gate, expected=expected: gate_verdict(api, gate) == expected,
+                        60,
+                        f"gate {gate} {expected}",
+                    )
+                await eventually(
+                    lambda: _value(
+                        prom, f'count(trainyard_gate_verdict{{job="{OPERATOR_JOB}"}} == 1)', 2
+                    ),
+                    60,
+                    "both verdicts scraped",
+                )
+                await eventually(  # a rate needs two samples of the new counter
+                    lambda: _value(
+                        prom,
+                        f'min(count_over_time(trainyard_gate_verdicts_total{{job="{OPERATOR_JOB}"}}[{RATE_INTERVAL}]))',
+                        3,
+                    ),
+                    60,
+                    "three scrapes of the verdict counters",
+                )
+                gates_board = json.loads(dashboards.render(dashboards.PIPELINES_AND_GATES))
+                gate_exprs = [
+                    e
+                    for e in dashboards.exprs(gates_board)
+                    if "trainyard_gate_" in e and not e.startswith("label_values(")
+                ]
+                assert len(gate_exprs) >= 4
+                for expr in gate_exprs:
+                    assert finite(await prom.query(grafana(expr))), expr
+                assert sorted(
+                    await prom.label_values(
+                        "gate", f'trainyard_gate_verdict{{job="{OPERATOR_JOB}"}}'
+                    )
+                ) == ["loss-impossible", "loss-ok"]
+                (failed,) = await eventually(
+                    lambda: receiver.alerts("TrainyardGateFailed", "firing"),
+                    60,
+                    "the failed gate paging",
+                )
+                assert failed["labels"]["gate"] == "loss-impossible"
         finally:
             stop.set()
             try:
