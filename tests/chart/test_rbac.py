@@ -131,9 +131,12 @@ def operator_needs() -> set[Need]:
     for kind in gate_controller.CHILD_KINDS:  # the evaluation's ConfigMap and Job
         group, plural = group_and_plural(kind)
         needs |= {(group, plural, "create"), (group, plural, "delete")}
-    for kind in pipeline_controller.CHILD_KINDS:  # each started stage's run and gate
+    for kind in pipeline_controller.CHILD_KINDS:  # stages' runs and gates, the served model
         group, plural = group_and_plural(kind)
         needs |= {(group, plural, "create"), (group, plural, "delete")}
+    for kind in pipeline_controller.UPDATED_KINDS:  # the serve stage rolls its server (PUT)
+        group, plural = group_and_plural(kind)
+        needs.add((group, plural, "update"))
     for kind in ("TrainingRun", server_controller.KIND, gate_controller.KIND, "TrainingPipeline"):
         group, plural = group_and_plural(kind)
         needs.add((group, f"{plural}/status", "patch"))

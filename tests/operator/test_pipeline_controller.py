@@ -19,12 +19,14 @@ pytestmark = pytest.mark.timeout(120)
 
 PIPELINES = "trainyard.dev/v1alpha1/trainingpipelines"
 GATES = "trainyard.dev/v1alpha1/promotiongates"
+SERVERS = "trainyard.dev/v1alpha1/inferenceservers"
 
 
 @pytest.fixture
 def api_with_pipelines(api):
     api.declare(PIPELINES, "TrainingPipeline")
     api.declare(GATES, "PromotionGate")
+    api.declare(SERVERS, "InferenceServer")
     return api
 
 
@@ -146,3 +148,35 @@ async def test_deleting_the_pipeline_deletes_its_runs_and_gates(
         assert api.get(GATES, NAMESPACE, "chain-sft-gate") is None
         assert api.objects(JOBS, NAMESPACE) == []
         assert api.objects(RUNS, NAMESPACE) == []
+
+
+async def test_the_serve_stage_serves_the_first_promoted_model_and_rolls_to_the_next(
+    api_with_pipelines, kubelet, start_operator, rank0_metrics
+):
+    api = api_with_pipelines
+    rank0_metrics.values = {
+        "trainyard_step": 10,
+        "trainyard_total_steps": 10,
+        "trainyard_loss": 1.5,
+    }
+    body = pipeline(rank0_metrics.port)
+    body["spec"]["serve"] = {"gpus": 1, "servedModelName": "chain"}
+    async with start_operator():
+        await api.put_object(PIPELINES, body)
+        await train(api, kubelet, "chain-sft")
+        server = await eventually(lambda: api.get(SERVERS, NAMESPACE, "chain-serve"))
+        assert server["spec"]["model"]["source"] == "s3://ckpt/chain/sft/final"
+        assert server["metadata"]["ownerReferences"][0]["kind"] == "TrainingPipeline"
+        await eventually(lambda: api.get("apps/v1/deployments", NAMESPACE, "chain-serve-server"))
+        await train(api, kubelet, "chain-dpo")
+        await eventually(
+            lambda: (
+                api.get(SERVERS, NAMESPACE, "chain-serve")["spec"]["model"]["source"]
+                == "s3://ckpt/chain/dpo/final"
+            )
+        )
+        await eventually(lambda: status(api).get("phase") == "Succeeded")
+        assert status(api)["serving"] == {
+            "server": "chain-serve",
+            "model": "s3://ckpt/chain/dpo/final",
+        }

@@ -201,3 +201,24 @@ def test_a_bad_pipeline_is_invalid_and_makes_nothing():
     plan = pipeline.reconcile()
     assert plan.status["phase"] == "Invalid" and plan.creates == ()
     assert "stages[0].run.model.source" in condition(plan, PipelineCondition.VALID)["message"]
+
+
+def test_the_serve_block_serves_the_newest_promoted_model_and_rolls_on_each_promotion():
+    pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"))
+    pipeline.body["spec"]["serve"] = {"gpus": 1, "servedModelName": "assistant"}
+    plan = pipeline.step()
+    assert "InferenceServer/p-serve" not in created(plan), "nothing promoted yet"
+    pipeline.run_phase("p-sft", "Succeeded")
+    plan = pipeline.step()
+    assert created(plan) == ["TrainingRun/p-dpo", "InferenceServer/p-serve"]
+    server = pipeline.child("InferenceServer", "p-serve")
+    assert server["spec"]["model"] == {"source": "s3://ckpt/p/sft/final"}
+    assert server["spec"]["servedModelName"] == "assistant"
+    assert plan.status["serving"] == {"server": "p-serve", "model": "s3://ckpt/p/sft/final"}
+    assert pipeline.reconcile().is_empty
+    pipeline.run_phase("p-dpo", "Succeeded")
+    plan = pipeline.reconcile()
+    (rolled,) = plan.updates
+    assert rolled["metadata"]["name"] == "p-serve"
+    assert rolled["spec"]["model"] == {"source": "s3://ckpt/p/dpo/final"}
+    assert plan.status["phase"] == "Succeeded"

@@ -139,7 +139,8 @@ against the code and against every request the operator makes in a run.
   verbs: [patch]
 # TrainingPipelines (pipeline_controller.py): kopf lists and watches them, the status is
 # merge-patched; each started stage's TrainingRun and PromotionGate are created (and
-# deleted when a failed stage is retried).
+# deleted when a failed stage is retried); the serve stage's InferenceServer is created,
+# and replaced whole (PUT) to roll a newly promoted model.
 - apiGroups: [trainyard.dev]
   resources: [trainingpipelines]
   verbs: [list, watch]
@@ -147,8 +148,11 @@ against the code and against every request the operator makes in a run.
   resources: [trainingpipelines/status]
   verbs: [patch]
 - apiGroups: [trainyard.dev]
-  resources: [trainingruns, promotiongates]
+  resources: [trainingruns, promotiongates, inferenceservers]
   verbs: [create, delete]
+- apiGroups: [trainyard.dev]
+  resources: [inferenceservers]
+  verbs: [update]
 # Worker pods: read only, for progress and failure reasons.
 - apiGroups: [""]
   resources: [pods]

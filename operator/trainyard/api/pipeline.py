@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
-from trainyard.api.common import ObjectMeta
+from trainyard.api.common import ModelSource, ObjectMeta
 from trainyard.api.gate import Criterion, Evaluation, criteria_problems
+from trainyard.api.inference import InferenceServerSpec
 from trainyard.api.rules import nested_error
 from trainyard.api.status import Condition
 from trainyard.api.training_run import TrainingRunSpec
@@ -46,11 +47,21 @@ class Stage(ApiModel):
     """Criteria before the next stage starts; none lets it start as soon as this one succeeds."""
 
 
+class ServeTemplate(InferenceServerSpec):
+    """An InferenceServer for the pipeline's newest promoted model (model left out: the
+    pipeline sets it, and rolls the server when a later stage is promoted)."""
+
+    model: ModelSource | None = None  # type: ignore[assignment]
+    """Set by the pipeline: the newest promoted model."""
+
+
 class TrainingPipelineSpec(ApiModel):
     """Desired state of a TrainingPipeline."""
 
     stages: list[Stage] = Field(min_length=1, max_length=20)
     """Stages in order."""
+    serve: ServeTemplate | None = None
+    """Serve the newest promoted model (InferenceServer PIPELINE-serve), rolled on each promotion."""
 
     @model_validator(mode="after")
     def _names(self) -> TrainingPipelineSpec:
@@ -130,6 +141,8 @@ class TrainingPipelineStatus(ApiModel):
     """Why the pipeline is in its phase, and what to do."""
     last_retry: str | None = None
     """The trainyard.dev/retry annotation value last acted on."""
+    serving: dict[str, str] | None = None
+    """The InferenceServer serving the newest promoted model: server, model."""
     current_stage: str | None = None
     """The stage running or being gated."""
     stages: list[StageStatus] | None = None

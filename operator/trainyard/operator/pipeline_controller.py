@@ -17,7 +17,8 @@ from trainyard.operator.pipeline_reconcile import PipelineObserved, reconcile_pi
 from trainyard.operator.plan import Plan
 from trainyard.operator.runtime import Registration, Runtime
 
-CHILD_KINDS = ("TrainingRun", "PromotionGate")
+CHILD_KINDS = ("TrainingRun", "PromotionGate", "InferenceServer")
+UPDATED_KINDS = ("InferenceServer",)  # the serve stage's server, replaced to roll a new model
 
 
 async def observe(runtime: Runtime, body: dict[str, Any]) -> PipelineObserved:

@@ -36,10 +36,13 @@ from trainyard.api.pipeline import (
 )
 from trainyard.operator import reasons
 from trainyard.operator.builders.pipeline import (
+    SERVED_MODEL_ANNOTATION,
     STAGE_HASH_ANNOTATION,
     promoted_model,
+    render_pipeline_server,
     render_stage_gate,
     render_stage_run,
+    serve_server_name,
     stage_gate_name,
     stage_hash,
     stage_run_name,
@@ -198,12 +201,37 @@ def _walk(
         status.clear(
             PipelineCondition.SPEC_APPLIED, reasons.SPEC_APPLIED, "every stage runs its spec"
         )
+    updates = _serve(pipeline, uid, by_name, previous_model, status, creates)
     status.data.update(phase=phase, message=message, stages=stages)
     if current is None:
         status.data.pop("currentStage", None)
     else:
         status.data["currentStage"] = current
-    return _plan(observed.pipeline, status, deletes, creates)
+    return _plan(observed.pipeline, status, deletes, creates, updates)
+
+
+def _serve(
+    pipeline: TrainingPipeline,
+    uid: str,
+    by_name: dict[tuple[str, str], dict[str, Any]],
+    model: str | None,
+    status: StatusDraft,
+    creates: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The `serve` block: an InferenceServer for the newest promoted model, made when the
+    first stage is promoted and rolled (replaced whole; the server controller rolls its
+    Deployment, old model served until the new one is ready) on every later promotion."""
+    if pipeline.spec.serve is None or model is None:
+        return []
+    name = serve_server_name(pipeline.metadata.name)
+    manifest = render_pipeline_server(pipeline, uid=uid, model=model)
+    server = by_name.get(("InferenceServer", name))
+    status.data["serving"] = {"server": name, "model": model}
+    if server is None:
+        creates.append(manifest)
+        return []
+    served = (server["metadata"].get("annotations") or {}).get(SERVED_MODEL_ANNOTATION)
+    return [manifest] if served != model else []
 
 
 def _retry(
@@ -271,6 +299,7 @@ def _plan(
     status: StatusDraft,
     deletes: list[ChildRef],
     creates: list[dict[str, Any]],
+    updates: list[dict[str, Any]] | None = None,
 ) -> Plan:
     stages = status.data.get("stages")
     if stages is not None:  # drop unset fields so an unchanged stage compares equal
@@ -280,4 +309,5 @@ def _plan(
         deletes=tuple(dict.fromkeys(deletes)),
         creates=tuple(creates),
         status=status.data,
+        updates=tuple(updates or ()),
     )

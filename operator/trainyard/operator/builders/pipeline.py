@@ -21,6 +21,8 @@ from trainyard.operator.builders.owner import owner_reference
 PIPELINE_LABEL = "trainyard.dev/pipeline"
 STAGE_LABEL = "trainyard.dev/stage"
 STAGE_HASH_ANNOTATION = "trainyard.dev/stage-spec-hash"
+SERVED_MODEL_ANNOTATION = "trainyard.dev/served-model"
+SERVE_STAGE = "serve"
 PREVIOUS = "run://previous"
 
 
@@ -115,3 +117,36 @@ def promoted_model(stage: Stage, run_name: str, gate_status: dict[str, Any] | No
     if stage.run.checkpoint is not None:
         return f"{stage.run.checkpoint.uri.rstrip('/')}/final"
     return f"run://{run_name}"
+
+
+def serve_server_name(pipeline: str) -> str:
+    return f"{pipeline}-{SERVE_STAGE}"
+
+
+def render_pipeline_server(pipeline: TrainingPipeline, *, uid: str, model: str) -> dict[str, Any]:
+    """The InferenceServer of the pipeline's `serve` block, serving `model`; the served
+    model is also an annotation, so the pipeline sees what its server was told to serve."""
+    assert pipeline.spec.serve is not None
+    spec = pipeline.spec.serve.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    spec["model"] = {"source": model}
+    name = serve_server_name(pipeline.metadata.name)
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            **(pipeline.metadata.labels or {}),
+            "app.kubernetes.io/part-of": "trainyard",
+            "app.kubernetes.io/managed-by": "trainyard-operator",
+            PIPELINE_LABEL: run_label_value(pipeline.metadata.name),
+            STAGE_LABEL: SERVE_STAGE,
+        },
+        "annotations": {SERVED_MODEL_ANNOTATION: model},
+        "ownerReferences": [owner_reference("TrainingPipeline", pipeline.metadata.name, uid)],
+    }
+    if pipeline.metadata.namespace:
+        metadata["namespace"] = pipeline.metadata.namespace
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "InferenceServer",
+        "metadata": metadata,
+        "spec": spec,
+    }
