@@ -180,3 +180,35 @@ async def test_the_serve_stage_serves_the_first_promoted_model_and_rolls_to_the_
             "server": "chain-serve",
             "model": "s3://ckpt/chain/dpo/final",
         }
+
+
+async def test_a_pipeline_resumes_after_the_operator_restarts_mid_stage_with_provenance(
+    api_with_pipelines, kubelet, start_operator, rank0_metrics
+):
+    api = api_with_pipelines
+    rank0_metrics.values = {
+        "trainyard_step": 10,
+        "trainyard_total_steps": 10,
+        "trainyard_loss": 1.5,
+    }
+    async with start_operator():
+        await api.put_object(PIPELINES, pipeline(rank0_metrics.port))
+        job = await eventually(lambda: api.get(JOBS, NAMESPACE, "chain-sft-attempt-0"))
+        await kubelet.start_pods(job)
+    # the operator is gone while the stage trains; a new one takes over
+    async with start_operator():
+        await eventually(lambda: (kubelet.status("chain-sft").get("progress") or {}).get("loss"))
+        await kubelet.complete_job(job)
+        await eventually(lambda: kubelet.run("chain-dpo"))
+        await train(api, kubelet, "chain-dpo")
+        await eventually(lambda: status(api).get("phase") == "Succeeded")
+    runs = sorted(r["metadata"]["name"] for r in api.objects(RUNS, NAMESPACE))
+    assert runs == ["chain-dpo", "chain-sft"], "no stage ran twice"
+    jobs = sorted(j["metadata"]["name"] for j in api.objects(JOBS, NAMESPACE))
+    assert jobs == ["chain-dpo-attempt-0", "chain-sft-attempt-0"]
+    sft, dpo = status(api)["stages"]
+    for stage in (sft, dpo):
+        assert stage["dataset"] == "s3://data/train.jsonl"
+        assert stage["specHash"] and stage["startedAt"] and stage["finishedAt"]
+    assert sft["verdict"] == "Passed" and sft["model"] == "s3://ckpt/chain/sft/final"
+    assert dpo["inputModel"] == sft["model"] and dpo["model"] == "s3://ckpt/chain/dpo/final"

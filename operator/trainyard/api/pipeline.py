@@ -126,6 +126,14 @@ class StageStatus(ApiModel):
     """Its gate's verdict."""
     started_at: str | None = None
     """When the stage's run was created."""
+    finished_at: str | None = None
+    """When the stage's run finished."""
+    dataset: str | None = None
+    """The training data the stage read (its source URI, with a revision where it names one)."""
+    spec_hash: str | None = None
+    """A hash of the stage as it started (run and gate)."""
+    approved_by: str | None = None
+    """Who approved the stage's gate, where it asked for a person."""
     message: str | None = None
     """Why the stage is in its phase."""
 

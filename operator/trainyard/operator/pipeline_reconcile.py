@@ -115,14 +115,18 @@ def _walk(
             manifest = render_stage_gate(pipeline, stage, uid=uid)
             if manifest is not None and gate is None:
                 creates.append(manifest)
-            entry.update(startedAt=format_time(status.now), message=f"run {run_name}: Pending")
+            entry.update(
+                startedAt=format_time(status.now),
+                specHash=stage_hash(stage),
+                message=f"run {run_name}: Pending",
+            )
             message = f"stage {stage.name}: training"
             break
-        if (run["metadata"].get("annotations") or {}).get(STAGE_HASH_ANNOTATION) != stage_hash(
-            stage
-        ):
+        started_hash = (run["metadata"].get("annotations") or {}).get(STAGE_HASH_ANNOTATION)
+        if started_hash != stage_hash(stage):
             edited.append(stage.name)
         run_status = run.get("status") or {}
+        entry.update(specHash=started_hash, finishedAt=run_status.get("completionTime"))
         if run_status.get("phase") == "Failed":
             entry.update(phase="Failed", message=run_status.get("message") or "the run failed")
             phase = "Failed"
@@ -151,6 +155,7 @@ def _walk(
         gate_status = gate.get("status") or {}
         verdict = gate_status.get("verdict")
         entry["verdict"] = verdict
+        entry["approvedBy"] = (gate_status.get("approval") or {}).get("by")
         if verdict == "Passed":
             entry.update(phase="Promoted", model=promoted_model(stage, run_name, gate_status))
             entry["message"] = gate_status.get("message") or "the gate passed"
@@ -284,7 +289,12 @@ def _stage(
     message: str,
     old: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": stage.name, "phase": phase, "run": run_name}
+    entry: dict[str, Any] = {
+        "name": stage.name,
+        "phase": phase,
+        "run": run_name,
+        "dataset": stage.run.dataset.source,
+    }
     if stage.gate is not None:
         entry["gate"] = gate_name
     if old and old.get("startedAt"):
