@@ -1,10 +1,12 @@
-"""The gate, pipeline, work-queue and server panels against the operator's real registry.
+"""The pipeline, work-queue and server panels (and the gate ones again) against the
+operator's real registry.
 
-The controllers that will set these series (PromotionGate, TrainingPipeline,
-InferenceServer, the work queue) are being built; until they run in the live stack, this
-serves a real `OperatorMetrics` over HTTP with values set through the same attributes the
-controllers use, so Debian's prometheus scrapes the exact names and label sets, and every
-query on those panels (and the gate alert) is proven against them.
+test_live_stack proves the gate panels with real PromotionGates judging a real run; a
+TrainingPipeline and an InferenceServer are not part of that stack. Here a real
+`OperatorMetrics` is served over HTTP with values set through the attributes the
+controllers set (pipeline_controller, server_controller, gate_controller, the runtime), so
+Debian's prometheus scrapes the exact names and label sets and every query on those
+panels, and the GateFailed alert, is proven against them.
 """
 
 from __future__ import annotations
