@@ -9,7 +9,8 @@ of a round see the same machine state), against one local moto S3 server
   process, parallel multipart with sha256 from the same read, size check, manifest
   last, `latest`) vs the AWS CLI (`python -m awscli s3 cp --recursive`, PyPI's awscli)
   vs boto3's transfer manager in this process (the uploader before this change), and
-  boto3's CRT transfer client where it works against the server.
+  boto3's CRT transfer client where it works against the server; then the download
+  for a resume (CheckpointSync.resume, sha256 checked) vs the CLI's download.
 * stall: a real transformers Trainer on a Qwen2-shaped model with AdamW state;
   `Trainer._save_checkpoint` as transformers ships it (synchronous) vs the same call
   with checkpoint_snapshot.AsyncSaves installed (returns after the host copy).
@@ -207,7 +208,32 @@ def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
         clear()
         crt.append(time_crt(endpoint, bucket, directory, f"crt/{i}"))
     clear()
+    # Downloads on resume: CheckpointSync.resume (newest complete step, every file's
+    # sha256 checked) vs `aws s3 cp --recursive` of the same step.
+    sync.submit(directory, 1000)
+    sync.wait()
     sync.close()
+    down_ours, down_cli = [], []
+    for i in range(rounds):
+        target = work / f"down-{i}"
+        order = ["ours", "cli"] if i % 2 == 0 else ["cli", "ours"]
+        for who in order:
+            started = time.perf_counter()
+            if who == "ours":
+                CheckpointSync(store).resume(target / "ours")
+                down_ours.append(time.perf_counter() - started)
+            else:
+                subprocess.run(
+                    [
+                        sys.executable, "-m", "awscli", "s3", "cp", "--recursive",
+                        "--only-show-errors", "--endpoint-url", endpoint,
+                        f"s3://{bucket}/ours/step-1000/", str(target / "cli"),
+                    ],
+                    check=True,
+                    env={**os.environ, **ENV},
+                )  # fmt: skip
+                down_cli.append(time.perf_counter() - started)
+        shutil.rmtree(target)
     startup = time_cli_startup(endpoint)
     shutil.rmtree(directory)
     return {
@@ -217,6 +243,8 @@ def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
         "manager": manager,
         "crt": crt,
         "cli_startup": startup,
+        "down_ours": down_ours,
+        "down_cli": down_cli,
     }
 
 
@@ -263,6 +291,9 @@ def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int,
 
     def save(trainer, step: int) -> float:
         trainer.state.global_step = step
+        # Start each timed save with the earlier saves' dirty pages on disk: otherwise
+        # the kernel's writeback of one save lands in the next one's time.
+        os.sync()
         started = time.perf_counter()
         trainer._save_checkpoint(trainer.model, None)
         return time.perf_counter() - started
@@ -362,6 +393,11 @@ def main() -> None:
     print(f"  runs (s): ours {show(upload['ours'])}, cli {show(upload['cli'])}")
     upload_ratios = [c / o for o, c in zip(upload["ours"], upload["cli"], strict=True)]
     print(f"  per round cli/ours: {show(upload_ratios)}")
+    down_ratios = [c / o for o, c in zip(upload["down_ours"], upload["down_cli"], strict=True)]
+    print(
+        f"  download for resume: ours (with sha256 check) {med(upload['down_ours']):.2f}s, "
+        f"aws s3 cp {med(upload['down_cli']):.2f}s; per round cli/ours {show(down_ratios)}"
+    )
 
     smb = stall["bytes"] / MiB
     print(

@@ -352,7 +352,7 @@ class AsyncSaves:
                 self.written.append(pending.step)
                 if self.on_written is not None:
                     self.on_written(pending.directory, pending.step)
-                if pending.keep_last:
+                if pending.keep_last and self.trainer.args.should_save:
                     rotate_checkpoints(
                         output_dir=str(pending.directory.parent),
                         save_total_limit=pending.keep_last,
