@@ -485,3 +485,23 @@ def test_the_crd_lists_exactly_the_conditions_and_verdicts_the_code_sets():
     }
     names = {c.value for c in GateCondition} | set(VERDICTS)
     assert not spelled & names, spelled & names
+
+
+@pytest.mark.parametrize(
+    ("body", "run", "verdict"),
+    [
+        pytest.param(gate(), "sft", "Pending", id="named run"),
+        pytest.param(
+            gate(run=None, model={"source": "s3://m"}), None, "Invalid", id="model, no evaluation"
+        ),
+        pytest.param({"spec": "not a mapping"}, None, "Invalid", id="malformed spec"),
+        pytest.param({"spec": {"run": 3}}, None, "Invalid", id="malformed run"),
+        pytest.param({"spec": None}, None, "Invalid", id="no spec"),
+    ],
+)
+def test_any_shape_of_gate_is_followed_and_judged_without_raising(body, run, verdict):
+    from trainyard.operator.gate_reconcile import run_name_of
+
+    assert run_name_of(body) == run
+    observed = GateObserved({**body, "metadata": {"name": "g", "namespace": "ml"}}, now=NOW)
+    assert reconcile(observed).status["verdict"] == verdict

@@ -158,7 +158,8 @@ class ResultsWanted:
 
 def run_name_of(gate: dict[str, Any]) -> str | None:
     """spec.run of a gate body (unparsed: a run event maps to gates through it)."""
-    run = (gate.get("spec") or {}).get("run")
+    spec = gate.get("spec")  # read before validation (on every run event): any shape may come
+    run = spec.get("run") if isinstance(spec, dict) else None
     return run if isinstance(run, str) else None
 
 
