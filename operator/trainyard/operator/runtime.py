@@ -74,6 +74,9 @@ class Registration:
     )
     """Other registered kinds this kind's reconcile reads, e.g. {"TrainingRun": gates_of_run}:
     an event of such an object enqueues the names (same namespace) the function returns."""
+    threaded: bool = False
+    """The reconcile may compute for long (a gate's bootstrap: seconds for thousands of
+    examples): it runs in a worker thread, so watches and other reconciles never wait."""
 
 
 def child_entry(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -476,7 +479,10 @@ class Runtime:
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         await self._synced()
         observed = await registration.observe(self, body)
-        plan = registration.reconcile(observed)
+        if registration.threaded:
+            plan = await asyncio.to_thread(registration.reconcile, observed)
+        else:
+            plan = registration.reconcile(observed)
         if not plan.is_empty:
             applied = await k8s.apply_plan(
                 self.client,
