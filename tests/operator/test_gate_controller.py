@@ -236,7 +236,7 @@ async def test_a_bad_gate_is_invalid_and_the_operator_goes_on(
     api_with_gates, kubelet, start_operator
 ):
     api = api_with_gates
-    async with start_operator():
+    async with start_operator() as metrics:
         await api.put_object(GATES, promotion_gate("bad", "sft", criteria=["accuracy >>> 0.6"]))
         await api.put_object(GATES, promotion_gate("good", "missing-run"))
         await eventually(lambda: verdict(api, "bad") == "Invalid")
@@ -244,6 +244,7 @@ async def test_a_bad_gate_is_invalid_and_the_operator_goes_on(
         assert "criteria[0]" in status["message"] and "accuracy >>> 0.6" in status["message"]
         valid = next(c for c in status["conditions"] if c["type"] == "Valid")
         assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert metrics.reconciles.labels(result="invalid")._value.get() >= 1
         await eventually(lambda: verdict(api, "good") == "Pending")
         # the operator still serves runs
         await api.put_object(RUNS, training_run("after"))

@@ -468,7 +468,12 @@ class Runtime:
         result = (
             "converged"
             if plan.is_empty
-            else ("invalid" if plan.status.get("phase") == INVALID_PHASE else "changed")
+            else (
+                "invalid"
+                # a gate says it in its verdict
+                if INVALID_PHASE in (plan.status.get("phase"), plan.status.get("verdict"))
+                else "changed"
+            )
         )
         self.metrics.reconciles.labels(result=result).inc()
         return plan.requeue_after
