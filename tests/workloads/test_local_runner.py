@@ -86,6 +86,14 @@ def test_quickstart_trains_checkpoints_plots_and_resumes(tmp_path):
     assert_valid_png(out / "curves.png")
     assert "trainyard.train" in (out / "train.log").read_text()
 
+    # One number for "the loss": the last logged one, in result.json, the summary, the
+    # progress file and the log line alike (the run's mean is result.json's trainLoss).
+    result = json.loads((out / "result.json").read_text())
+    logged = [e["loss"] for e in result["logHistory"] if "loss" in e]
+    assert result["lastLoss"] == summary["finalLoss"] == logged[-1]
+    assert f"loss {logged[-1]:.4f}; final model" in (out / "train.log").read_text()
+    assert result["stepsTrained"] == 3
+
     # Running again into the same directory continues from the newest checkpoint.
     second = trainyard(
         "run", str(QUICKSTART), "--output", str(out), "--set", "training.maxSteps=4",
@@ -94,7 +102,22 @@ def test_quickstart_trains_checkpoints_plots_and_resumes(tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["resumedFrom"] is not None and result["resumedFrom"].endswith("checkpoint-3")
-    assert result["globalStep"] == 4
+    assert result["globalStep"] == 4 and result["stepsTrained"] == 1
+    assert "resumed from" in second.stdout and "(1 steps trained this time)" in second.stdout
+
+    # Once more at the same maxSteps: the numbers are this launch's own.
+    third = trainyard(
+        "run", str(QUICKSTART), "--output", str(out), "--set", "training.maxSteps=4",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+    result = json.loads((out / "result.json").read_text())
+    resumed = int(result["resumedFrom"].rsplit("-", 1)[1])
+    assert result["stepsTrained"] == result["globalStep"] - resumed
+    assert f"({result['stepsTrained']} steps trained this time)" in third.stdout
+    if result["stepsTrained"] == 0:
+        summary = json.loads((out / "summary.json").read_text())
+        assert result["trainLoss"] is None and summary["trainStepsPerSecond"] is None
 
 
 def test_two_local_runs_chain_through_run_sources_with_no_setting(tmp_path):

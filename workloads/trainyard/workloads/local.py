@@ -431,7 +431,10 @@ def summarize(
         follower.samples,
     )
     progress = follower.latest or {}
+    result = read_result(output_dir)
     end = next((e for e in reversed(history) if "train_runtime" in e), {})
+    if result.get("stepsTrained") == 0:
+        end = {}  # a launch that resumed at its last step: no rate, no runtime of its own
     steps = progress.get("step") or max((e.get("step", 0) for e in history), default=0)
     train_runtime = end.get("train_runtime")
     curves = output_dir / CURVES_FILE
@@ -442,7 +445,8 @@ def summarize(
         "exitCode": exit_code,
         "steps": steps,
         "totalSteps": progress.get("totalSteps"),
-        "finalLoss": final_value(history, "loss") or progress.get("loss"),
+        "finalLoss": result.get("lastLoss", final_value(history, "loss") or progress.get("loss")),
+        "finalLossStep": last_step_of(history, "loss"),
         "finalReward": final_value(history, "reward") or progress.get("rewardMean"),
         "finalEvalLoss": final_value(history, "eval_loss") or progress.get("evalLoss"),
         "trainRuntimeSeconds": train_runtime,
@@ -450,11 +454,33 @@ def summarize(
         "wallSeconds": wall_seconds,
         "wallStepsPerSecond": steps / wall_seconds if wall_seconds > 0 else None,
         "checkpoint": checkpoint_location(checkpoint_uri) if checkpoint_uri else None,
+        "resumedFrom": result.get("resumedFrom"),
+        "stepsTrained": result.get("stepsTrained"),
         "curves": str(curves) if plotted else None,
         "history": history_source,
         "log": str(output_dir / TRAIN_LOG),
-        "progress": str(output_dir / PROGRESS_FILE),
+        "progress": str(output_dir / PROGRESS_FILE)
+        if (output_dir / PROGRESS_FILE).exists()
+        else None,
     }
+
+
+def read_result(output_dir: Path) -> dict[str, Any]:
+    """The workload's result.json, {} when it wrote none (a run that stopped early)."""
+    try:
+        result = json.loads((output_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return result if isinstance(result, dict) else {}
+
+
+def last_step_of(history: list[dict], key: str) -> int | None:
+    """The step of the last finite value logged under key."""
+    for entry in reversed(history):
+        if final_value([entry], key) is not None:
+            step = entry.get("step")
+            return int(step) if isinstance(step, int | float) else None
+    return None
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -471,7 +497,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column()
     total = summary["totalSteps"]
     table.add_row("steps", f"{summary['steps']}" + (f" / {total}" if total else ""))
-    table.add_row("final loss", number(summary["finalLoss"], ".4f"))
+    loss = number(summary["finalLoss"], ".4f")
+    loss_step = summary.get("finalLossStep")
+    if summary["finalLoss"] is not None and loss_step is not None and loss_step != summary["steps"]:
+        loss += f" (logged at step {loss_step})"
+    table.add_row("final loss", loss)
     if summary["finalReward"] is not None:
         table.add_row("final reward", number(summary["finalReward"], ".4f"))
     if summary["finalEvalLoss"] is not None:
@@ -486,7 +516,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ),
     )
     rate = summary["trainStepsPerSecond"] or summary["wallStepsPerSecond"]
-    table.add_row("steps/s", number(rate if summary["steps"] else None, ".2f"))
+    trained = summary.get("stepsTrained")
+    table.add_row("steps/s", number(rate if summary["steps"] and trained != 0 else None, ".2f"))
+    if summary.get("resumedFrom"):
+        table.add_row(
+            "resumed from", f"{summary['resumedFrom']} ({trained} steps trained this time)"
+        )
     table.add_row("checkpoint", summary["checkpoint"] or "—")
     table.add_row("curves", summary["curves"] or "— (nothing logged)")
     table.add_row("log", summary["log"])

@@ -444,13 +444,23 @@ def init_deepspeed_comm(spec: Any, env: Environment) -> None:
 
 
 def last_loss(log_history: list[dict[str, Any]]) -> float | None:
-    """The final training loss the trainer reported (the end-of-training average if present)."""
+    """The last training loss the trainer logged (a logging window's loss, the number the
+    progress file, the metrics and `trainyard run`'s table show; not the run's mean).
+
+    >>> last_loss([{"loss": 6.4, "step": 1}, {"loss": 6.2, "step": 2}, {"train_loss": 6.3}])
+    6.2
+    """
     for entry in reversed(log_history):
-        for key in ("train_loss", "loss"):
-            value = entry.get(key)
-            if isinstance(value, int | float):
-                return float(value)
+        value = entry.get("loss")
+        if isinstance(value, int | float) and math.isfinite(value):
+            return float(value)
     return None
+
+
+def checkpoint_step(path: str | None) -> int:
+    """The step of a `checkpoint-N` directory; 0 for none."""
+    name = Path(path).name if path else ""
+    return int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else 0
 
 
 def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -475,11 +485,15 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
         final = output / FINAL_DIR
         # Every rank calls save_model: under ZeRO-3 the weights are gathered from all of them.
         trainer.save_model(str(final))
+        trained = trainer.state.global_step - checkpoint_step(resume_from)
         result = {
             "run": run.metadata.name,
             "method": spec.method,
             "globalStep": trainer.state.global_step,
-            "trainLoss": outcome.training_loss if outcome else None,
+            "stepsTrained": trained,
+            # The mean over the steps this launch trained (transformers' training_loss),
+            # which a launch that trained none has not got.
+            "trainLoss": outcome.training_loss if outcome and trained > 0 else None,
             "lastLoss": last_loss(trainer.state.log_history),
             "resumedFrom": resume_from,
             "peft": spec.peft is not None,
