@@ -63,18 +63,42 @@ def test_final_values_and_series_skip_missing_and_nan():
     assert series(GRPO_HISTORY, "reward") == ([1.0, 2.0, 3.0], [0.2, 0.5, 0.7])
 
 
+GRPO_COMPONENTS = [
+    {"loss": 0.01, "reward": 0.2, "rewards/format/mean": 0.1, "rewards/correct/mean": 0.4,
+     "kl": 0.001, "completions/mean_length": 40.0, "learning_rate": 1e-6, "step": 1},
+    {"loss": 0.02, "reward": 0.5, "rewards/format/mean": 0.6, "rewards/correct/mean": 0.45,
+     "kl": 0.003, "completions/mean_length": 36.0, "learning_rate": 1e-6, "step": 2},
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("history", "panels"),
-    [pytest.param(SFT_HISTORY, 1, id="loss"), pytest.param(GRPO_HISTORY, 2, id="loss+reward")],
+    [
+        pytest.param(SFT_HISTORY, [("loss", ["train loss", "eval loss"])], id="loss"),
+        pytest.param(
+            GRPO_HISTORY, [("loss", ["train loss"]), ("reward", ["reward (mean)"])], id="reward"
+        ),
+        pytest.param(
+            GRPO_COMPONENTS,
+            [
+                ("loss", ["train loss"]),
+                ("reward", ["reward (mean)", "correct", "format"]),
+                ("KL", ["KL to the reference"]),
+                ("completion length", ["mean completion length"]),
+                ("learning rate", ["learning rate"]),
+            ],
+            id="grpo-components",
+        ),
+    ],
 )
 def test_plot_curves_writes_a_png_with_one_panel_per_quantity(tmp_path, history, panels):
     path = tmp_path / "curves.png"
-    assert plot_curves(history, path, "run") is True
+    assert plot_curves(history, path, "run") == panels
     height, width, _ = matplotlib.image.imread(path).shape
     assert width == 700
-    assert height == pytest.approx(320 * panels, abs=2)
+    assert height == pytest.approx(320 * len(panels), abs=2)
 
 
 def test_nothing_logged_draws_nothing(tmp_path):
-    assert plot_curves([{"train_runtime": 1.0, "step": 0}], tmp_path / "c.png", "run") is False
+    assert plot_curves([{"train_runtime": 1.0, "step": 0}], tmp_path / "c.png", "run") == []
     assert not (tmp_path / "c.png").exists()

@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 # Written by trainyard.workloads.train on rank 0 at the end: {"logHistory": [...], ...}.
 RESULT_FILE = "result.json"
-# Curves drawn, by the trainer's own log keys: (key, label).
-LOSS_KEYS = (("loss", "train loss"), ("eval_loss", "eval loss"))
-REWARD_KEYS = (("reward", "reward (mean)"),)
+# Panels drawn, each with its curves by the trainer's own log keys: (key, label). Every
+# reward function's mean (`rewards/<name>/mean`) joins the reward panel, so a person sees
+# which reward moved.
+PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("loss", (("loss", "train loss"), ("eval_loss", "eval loss"))),
+    ("reward", (("reward", "reward (mean)"),)),
+    ("KL", (("kl", "KL to the reference"),)),
+    ("completion length", (("completions/mean_length", "mean completion length"),)),
+    ("learning rate", (("learning_rate", "learning rate"),)),
+)
+REWARD_COMPONENT = re.compile(r"rewards/(?P<name>.+)/mean")
 
 
 def read_result_history(path: Path) -> list[dict[str, Any]] | None:
@@ -93,16 +102,38 @@ def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, values
 
 
-def plot_curves(history: list[dict], path: Path, title: str) -> bool:
-    """Write the loss (and reward, when logged) curves to a PNG; False when nothing was logged."""
+def panel_keys(history: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The panels to draw and their (key, label) curves, for the keys the history logs.
+
+    >>> panel_keys([{"step": 1, "loss": 1.0, "reward": 0.5, "rewards/format/mean": 0.2}])
+    [('loss', [('loss', 'train loss')]), ('reward', [('reward', 'reward (mean)'), ('rewards/format/mean', 'format')])]
+    """
+    logged = {key for entry in history for key, value in entry.items() if _finite(value)}
+    components = sorted(
+        (key, match["name"]) for key in logged if (match := REWARD_COMPONENT.fullmatch(key))
+    )
     panels = []
-    for label, keys in (("loss", LOSS_KEYS), ("reward", REWARD_KEYS)):
-        curves = [(name, *series(history, key)) for key, name in keys]
-        curves = [curve for curve in curves if curve[1]]
+    for label, keys in PANELS:
+        curves = [(key, name) for key, name in keys if key in logged]
+        if label == "reward":
+            curves += components
         if curves:
             panels.append((label, curves))
+    return panels
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> list[tuple[str, list[str]]]:
+    """Write one panel per logged quantity (loss with eval loss, reward with every reward
+    function's mean, KL, completion length, learning rate) to a PNG. Returns the panels
+    drawn with their curves' labels; [] (and no file) when nothing was logged."""
+    panels = [
+        (label, [(name, *series(history, key)) for key, name in curves])
+        for label, curves in panel_keys(history)
+    ]
+    panels = [(label, [c for c in curves if c[1]]) for label, curves in panels]
+    panels = [(label, curves) for label, curves in panels if curves]
     if not panels:
-        return False
+        return []
     import matplotlib
 
     matplotlib.use("Agg")  # no display: the runner may run over SSH or in CI
@@ -125,7 +156,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    return True
+    return [(label, [name for name, *_ in curves]) for label, curves in panels]
 
 
 def _finite(value: Any) -> bool:
