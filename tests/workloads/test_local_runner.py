@@ -197,10 +197,15 @@ def test_a_failing_workload_exit_code_and_log_tail_come_through(tmp_path):
         pytest.param(signal.SIGINT, 130, id="ctrl-c"),
         # A CI timeout or `kill`: the workload must not outlive the runner.
         pytest.param(signal.SIGTERM, 143, id="sigterm"),
+        # A runner started with SIGINT ignored (`nohup`, `cmd &` in a script) still passes
+        # a Ctrl-C on: the trainer gets Python's default handler back.
+        pytest.param("ignored-sigint", 130, id="ctrl-c-with-sigint-ignored"),
     ],
 )
 def test_signals_stop_the_workload_and_return_its_exit_code(tmp_path, signum, exit_code):
     out = tmp_path / "interrupted"
+    ignored = signum == "ignored-sigint"
+    signum = signal.SIGINT if ignored else signum
     runner = subprocess.Popen(
         [
             sys.executable, "-m", "trainyard.cli.main", "run", str(QUICKSTART),
@@ -208,6 +213,7 @@ def test_signals_stop_the_workload_and_return_its_exit_code(tmp_path, signum, ex
             "--set", "training.loggingSteps=1",
         ],
         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
@@ -230,6 +236,38 @@ def test_signals_stop_the_workload_and_return_its_exit_code(tmp_path, signum, ex
     run_json = str(out / "run.json")
     leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit() and run_json in _cmdline(pid)]
     assert leftovers == []
+
+
+def test_the_progress_line_keeps_steps_and_loss_in_80_columns(tmp_path):
+    """At 80 columns the bar gives way; the steps, the loss and the reward stay whole."""
+    import io
+
+    from rich.console import Console
+
+    from trainyard.workloads.local import ChildProcess, Follower, follow
+
+    progress = tmp_path / "progress.json"
+    numbers = {
+        "phase": "Training",
+        "step": 20,
+        "totalSteps": 400,
+        "loss": 6.2425,
+        "rewardMean": 0.5,
+    }
+    # Writes the numbers, then lives on for a moment, as a workload does.
+    writer = (
+        f"import json, time; json.dump({numbers!r}, open({str(progress)!r}, 'w')); time.sleep(1)"
+    )
+    lines = {}
+    for width in (80, 160):
+        out = io.StringIO()
+        child = ChildProcess(subprocess.Popen([sys.executable, "-c", writer]))
+        follow(child, Follower(progress), Console(file=out, width=width), "helpful-ipo")
+        lines[width] = out.getvalue().strip().splitlines()[-1]
+    for width, line in lines.items():
+        assert len(line) <= width and "…" not in line, line
+        assert "20/400" in line and "loss 6.2425" in line and "reward 0.500" in line
+    assert "━" in lines[160]  # a bar where there is room
 
 
 def _cmdline(pid: str) -> str:

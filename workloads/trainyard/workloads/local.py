@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a spec field as written in YAML, e.g. --set training.maxSteps=5 "
-        "(repeatable; values are YAML)",
+        help="override a spec field as written in YAML, e.g. --set training.maxSteps=5, "
+        "list items by index: --set grpo.rewards[1].args.max=80, a whole value as YAML: "
+        "--set 'distributed.deepspeed={zeroStage: 2}' or =null to drop it (repeatable)",
     )
     parser.add_argument(
         "--tiny",
@@ -311,8 +312,15 @@ def start_workload(
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,  # its own process group: Ctrl-C reaches it only through us
+        # A runner started with SIGINT ignored (`nohup`, `cmd &` in a script) would hand
+        # that on, and the trainer would never see the Ctrl-C the runner forwards.
+        preexec_fn=_default_interrupt,
     )
     return ChildProcess(process), log
+
+
+def _default_interrupt() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_progress(path: Path) -> dict[str, Any] | None:
@@ -359,18 +367,31 @@ def describe_progress(progress: dict[str, Any] | None) -> tuple[str, str]:
     return str(progress.get("phase") or "training").lower(), "  ".join(stats)
 
 
-def follow(child: ChildProcess, follower: Follower, console: Console, name: str) -> None:
-    """Drive the progress bar until the child exits."""
-    columns = (
+# Widest text besides the bar: spinner, phase, "123/456", two stats, two clocks, gaps.
+PROGRESS_TEXT_WIDTH = 2 + 12 + 9 + 30 + 16 + 7
+PROGRESS_BAR_WIDTH = (10, 40)
+
+
+def progress_columns(width: int, name: str) -> list[Any]:
+    """The progress bar's columns for a terminal `width` wide: the bar takes what the text
+    leaves (up to 40), and goes, with the time-left estimate, when under 10 would be left,
+    so the steps and the loss are never cut (a bare 80-column terminal)."""
+    room = width - PROGRESS_TEXT_WIDTH - len(name)
+    columns: list[Any] = [
         SpinnerColumn(),
         TextColumn("[bold]{task.fields[name]}[/] {task.fields[phase]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
+    ]
+    if room >= PROGRESS_BAR_WIDTH[0]:
+        columns.append(BarColumn(bar_width=min(room, PROGRESS_BAR_WIDTH[1])))
+    columns += [MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
+    if room >= PROGRESS_BAR_WIDTH[0]:
+        columns.append(TimeRemainingColumn())
+    return columns
+
+
+def follow(child: ChildProcess, follower: Follower, console: Console, name: str) -> None:
+    """Drive the progress bar until the child exits."""
+    with Progress(*progress_columns(console.width, name), console=console, transient=False) as bar:
         task = bar.add_task("train", total=None, name=name, phase="starting", stats="")
         while child.exit_code is None:
             progress = follower.poll()
@@ -386,7 +407,13 @@ def follow(child: ChildProcess, follower: Follower, console: Console, name: str)
             time.sleep(POLL_SECONDS)
         progress = follower.poll()
         phase, stats = describe_progress(progress)
-        bar.update(task, completed=(progress or {}).get("step") or 0, phase=phase, stats=stats)
+        bar.update(
+            task,
+            completed=(progress or {}).get("step") or 0,
+            total=(progress or {}).get("totalSteps") or None,
+            phase=phase,
+            stats=stats,
+        )
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:
