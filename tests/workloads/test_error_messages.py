@@ -127,3 +127,43 @@ def test_an_8bit_optimizer_without_bitsandbytes_says_what_to_use():
     assert_one_line(done.stdout)
     assert "training.optim: paged_adamw_8bit needs bitsandbytes" in done.stdout
     assert "--set training.optim=adamw_torch" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(
+            ("train.npy", b"\x93NUMPY"),
+            "dataset.source: train.npy has an unknown suffix; allowed: .csv, .json, .jsonl, .parquet",
+            id="unknown-suffix",
+        ),
+        pytest.param(
+            ("train.jsonl", b'{"question": "2+2?", "answer": "4"}\n'),
+            "dataset: format chat needs the columns messagesField='messages'; "
+            "the data has ['answer', 'question']",
+            id="missing-columns",
+        ),
+        pytest.param((None, b""), "does not exist", id="missing-file"),
+    ],
+)
+def test_data_problems_are_found_before_the_workload_starts(tmp_path, capsys, data, message):
+    from trainyard.workloads.local import run_command
+
+    name, content = data
+    path = tmp_path / (name or "absent.jsonl")
+    if name:
+        path.write_bytes(content)
+    code = run_command(
+        [
+            str(QUICKSTART),
+            "--output",
+            str(tmp_path / "out"),
+            "--set",
+            f"dataset.source=file://{path}",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "(TrainingRun/quickstart): its data cannot be trained on" in printed
+    assert message in printed
+    assert not (tmp_path / "out" / "train.log").exists()  # the workload never started

@@ -229,6 +229,39 @@ def missing_training_packages() -> list[str]:
     return missing
 
 
+def check_local_data(run: TrainingRun) -> list[str]:
+    """Problems with the run's local data files, found before the workload starts (which
+    takes 15-20 s to get there): a missing file, an unknown suffix, the columns the format
+    needs (read from the first rows, checked by the workload's own `prepare_dataset`)."""
+    from trainyard.workloads import sources
+    from trainyard.workloads.dataset_formats import DatasetFormatError, prepare_dataset
+
+    data = run.spec.dataset
+    problems: list[str] = []
+    for field_name, uri in (
+        ("dataset.source", data.source),
+        ("dataset.evalSource", data.eval_source),
+    ):
+        if not uri or not uri.startswith("file://"):
+            continue
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            problems.append(f"{field_name}: {path} does not exist")
+            continue
+        if not path.is_file():
+            continue
+        try:
+            sources.data_file_kind(path, field_name)
+            rows = sources.first_rows(path)
+            if rows:
+                from datasets import Dataset
+
+                prepare_dataset(Dataset.from_list(rows), data, run.spec.method)
+        except (sources.SourceError, DatasetFormatError) as error:
+            problems.append(str(error))
+    return problems
+
+
 def uses_run_sources(run: TrainingRun) -> bool:
     """Whether a source of the spec (model, tokenizer, reward model…) names an earlier run."""
     return '"run://' in json.dumps(run.to_yaml_dict())
@@ -626,6 +659,12 @@ def run_command(argv: list[str]) -> int:
         (output_dir / TINY_DATA_DIR).mkdir(exist_ok=True)
         with open(output_dir / TINY_DATA_DIR / name, "w") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
+    problems = check_local_data(run)
+    if problems:
+        print(f"{args.file} (TrainingRun/{run.metadata.name}): its data cannot be trained on")
+        for problem in problems:
+            print(f"  {problem}")
+        return 1
     # Files of an earlier attempt in the same directory would pass for this one's
     # (a failed start would show the old loss); checkpoints stay, for resuming.
     for stale in (PROGRESS_FILE, RESULT_FILE, SUMMARY_FILE, CURVES_FILE):

@@ -459,9 +459,41 @@ def load_local_dataset(path: Path, field: str = "dataset.source") -> Dataset:
                 f"({', '.join(sorted(DATA_SUFFIXES))}); found {sorted(kinds) or 'none'}"
             )
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+    kind = data_file_kind(path, field)
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def data_file_kind(path: Path, field: str = "dataset.source") -> str:
+    """The `datasets` builder of a data file, by its suffix; SourceError for another suffix."""
     kind = DATA_SUFFIXES.get(path.suffix)
     if kind is None:
         raise SourceError(
             f"{field}: {path.name} has an unknown suffix; allowed: {', '.join(sorted(DATA_SUFFIXES))}"
         )
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+    return kind
+
+
+def first_rows(path: Path, limit: int = 8) -> list[dict[str, Any]]:
+    """The first rows of a JSON Lines or CSV file, read without loading the file ([] for
+    other kinds): enough to check its columns before a run starts."""
+    import csv
+    import itertools
+    import json
+
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        if path.suffix == ".csv":
+            return list(itertools.islice(csv.DictReader(handle), limit))
+        if path.suffix != ".jsonl":
+            return []
+        for line in itertools.islice(handle, limit * 4):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return []
+                if isinstance(row, dict):
+                    rows.append(row)
+            if len(rows) >= limit:
+                break
+    return rows
