@@ -16,6 +16,8 @@ CONTRACTS = (
     "Builders, reconcile and policies are pure: no kopf, no I/O",
     "Workloads never import the operator, and never talk to the Kubernetes API",
     "The API imports neither the operator, the workloads nor the CLI",
+    "Dashboards and alerts as code read names from the API and builders only: no kopf, "
+    "no clients, no operator runtime",
 )
 
 
