@@ -99,10 +99,13 @@ class Case:
 CASES = [
     Case(
         "TrainyardRunFailed",
-        {f'trainyard_operator_runs{{{OP}, phase="Failed"}}': "0x20 1x40"},
+        {
+            f'trainyard_operator_run_phase{{{OP}, namespace="ml", run="r9", phase="Running"}}': "1x20 _x40",
+            f'trainyard_operator_run_phase{{{OP}, namespace="ml", run="r9", phase="Failed"}}': "_x20 1x20 _x20",
+        },
         fires="25m",
-        labels={},
-        quiet="50m",  # the failure is older than the window
+        labels={"namespace": "ml", "run": "r9"},
+        quiet="50m",  # the failed run was deleted
     ),
     Case(
         "TrainyardRunStalled",

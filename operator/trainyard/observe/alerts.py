@@ -28,7 +28,6 @@ class AlertSettings:
     """No step progress for this long while the run has steps left: stalled."""
     stall_memory: str = "6h"
     """How far back the last step of a run whose rank 0 stopped answering is looked for."""
-    failed_window: str = "15m"
     restarts_window: str = "1h"
     restarts_threshold: int = 3
     upload_slow_seconds: float = 600
@@ -90,11 +89,11 @@ def run_alerts(s: AlertSettings) -> list[Alert]:
     return [
         Alert(
             "TrainyardRunFailed",
-            f'max(delta(trainyard_operator_runs{{{OPERATOR}, phase="Failed"}}[{s.failed_window}])) > 0',
+            f'max by (namespace, run) (trainyard_operator_run_phase{{{OPERATOR}, phase="Failed"}}) == 1',
             "0m",
             "warning",
-            "A TrainingRun failed",
-            f"More TrainingRuns are in phase Failed than {s.failed_window} ago.",
+            "TrainingRun {{ $labels.namespace }}/{{ $labels.run }} failed",
+            "The run is in phase Failed; the alert lasts while the run exists (as Kubernetes' KubeJobFailed does).",
             "kubectl get trainingruns -A (PHASE column); kubectl describe trainingrun NAME "
             "(its conditions say why); kubectl logs job/NAME-attempt-N.",
         ),

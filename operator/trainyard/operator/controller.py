@@ -184,11 +184,14 @@ def _is_running_rank0(pod: dict[str, Any], job: dict[str, Any]) -> bool:
 
 def record_run(metrics: OperatorMetrics, body: dict[str, Any], plan: Plan | None) -> None:
     """Runs by phase and restarts by reason; a run that is gone leaves the gauge."""
-    uid = body["metadata"]["uid"]
+    meta = body["metadata"]
+    uid, namespace, name = meta["uid"], meta.get("namespace", ""), meta.get("name", "")
     if plan is None:
         metrics.record_phase(uid, None)
+        metrics.record_run_phase(namespace, name, None)
         return
     if plan.restart_reason is not None:
         metrics.restarts.labels(reason=plan.restart_reason).inc()
-    phase = plan.status.get("phase") if not plan.is_empty else None
-    metrics.record_phase(uid, phase or (body.get("status") or {}).get("phase"))
+    phase = plan.status.get("phase") or (body.get("status") or {}).get("phase")
+    metrics.record_phase(uid, phase)
+    metrics.record_run_phase(namespace, name, phase)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,12 @@ class OperatorMetrics:
             "trainyard_operator_api_errors",
             "Kubernetes API answers that were errors, by verb and HTTP status (0: no answer).",
             ["verb", "code"],
+            registry=self.registry,
+        )
+        self.run_phase = Gauge(
+            "trainyard_operator_run_phase",
+            "1 for each TrainingRun's current phase (alerts name the run; the series goes with the run).",
+            ["namespace", "run", "phase"],
             registry=self.registry,
         )
         self.queue_depth = Gauge(
@@ -121,6 +128,15 @@ class OperatorMetrics:
             counts[value] = counts.get(value, 0) + 1
         for name, count in counts.items():
             self.runs.labels(phase=name).set(count)
+
+    def record_run_phase(self, namespace: str, run: str, phase: str | None) -> None:
+        """The per-run phase series: only the current phase is present; None removes the run."""
+        for known in PHASES:
+            if known != phase:
+                with contextlib.suppress(KeyError):
+                    self.run_phase.remove(namespace, run, known)
+        if phase is not None:
+            self.run_phase.labels(namespace=namespace, run=run, phase=phase).set(1)
 
     def record_api_error(self, verb: str, code: int) -> None:
         self.api_errors.labels(verb=verb, code=str(code)).inc()
