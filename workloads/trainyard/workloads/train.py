@@ -457,6 +457,24 @@ def last_loss(log_history: list[dict[str, Any]]) -> float | None:
     return None
 
 
+def fix_model_card(path: Path, model_source: str, final_dir: Path) -> bool:
+    """Name the base model in TRL's model card. TRL only names a hub id; for a local path
+    (a built-in, S3 or run:// model) it writes "fine-tuned version of [None]" and a usage
+    example loading "None". Returns whether the card was changed."""
+    try:
+        card = path.read_text()
+    except OSError:
+        return False
+    fixed = card.replace(
+        "fine-tuned version of [None](https://huggingface.co/None)",
+        f"fine-tuned version of `{model_source}`",
+    ).replace('model="None"', f'model="{final_dir}"')
+    if fixed == card:
+        return False
+    path.write_text(fixed)
+    return True
+
+
 def checkpoint_step(path: str | None) -> int:
     """The step of a `checkpoint-N` directory; 0 for none."""
     name = Path(path).name if path else ""
@@ -518,6 +536,7 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
                     observers.sync.export_final(
                         merged, name="final/merged", step=trainer.state.global_step
                     )
+            fix_model_card(output / "README.md", spec.model.source, final)
             if observers.metrics is not None:
                 observers.metrics.set_phase("Succeeded")
             (output / RESULT_FILE).write_text(json.dumps(result, indent=1, default=str))
