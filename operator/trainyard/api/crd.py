@@ -79,8 +79,10 @@ KIND_TABLE: tuple[Kind, ...] = (
         "inferenceservers",
         ("isvc", "infer"),
         (
+            ("Phase", "string", ".status.phase"),
             ("Ready", "boolean", ".status.ready"),
             ("Replicas", "integer", ".status.readyReplicas"),
+            ("Model", "string", ".status.model"),
             ("URL", "string", ".status.url"),
             ("Age", "date", ".metadata.creationTimestamp"),
         ),
