@@ -167,3 +167,34 @@ def test_data_problems_are_found_before_the_workload_starts(tmp_path, capsys, da
     assert "(TrainingRun/quickstart): its data cannot be trained on" in printed
     assert message in printed
     assert not (tmp_path / "out" / "train.log").exists()  # the workload never started
+
+
+def test_a_grpo_batch_larger_than_the_data_is_refused_up_front(tmp_path, capsys):
+    from trainyard.workloads.local import run_command
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"prompt": "What is {i} + 1?"}}\n' for i in range(3)))
+    spec = tmp_path / "grpo.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            f"""
+            apiVersion: trainyard.dev/v1alpha1
+            kind: TrainingRun
+            metadata: {{name: small-grpo}}
+            spec:
+              method: grpo
+              model: {{source: builtin://tiny-qwen2}}
+              dataset: {{source: "file://{data}"}}
+              training: {{perDeviceBatchSize: 8, maxSteps: 2}}
+              grpo:
+                numGenerations: 2
+                rewards: [{{name: short, builtin: length, args: {{max: 20}}}}]
+            """
+        )
+    )
+    code = run_command([str(spec), "--output", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    assert "dataset: 3 rows are fewer than the 4 prompts one generation batch takes" in printed
+    assert "grpo.numGenerations 2" in printed
+    assert not (tmp_path / "out" / "train.log").exists()

@@ -235,6 +235,7 @@ def check_local_data(run: TrainingRun) -> list[str]:
     needs (read from the first rows, checked by the workload's own `prepare_dataset`)."""
     from trainyard.workloads import sources
     from trainyard.workloads.dataset_formats import DatasetFormatError, prepare_dataset
+    from trainyard.workloads.methods.common import SpecError, check_dataset_size
 
     data = run.spec.dataset
     problems: list[str] = []
@@ -257,7 +258,13 @@ def check_local_data(run: TrainingRun) -> list[str]:
                 from datasets import Dataset
 
                 prepare_dataset(Dataset.from_list(rows), data, run.spec.method)
-        except (sources.SourceError, DatasetFormatError) as error:
+            if field_name == "dataset.source" and path.suffix == ".jsonl":
+                with open(path, "rb") as handle:
+                    count = sum(1 for line in handle if line.strip())
+                if data.max_samples is not None:
+                    count = min(count, data.max_samples)
+                check_dataset_size(run.spec, count, run.spec.world_size)
+        except (sources.SourceError, DatasetFormatError, SpecError) as error:
             problems.append(str(error))
     return problems
 

@@ -50,6 +50,7 @@ from trainyard.workloads.methods.common import (
     Environment,
     SpecError,
     TrainContext,
+    check_dataset_size,
     check_environment,
     detect_environment,
     early_stopping_callbacks,
@@ -345,6 +346,7 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
     init_kwargs = model_init_kwargs(spec.model, env, kwargs)
     tokenizer = load_tokenizer(spec, path, kwargs)
     train_dataset, eval_dataset = load_datasets(spec)
+    check_dataset_size(spec, len(train_dataset), env.world_size)
     ctx = TrainContext(
         spec=spec,
         model=path,

@@ -142,6 +142,40 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def check_dataset_size(spec: Any, rows: int, world_size: int) -> None:
+    """Refuse a GRPO/RLOO data set smaller than one generation batch's unique prompts
+    (TRL's RepeatSampler then yields nothing, and training stops with `args.max_steps
+    must be set to a positive value`).
+
+    >>> from types import SimpleNamespace as S
+    >>> spec = S(online_rl=S(num_generations=2), dataset=S(max_samples=None),
+    ...          training=S(per_device_batch_size=8, gradient_accumulation_steps=2))
+    >>> check_dataset_size(spec, 8, 1)
+    >>> check_dataset_size(spec, 7, 1)
+    Traceback (most recent call last):
+    ...
+    trainyard.workloads.methods.common.SpecError: dataset: 7 rows are fewer than the 8 prompts one generation batch takes (training.perDeviceBatchSize 8 × 1 processes × training.gradientAccumulationSteps 2 / grpo.numGenerations 2); use more rows or a smaller batch
+    """
+    rl = spec.online_rl
+    if rl is None:
+        return
+    training = spec.training
+    # TRL: generation_batch_size = per_device × processes × steps_per_generation (= the
+    # accumulation steps), and each batch holds generation_batch_size / num_generations prompts.
+    prompts = (
+        training.per_device_batch_size * world_size * training.gradient_accumulation_steps
+    ) // rl.num_generations
+    if rows < prompts:
+        method = "rloo" if getattr(spec, "method", "grpo") == "rloo" else "grpo"
+        raise SpecError(
+            f"dataset: {rows} rows are fewer than the {prompts} prompts one generation batch "
+            f"takes (training.perDeviceBatchSize {training.per_device_batch_size} × {world_size} "
+            f"processes × training.gradientAccumulationSteps "
+            f"{training.gradient_accumulation_steps} / {method}.numGenerations "
+            f"{rl.num_generations}); use more rows or a smaller batch"
+        )
+
+
 def check_environment(spec: Any, env: Environment) -> None:
     """Refuse, before loading anything, what this machine cannot run."""
     if spec.distributed.deepspeed is not None and not installed("deepspeed"):
