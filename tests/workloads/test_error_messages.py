@@ -164,7 +164,7 @@ def test_data_problems_are_found_before_the_workload_starts(tmp_path, capsys, da
     )
     printed = capsys.readouterr().out
     assert code == 1
-    assert "(TrainingRun/quickstart): its data cannot be trained on" in printed
+    assert "(TrainingRun/quickstart): cannot be trained here" in printed
     assert message in printed
     assert not (tmp_path / "out" / "train.log").exists()  # the workload never started
 
@@ -198,3 +198,19 @@ def test_a_grpo_batch_larger_than_the_data_is_refused_up_front(tmp_path, capsys)
     assert "dataset: 3 rows are fewer than the 4 prompts one generation batch takes" in printed
     assert "grpo.numGenerations 2" in printed
     assert not (tmp_path / "out" / "train.log").exists()
+
+
+def test_trainyard_run_refuses_deepspeed_it_cannot_import_before_starting(tmp_path):
+    out = tmp_path / "out"
+    argv = ["run", str(QUICKSTART), "--output", str(out)]
+    argv += ["--set", "distributed.deepspeed={zeroStage: 2}"]
+    done = python(
+        f"from trainyard.cli.main import main; sys.exit(main({argv!r}))",
+        hidden={"deepspeed"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "(TrainingRun/quickstart): cannot be trained here" in done.stdout
+    assert "distributed.deepspeed: DeepSpeed is not installed here" in done.stdout
+    assert not (out / "train.log").exists()  # the workload never started

@@ -229,16 +229,26 @@ def missing_training_packages() -> list[str]:
     return missing
 
 
-def check_local_data(run: TrainingRun) -> list[str]:
-    """Problems with the run's local data files, found before the workload starts (which
-    takes 15-20 s to get there): a missing file, an unknown suffix, the columns the format
-    needs (read from the first rows, checked by the workload's own `prepare_dataset`)."""
+def check_local_data(run: TrainingRun, cuda: bool = False) -> list[str]:
+    """Problems found before the workload starts (which takes 15-20 s to get there): a
+    package the spec needs and this machine lacks, and the run's local data files (a
+    missing file, an unknown suffix, the columns the format needs, read from the first
+    rows and checked by the workload's own `prepare_dataset`, the GRPO batch rule)."""
     from trainyard.workloads import sources
     from trainyard.workloads.dataset_formats import DatasetFormatError, prepare_dataset
-    from trainyard.workloads.methods.common import SpecError, check_dataset_size
+    from trainyard.workloads.methods.common import (
+        Environment,
+        SpecError,
+        check_dataset_size,
+        check_environment,
+    )
 
     data = run.spec.dataset
     problems: list[str] = []
+    try:  # packages the spec needs (DeepSpeed, bitsandbytes), as the workload checks them
+        check_environment(run.spec, Environment(cuda=cuda))
+    except SpecError as error:
+        problems.append(str(error))
     for field_name, uri in (
         ("dataset.source", data.source),
         ("dataset.evalSource", data.eval_source),
@@ -666,9 +676,9 @@ def run_command(argv: list[str]) -> int:
         (output_dir / TINY_DATA_DIR).mkdir(exist_ok=True)
         with open(output_dir / TINY_DATA_DIR / name, "w") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
-    problems = check_local_data(run)
+    problems = check_local_data(run, cuda=options.cuda)
     if problems:
-        print(f"{args.file} (TrainingRun/{run.metadata.name}): its data cannot be trained on")
+        print(f"{args.file} (TrainingRun/{run.metadata.name}): cannot be trained here")
         for problem in problems:
             print(f"  {problem}")
         return 1
