@@ -448,7 +448,13 @@ class CheckpointSyncCallback(TrainerCallback):
         self._trainer = trainer
         if trainer is None or not self.async_saves:
             return
-        saves = AsyncSaves(trainer, on_written=self._on_written, on_skip=self._on_skip)
+        saves = AsyncSaves(
+            trainer,
+            on_written=self._on_written,
+            on_skip=self._on_skip,
+            # Where uploads must not skip steps (several nodes), writes must not either.
+            coalesce=self.sync.coalesce,
+        )
         self.saves = saves if saves.install() else None
 
     def _uploads(self, state) -> bool:

@@ -16,8 +16,9 @@ moved off the step, keeps every file name and format the Hugging Face tools expe
 Each save writes into its own checkpoint-N/ (files appear under temporary names and
 are renamed when whole), so a save never touches the one still being written. When a
 save is sealed while an older one still waits to be written, the older one is dropped
-(newest wins; `skipped` and `on_skip` say which): at most two snapshots are in host
-memory. A dropped or unfinished checkpoint-N/ is never uploaded (`on_written` hands a
+(newest wins; `skipped` and `on_skip` say which; with `coalesce=False`, as on runs of
+several nodes, the new save waits for the writer instead): at most two snapshots are
+in host memory. A dropped or unfinished checkpoint-N/ is never uploaded (`on_written` hands a
 checkpoint to the uploader only once all its files are written) and a dropped one is
 deleted, so no incomplete directory is left behind for long.
 
@@ -138,8 +139,13 @@ class AsyncSaves:
         *,
         on_written: Callable[[Path, int], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.trainer = trainer
+        # False: never drop a save; a save that finds one still waiting for the writer
+        # waits until the writer takes it (every node of a multi-node run must write
+        # the same steps: node 0 commits a step only with every node's part).
+        self.coalesce = coalesce
         self.on_written = on_written
         self.on_skip = on_skip
         self.pin = torch.cuda.is_available()
@@ -189,6 +195,8 @@ class AsyncSaves:
             )
             dropped = None
             with self._changed:
+                while not self.coalesce and self._waiting is not None:
+                    self._changed.wait()
                 # A save still waiting for the writer is outdated by this one: drop it
                 # now and reuse its host buffers (two sets at most: one being written).
                 if self._waiting is not None:
@@ -343,6 +351,7 @@ class AsyncSaves:
                     return
                 pending, self._waiting = self._waiting, None
                 self._writing = True
+                self._changed.notify_all()
                 self.writing_step = pending.step
             started = time.perf_counter()
             try:
