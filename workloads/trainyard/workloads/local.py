@@ -607,7 +607,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def run_command(argv: list[str]) -> int:
     """`trainyard run`; returns the training process's exit code (1 for a bad spec), or the
-    verdict of the file's PromotionGates on the run (`evaluate.local_gate`)."""
+    verdict of the file's PromotionGates on the run (`evaluate.local_gate`); a file with a
+    TrainingPipeline runs its stages (`local_pipeline`)."""
+    from trainyard.workloads import local_pipeline
+
+    if not {"-h", "--help"} & set(argv) and local_pipeline.pipeline_file_in(argv):
+        return local_pipeline.pipeline_command(argv)
     try:
         # `--help` is the runner's own, not the gate judge's.
         gates_only = not {"-h", "--help"} & set(argv) and local_gate.gate_file_in(argv)

@@ -1,0 +1,89 @@
+"""`trainyard run PIPELINE.yaml`: stages in order on this machine, gates judged between them,
+resumed by running the same command again. Real trainings (--tiny: two steps a stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainyard.workloads.local import run_command
+
+pytestmark = pytest.mark.slow
+
+
+def pipeline_file(tmp_path: Path, *, sft_gate: dict, dpo_gate: dict | None = None) -> Path:
+    def stage(name: str, method: str, source: str, fmt: str, gate: dict | None) -> dict:
+        body = {
+            "name": name,
+            "run": {
+                "method": method,
+                "model": {"source": source},
+                "dataset": {"source": f"builtin://datasets/{fmt}", "format": fmt},
+                "checkpoint": {"uri": f"s3://ckpt/local/{name}"},
+            },
+        }
+        if gate is not None:
+            body["gate"] = gate
+        return body
+
+    document = {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "TrainingPipeline",
+        "metadata": {"name": "local"},
+        "spec": {
+            "stages": [
+                stage("sft", "sft", "builtin://tiny-qwen2", "chat", sft_gate),
+                stage("dpo", "dpo", "run://previous", "preference", dpo_gate),
+            ]
+        },
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def state(output: Path) -> dict:
+    return json.loads((output / "pipeline.json").read_text())
+
+
+def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_path):
+    path = pipeline_file(tmp_path, sft_gate={"criteria": ["loss <= 100"]})
+    output = tmp_path / "out"
+    assert run_command([str(path), "--tiny", "--output", str(output)]) == 0
+    stages = state(output)
+    assert [stages[s]["phase"] for s in ("sft", "dpo")] == ["Promoted", "Promoted"]
+    sft_final = (output / "sft" / "checkpoints" / "final").resolve().as_uri()
+    assert stages["dpo"]["inputModel"] == sft_final
+    dpo_run = json.loads((output / "dpo" / "run.json").read_text())
+    assert dpo_run["spec"]["model"]["source"] == sft_final
+    assert json.loads((output / "sft" / "gate-local-sft-gate.json").read_text())["verdict"] == (
+        "Passed"
+    )
+    logs = {s: (output / s / "train.log").stat().st_mtime_ns for s in ("sft", "dpo")}
+    assert run_command([str(path), "--tiny", "--output", str(output)]) == 0
+    assert {s: (output / s / "train.log").stat().st_mtime_ns for s in logs} == logs, (
+        "promoted stages are not trained again"
+    )
+
+
+def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(tmp_path):
+    rejected = pipeline_file(tmp_path, sft_gate={"criteria": ["loss <= 0.0001"]})
+    output = tmp_path / "rejected"
+    assert run_command([str(rejected), "--tiny", "--output", str(output)]) == 1
+    assert state(output)["sft"]["phase"] == "Rejected"
+    assert not (output / "dpo").exists(), "the next stage never started"
+
+    waiting = pipeline_file(
+        tmp_path, sft_gate={"criteria": ["loss <= 100"], "manualApproval": True}
+    )
+    output = tmp_path / "waiting"
+    assert run_command([str(waiting), "--tiny", "--output", str(output)]) == 3
+    assert state(output)["sft"]["phase"] == "Gating"
+    trained = (output / "sft" / "train.log").stat().st_mtime_ns
+    code = run_command([str(waiting), "--tiny", "--output", str(output), "--approve", "alice"])
+    assert code == 0
+    assert (output / "sft" / "train.log").stat().st_mtime_ns == trained, "judged, not retrained"
+    assert state(output)["dpo"]["phase"] == "Promoted"
