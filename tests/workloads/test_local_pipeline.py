@@ -62,6 +62,16 @@ def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_p
     assert json.loads((output / "sft" / "gate-local-sft-gate.json").read_text())["verdict"] == (
         "Passed"
     )
+    # every promoted model can be traced back to the data and decisions that made it
+    from trainyard.cli.lineage import chain
+
+    dpo_final = (output / "dpo" / "checkpoints" / "final").resolve().as_uri()
+    records = chain(dpo_final)
+    assert [r.get("stage") for r in records] == ["dpo", "sft", None]
+    assert records[0]["inputModel"] == sft_final and records[0]["gate"] is None
+    assert records[1]["dataset"].startswith("file://")  # --tiny's built-in data, written out
+    assert records[1]["gate"]["verdict"] == "Passed" and records[1]["specHash"]
+    assert records[2] == {"model": "builtin://tiny-qwen2", "origin": True}
     logs = {s: (output / s / "train.log").stat().st_mtime_ns for s in ("sft", "dpo")}
     assert run_command([str(path), "--tiny", "--output", str(output)]) == 0
     assert {s: (output / s / "train.log").stat().st_mtime_ns for s in logs} == logs, (

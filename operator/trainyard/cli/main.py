@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_help=False,
     )
     commands.add_parser(
+        "lineage", help="how a promoted model came to be: stages, data, gates", add_help=False
+    )
+    commands.add_parser(
         "operator", help="run the operator against the current cluster", add_help=False
     )
     if not args or args[0] in ("-h", "--help"):
@@ -60,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainyard.cli.evaluate import evaluate_command
 
         return evaluate_command(rest)
+    if command == "lineage":
+        from trainyard.cli.lineage import lineage_command
+
+        return lineage_command(rest)
     if command == "operator":
         try:
             from trainyard.cli.operator_cmd import operator_command

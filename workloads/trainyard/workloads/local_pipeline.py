@@ -16,8 +16,10 @@ Exit codes: 0 every stage promoted, 1 a stage failed or was rejected (or a bad f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,7 @@ def pipeline_command(argv: list[str]) -> int:
         entry["phase"] = _phase(code, stage, stage_dir)
         if entry["phase"] == "Promoted":
             model = entry["model"] = final_model(stage_dir)
+            write_provenance(pipeline, stage, stage_dir, entry)
         state_path.write_text(json.dumps(state, indent=2) + "\n")
         if entry["phase"] != "Promoted":
             break
@@ -166,6 +169,50 @@ def pipeline_command(argv: list[str]) -> int:
             "--approve NAME (or --reject NAME)"
         )
     return code
+
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_provenance(
+    pipeline: TrainingPipeline, stage: Stage, stage_dir: Path, entry: dict[str, Any]
+) -> None:
+    """`provenance.json` beside the promoted model: what made it (input model, data, the
+    stage as it ran, the gate's verdict and who approved), read by `trainyard lineage`."""
+    spec = stage.model_dump(by_alias=True, mode="json")
+    run = (
+        json.loads((stage_dir / "run.json").read_text())
+        if (stage_dir / "run.json").is_file()
+        else {}
+    )
+    gate: dict[str, Any] | None = None
+    for path in stage_dir.glob("gate-*.json"):
+        status = json.loads(path.read_text())
+        gate = {
+            "name": path.stem.removeprefix("gate-"),
+            "verdict": status.get("verdict"),
+            "message": status.get("message"),
+            "results": status.get("results"),
+            "approval": status.get("approval"),
+            "decidedAt": status.get("decidedAt"),
+        }
+    summary_path = stage_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    provenance = {
+        "pipeline": pipeline.metadata.name,
+        "stage": stage.name,
+        "model": entry["model"],
+        "inputModel": (run.get("spec") or {}).get("model", {}).get("source"),
+        "dataset": (run.get("spec") or {}).get("dataset", {}).get("source"),
+        "method": stage.run.method,
+        "specHash": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16],
+        "trainedSteps": summary.get("steps"),
+        "gate": gate,
+        "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    final = stage_dir / "checkpoints" / "final"
+    if final.is_dir():
+        (final / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def _phase(code: int, stage: Stage, stage_dir: Path) -> str:
