@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_help=False,
     )
     commands.add_parser(
+        "serve", help="serve a model with vLLM as an InferenceServer does", add_help=False
+    )
+    commands.add_parser(
         "lineage", help="how a promoted model came to be: stages, data, gates", add_help=False
     )
     commands.add_parser(
@@ -63,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainyard.cli.evaluate import evaluate_command
 
         return evaluate_command(rest)
+    if command == "serve":
+        from trainyard.cli.serve import serve_command
+
+        return serve_command(rest)
     if command == "lineage":
         from trainyard.cli.lineage import lineage_command
 
