@@ -121,6 +121,9 @@ class KubeClient:
         self.on_api_error = on_api_error
         self.user_agent: str | None = None
         self._api: kube_client.ApiClient | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=self.settings.request_timeout, connect=self.settings.connect_timeout
+        )
 
     @property
     def server(self) -> str:
@@ -155,19 +158,27 @@ class KubeClient:
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         """One raw request through the client's session, credentials and TLS; the caller
-        reads and releases the response (watches stream it)."""
-        return await self._client().call_api(
-            path,
+        reads and releases the response (watches stream it).
+
+        The REST layer of kubernetes_asyncio directly, with its own auth (token refresh
+        included): `ApiClient.call_api` would walk every body through
+        `sanitize_for_serialization`, which costs more than the request for plain dicts.
+        """
+        api = self._client()
+        headers = {
+            **api.default_headers,
+            "Content-Type": content_type,
+            "Accept": "application/json",
+        }
+        await api.update_params_for_auth(headers, None, ["BearerToken"])
+        return await api.rest_client.request(
             method,
-            query_params=list((params or {}).items()),
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            self.server + path,
+            query_params=params or None,
+            headers=headers,
             body=json,
-            auth_settings=["BearerToken"],
             _preload_content=False,
-            _request_timeout=timeout
-            or aiohttp.ClientTimeout(
-                total=self.settings.request_timeout, connect=self.settings.connect_timeout
-            ),
+            _request_timeout=timeout or self._timeout,
         )
 
     async def request(

@@ -123,6 +123,8 @@ class Runtime:
     _client: k8s.KubeClient | None = None
     _queue: WorkQueue[Key] | None = None
     _owners: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # (kind, namespace) → name → body: what followers look up on every event, without a scan
+    _by_namespace: dict[tuple[str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
     _by_label: dict[tuple[str, str, str], str] = field(default_factory=dict)
     _informers: dict[tuple[str, str], list[k8s.Informer]] = field(default_factory=dict)
     _peerings: list[k8s.Informer] = field(default_factory=list)
@@ -326,6 +328,7 @@ class Runtime:
             self._notify_followers(kind, body)
             return
         self._owners[key] = dict(body)
+        self._by_namespace.setdefault((kind, key[1]), {})[key[2]] = self._owners[key]
         self._by_label[label] = key[2]
         # Followers read this object's status, which is mostly this operator's own writes
         # (a run's phase): they hear every change, the echo of such a write included.
@@ -344,7 +347,7 @@ class Runtime:
 
     def owners(self, kind: str, namespace: str) -> list[dict[str, Any]]:
         """The cached objects of a registered kind in a namespace (as kopf last delivered them)."""
-        return [body for (k, ns, _), body in self._owners.items() if k == kind and ns == namespace]
+        return list(self._by_namespace.get((kind, namespace), {}).values())
 
     def owner(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """One cached object of a registered kind, or None when it does not exist."""
@@ -397,6 +400,7 @@ class Runtime:
     def forget(self, key: Key, uid: str) -> None:
         """The object is gone: drop everything kept about it."""
         body = self._owners.pop(key, None)
+        self._by_namespace.get((key[0], key[1]), {}).pop(key[2], None)
         registration = self.registrations[key[0]]
         self._by_label.pop((key[0], key[1], registration.label_value(key[2])), None)
         if self._queue is not None:
