@@ -56,12 +56,11 @@ from trainyard.api.verdict import (
 )
 from trainyard.operator import reasons
 from trainyard.operator.builders.evaluation import evaluation_name, render_evaluation
-from trainyard.operator.plan import ChildRef, Plan
+from trainyard.operator.plan import ChildRef, Plan, user_document
 from trainyard.operator.status import format_time, own_status, set_condition, status_patch
 
 KIND = "PromotionGate"
 EVENT_SOURCE = "trainyard-operator"
-USER_METADATA = ("name", "namespace", "labels")
 
 
 class GateCondition(StrEnum):
@@ -541,15 +540,11 @@ def decision_event(gate: dict[str, Any], status: dict[str, Any], now: datetime) 
 # -- reading the observation ----------------------------------------------------------------
 
 
-def _document(body: dict[str, Any]) -> dict[str, Any]:
-    """The gate as its author wrote it: no status, no server-set metadata."""
-    meta = body.get("metadata") or {}
-    return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind") or KIND,
-        "metadata": {k: meta[k] for k in USER_METADATA if k in meta},
-        "spec": body.get("spec"),
-    }
+def _document(body: dict[str, Any], kind: str = "PromotionGate") -> dict[str, Any]:
+    """The resource as its author wrote it (`plan.user_document`), its kind defaulted."""
+    document = user_document(body)
+    document["kind"] = document["kind"] or kind
+    return document
 
 
 def _parse(body: dict[str, Any]) -> PromotionGate:
@@ -576,13 +571,7 @@ def _parse_gate(body: dict[str, Any]) -> PromotionGate | None:
 def _parse_run(body: dict[str, Any] | None) -> TrainingRun | None:
     if body is None:
         return None
-    meta = body.get("metadata") or {}
-    document = {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind") or "TrainingRun",
-        "metadata": {k: meta[k] for k in USER_METADATA if k in meta},
-        "spec": body.get("spec"),
-    }
+    document = _document(body, "TrainingRun")
     try:
         run = parse_resource(document)
     except InvalidResource:

@@ -50,9 +50,6 @@ class Observed:
     """How often a Running run's progress (rank 0's metrics) is read: its requeue period."""
 
 
-_ref, _is_owned = ref, is_owned
-
-
 def _attempt_pods(
     pods: list[dict[str, Any]], job: dict[str, Any] | None, attempt: int
 ) -> list[dict[str, Any]]:
@@ -63,7 +60,7 @@ def _attempt_pods(
     return [
         p
         for p in pods
-        if (uid and _is_owned(p, uid))
+        if (uid and is_owned(p, uid))
         or (
             (p.get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL) == str(attempt)
             and not p.get("metadata", {}).get("ownerReferences")
@@ -151,7 +148,7 @@ class _Facts:
         """Earlier attempts' Jobs and configs; a config goes once its attempt's pods are gone."""
         config_name = builder_names.config_map_name(self.run.metadata.name, self.attempt)
         return [
-            _ref(c)
+            ref(c)
             for c in self.ours
             if (c.get("kind") == "Job" and c["metadata"]["name"] != self.job_name)
             or (c.get("kind") == "ConfigMap" and c["metadata"]["name"] != config_name)
@@ -254,7 +251,7 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
         run=run,
         status=status,
         old_status=observed.run.get("status"),
-        ours=[c for c in observed.children if _is_owned(c, uid)],
+        ours=[c for c in observed.children if is_owned(c, uid)],
         attempt=int(status.data.get("restartAttempt") or 0),
         now=now,
     )
@@ -331,7 +328,7 @@ def _succeed(facts: _Facts, outcome: Outcome) -> Plan:
     status.condition(RunCondition.SUCCEEDED, True, outcome.reason, outcome.message)
     status.finish(RunPhase.SUCCEEDED, "training finished")
     _take_progress(status, facts.observed.metrics, facts.spec, facts.now)
-    servers = [_ref(c) for c in facts.ours if c.get("kind") == "Deployment"]  # rollout GPUs
+    servers = [ref(c) for c in facts.ours if c.get("kind") == "Deployment"]  # rollout GPUs
     return _plan(status, facts.old_status, facts.stale() + servers, [], _ttl_requeue(facts))
 
 
@@ -341,7 +338,7 @@ def _fail(facts: _Facts, outcome: Outcome) -> Plan:
     status.condition(RunCondition.RUNNING, False, outcome.reason, outcome.message)
     status.condition(RunCondition.FAILED, True, outcome.reason, outcome.message)
     status.finish(RunPhase.FAILED, outcome.message)
-    workers = [_ref(c) for c in facts.ours if c.get("kind") in ("Job", "Deployment")]
+    workers = [ref(c) for c in facts.ours if c.get("kind") in ("Job", "Deployment")]
     return _plan(status, facts.old_status, facts.stale() + workers, [], _ttl_requeue(facts))
 
 
@@ -354,7 +351,7 @@ def _ttl_requeue(facts: _Facts) -> float | None:
 def _restart(facts: _Facts, outcome: Outcome) -> Plan:
     """Record a gang restart, delete the attempt's Job, and start the next attempt."""
     status = facts.status
-    deletes = facts.stale() + ([_ref(facts.job)] if facts.job is not None else [])
+    deletes = facts.stale() + ([ref(facts.job)] if facts.job is not None else [])
     facts.attempt += 1
     status.data["restartAttempt"] = facts.attempt
     checkpoint = (status.data.get("checkpoints") or {}).get("latestStep")

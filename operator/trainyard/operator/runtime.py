@@ -412,11 +412,6 @@ class Runtime:
             gone = {"metadata": {"uid": uid, "namespace": key[1], "name": key[2]}}
             registration.recorded(self.metrics, gone, None)
 
-    def kept_objects(self) -> int:
-        """How many objects the runtime keeps anything about (tests check deletion empties it)."""
-        uids = set(self._written) | set(self._created) | set(self._deleted)
-        return len(self._owners) + len(uids - {""})
-
     # -- workers ----------------------------------------------------------------------------
 
     async def _work(self) -> None:
