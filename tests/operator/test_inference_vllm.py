@@ -16,7 +16,6 @@ import ast
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,6 @@ from tests.operator.test_inference_builders import CASES, example_servers, serve
 from tests.operator.test_vllm_args import (
     CPU_KV_CACHE_BYTES,
     SERVE_WITH_VLLM,
-    STARTUP_SECONDS,
     VENV,
     VENV_PYTHON,
     build_tiny_model,
@@ -36,6 +34,7 @@ from tests.operator.test_vllm_args import (
     parse_with_vllm,
     server_log,
     stop_process_group,
+    wait_until_ready,
 )
 from trainyard.api import parse_resource
 from trainyard.operator.builders.inference import (
@@ -199,26 +198,7 @@ def test_the_deployment_command_serves_the_model_and_its_adapter(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         health = container["readinessProbe"]["httpGet"]["path"]
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"vLLM exited with status {process.returncode} before it was ready; its "
-                    f"log ({log_path}):\n{server_log(log_path)}",
-                    pytrace=False,
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"vLLM was not ready after {STARTUP_SECONDS} s; its log ({log_path}):\n"
-                    + server_log(log_path),
-                    pytrace=False,
-                )
-            try:
-                if http_json(base + health)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                pass
-            time.sleep(2)
+        wait_until_ready(process, base + health, log_path)
 
         status, models = http_json(f"{base}/v1/models")
         assert status == 200

@@ -336,26 +336,7 @@ def test_rendered_deployment_starts_a_server_trl_can_use(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         ready_path = container["readinessProbe"]["httpGet"]["path"]
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if server.poll() is not None:
-                pytest.fail(
-                    f"vLLM exited with status {server.returncode} before it was ready; "
-                    f"its log ({log_path}):\n{server_log(log_path)}",
-                    pytrace=False,
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"vLLM was not ready after {STARTUP_SECONDS} s; its log ({log_path}):\n"
-                    + server_log(log_path),
-                    pytrace=False,
-                )
-            try:
-                if http_json(base + ready_path)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                pass
-            time.sleep(2)
+        wait_until_ready(server, base + ready_path, log_path)
 
         status, models = http_json(f"{base}/v1/models")
         assert status == 200 and models["data"][0]["id"] == str(model_dir)
@@ -381,6 +362,31 @@ def test_rendered_deployment_starts_a_server_trl_can_use(tmp_path):
     finally:
         stop_process_group(server)
         log.close()
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path) -> None:
+    """Poll the server's readiness URL; fail with vLLM's whole log if it exits or never
+    gets ready within STARTUP_SECONDS."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            pytest.fail(
+                f"vLLM exited with status {process.returncode} before it was ready; "
+                f"its log ({log_path}):\n{server_log(log_path)}",
+                pytrace=False,
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"vLLM was not ready after {STARTUP_SECONDS} s; its log ({log_path}):\n"
+                + server_log(log_path),
+                pytrace=False,
+            )
+        try:
+            if http_json(url)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            pass
+        time.sleep(2)
 
 
 def server_log(path: Path) -> str:
