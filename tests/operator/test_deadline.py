@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from trainyard.operator.deadline import active_since, is_exceeded, seconds_left
+from trainyard.operator import deadline, reasons
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -33,6 +33,16 @@ HOUR = timedelta(hours=1)
     ],
 )
 def test_deadline(name, start, resumed, limit, now, left, exceeded):
-    since = active_since(start_time=start, resumed_at=resumed)
-    assert seconds_left(active_since=since, deadline_seconds=limit, now=now) == left, name
-    assert is_exceeded(active_since=since, deadline_seconds=limit, now=now) is exceeded, name
+    since = deadline.active_since(start_time=start, resumed_at=resumed)
+    assert deadline.seconds_left(active_since=since, deadline_seconds=limit, now=now) == left, name
+    decided = deadline.outcome(
+        deadline_seconds=limit, start_time=start, resumed_at=resumed, now=now
+    )
+    if left is None:
+        assert decided is None, name
+    elif exceeded:
+        assert (decided.action, decided.reason) == ("fail", reasons.DEADLINE_EXCEEDED), name
+        assert f"activeDeadlineSeconds={limit}" in decided.message, name
+    else:
+        assert (decided.action, decided.requeue_after) == ("note", left), name
+        assert not decided.decisive, name

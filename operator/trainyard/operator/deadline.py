@@ -25,13 +25,6 @@ def seconds_left(
     return status.seconds_left(active_since, deadline_seconds, now)
 
 
-def is_exceeded(
-    *, active_since: datetime | None, deadline_seconds: int | None, now: datetime
-) -> bool:
-    left = seconds_left(active_since=active_since, deadline_seconds=deadline_seconds, now=now)
-    return left is not None and left <= 0
-
-
 def outcome(
     *,
     deadline_seconds: int | None,

@@ -23,13 +23,6 @@ def seconds_until_cleanup(
     return seconds_left(completion_time, ttl_seconds, now)
 
 
-def is_cleanup_due(
-    *, completion_time: datetime | None, ttl_seconds: int | None, now: datetime
-) -> bool:
-    left = seconds_until_cleanup(completion_time=completion_time, ttl_seconds=ttl_seconds, now=now)
-    return left is not None and left <= 0
-
-
 def outcome(
     *,
     completion_time: datetime | None,
