@@ -159,3 +159,49 @@ async def test_only_the_active_replica_writes_and_the_standby_takes_over(
         await eventually(lambda: api.get(JOBS, NAMESPACE, "shared-attempt-0") is None)
         assert [j["metadata"]["name"] for j in kubelet.jobs("shared")] == ["shared-attempt-1"]
     assert took_over < 10
+
+
+async def test_a_kind_not_served_is_an_empty_synced_cache_until_its_crd_arrives(api):
+    """An optional CRD (kopf's peering group that is not installed, say): the informer says
+    synced with nothing in it, lists again on its own clock without counting a watch
+    restart, and sees the objects once the kind is served."""
+    from trainyard.operator import k8s
+
+    restarts: list[None] = []
+    seen: list[str] = []
+    configuration = await k8s.load_configuration(str(api.url).rstrip("/"))
+    async with k8s.KubeClient(configuration) as client:
+        informer = k8s.Informer(
+            client,
+            "ZalandoKopfPeering",
+            NAMESPACE,
+            None,
+            lambda _kind, obj: obj,
+            backoff=0.05,
+            absent_relist=0.1,
+            on_change=lambda _kind, entry, added: seen.append(entry["metadata"]["name"]),
+            on_restart=lambda: restarts.append(None),
+        )
+        task = asyncio.create_task(informer.run())
+        try:
+            await asyncio.wait_for(informer.synced.wait(), 10)
+            assert informer.all() == []
+            lists = api.count("list", "/apis/zalando.org/v1/namespaces/")
+            await eventually(
+                lambda: api.count("list", "/apis/zalando.org/v1/namespaces/") >= lists + 3, 10
+            )
+            assert restarts == [], "waiting for a CRD is not a watch restart"
+
+            api.declare(PEERINGS, "KopfPeering", status=False)
+            peering = {
+                "apiVersion": "zalando.org/v1",
+                "kind": "KopfPeering",
+                "metadata": {"name": "trainyard", "namespace": NAMESPACE},
+            }
+            await api.put_object(PEERINGS, peering)
+            await eventually(lambda: seen == ["trainyard"], 10)
+            assert [o["metadata"]["name"] for o in informer.all()] == ["trainyard"]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

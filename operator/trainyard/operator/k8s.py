@@ -369,6 +369,7 @@ class Informer:
         server_timeout: float = 300.0,
         client_timeout: float = 330.0,
         backoff: float = 0.5,
+        absent_relist: float = 30.0,
         on_change: Callable[[str, dict[str, Any], bool], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         on_synced: Callable[[], None] | None = None,
@@ -385,6 +386,7 @@ class Informer:
             client_timeout,
             backoff,
         )
+        self.absent_relist = absent_relist  # how often a kind not served is listed again
         self.on_change, self.on_restart, self.on_synced = on_change, on_restart, on_synced
         self.synced = asyncio.Event()
         self._by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -426,8 +428,10 @@ class Informer:
         """List and watch until cancelled."""
         while True:
             try:
-                if self._version is None:
-                    await self._list()
+                if self._version is None and not await self._list():
+                    # Not served here (an optional CRD): nothing to watch; look again later.
+                    await asyncio.sleep(self.absent_relist)
+                    continue
                 await self._watch()
             except asyncio.CancelledError:
                 raise
@@ -447,16 +451,16 @@ class Informer:
             if self.on_restart is not None:
                 self.on_restart()
 
-    async def _list(self) -> None:
+    async def _list(self) -> bool:
+        """List into the cache; False when the kind is not served (an empty, synced cache)."""
         params = {"labelSelector": self.label} if self.label else None
         status, body = await self.client.request(
             "list", "GET", collection_path(self.kind, self.namespace), params=params, accept=(404,)
         )
-        if status == 404:  # not served here (an optional CRD): nothing to see, look again later
+        if status == 404:
             self._by_key.clear()
             self._set_synced()
-            await asyncio.sleep(max(self.backoff, 30.0))
-            raise ApiError("list", collection_path(self.kind, self.namespace), 404, "NotFound", "")
+            return False
         before = {
             (ns, name): obj
             for (ns, _), objects in self._by_key.items()
@@ -474,6 +478,7 @@ class Informer:
                 self.on_change(self.kind, gone, False)
         self._version = (body.get("metadata") or {}).get("resourceVersion")
         self._set_synced()
+        return True
 
     def _set_synced(self) -> None:
         self.synced.set()
