@@ -108,6 +108,14 @@ FIXTURES: dict[str, tuple[Doc, Doc]] = {
         spec().set(DEEPSPEED, {"zeroStage": 3, "offloadParam": "cpu"}),
         spec().set(DEEPSPEED, {"zeroStage": 2, "offloadParam": "nvme"}),
     ),
+    "oom-floor-within-batch": (
+        spec()
+        .set("training.perDeviceBatchSize", 4)
+        .set("runPolicy.oomRecovery", {"minPerDeviceBatchSize": 4}),
+        spec()
+        .set("training.perDeviceBatchSize", 2)
+        .set("runPolicy.oomRecovery", {"minPerDeviceBatchSize": 4}),
+    ),
     "no-literal-credentials": (
         spec().set(
             "env",
@@ -174,6 +182,13 @@ EXTRA: list[tuple[str, Doc, bool]] = [
     ),
     ("param-offload-needs-zero3", spec().set(DEEPSPEED, {"zeroStage": 3}), True),
     ("param-offload-needs-zero3", spec().set(DEEPSPEED, {"offloadParam": "cpu"}), False),
+    # Defaults matter: a bare oomRecovery floors at 1.
+    ("oom-floor-within-batch", spec().set("runPolicy.oomRecovery", {}), True),
+    (
+        "oom-floor-within-batch",
+        spec().set("runPolicy.oomRecovery", {"minPerDeviceBatchSize": 99}),
+        False,
+    ),
     # Secret-looking names are matched case-insensitively anywhere in the name.
     ("no-literal-credentials", spec().set("env", [{"name": "my_api_key", "value": "k"}]), False),
     ("no-literal-credentials", spec().set("env", [{"name": "DB_PASSWORD", "value": "p"}]), False),

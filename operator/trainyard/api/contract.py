@@ -186,6 +186,34 @@ class Env:
     """Base URL of the vLLM rollout server (server mode)."""
     VLLM_HOST = "TRAINYARD_VLLM_HOST"
     VLLM_PORT = "TRAINYARD_VLLM_PORT"
+    TERMINATION_LOG = "TRAINYARD_TERMINATION_LOG"
+    """Where a worker writes why it stopped (`trainyard run`: OUTPUT/termination.log);
+    in a pod, the kubelet's `TERMINATION_LOG` file when the variable is unset."""
+
+
+# --------------------------------------------------------------------------- exits
+
+OOM_EXIT_CODE = 75
+"""Exit status of a training process stopped by CUDA out-of-memory (sysexits' EX_TEMPFAIL:
+try again, here with a smaller batch). Under torchrun the container exits with torchrun's
+own status (1), so the worker also says it in the termination message."""
+OOM_REASON = "CudaOutOfMemory"
+"""First word of a worker's termination message after CUDA out-of-memory:
+`CudaOutOfMemory: rank 0 at step 12 with perDeviceBatchSize 8: CUDA out of memory. …`."""
+TERMINATION_LOG = "/dev/termination-log"
+"""The container's terminationMessagePath (Kubernetes' default): the kubelet copies the
+file into `status.containerStatuses[].state.terminated.message` (4 KiB at most)."""
+
+
+def is_oom_termination(message: str | None, exit_code: int | None = None) -> bool:
+    """Whether a worker's termination message or exit status says CUDA out-of-memory.
+
+    >>> is_oom_termination("CudaOutOfMemory: rank 1 at step 3 ..."), is_oom_termination(None, 75)
+    (True, True)
+    >>> is_oom_termination("Error: CudaOutOfMemory", 1)
+    False
+    """
+    return exit_code == OOM_EXIT_CODE or (message or "").startswith(f"{OOM_REASON}:")
 
 
 # --------------------------------------------------------------------------- metrics

@@ -481,6 +481,31 @@ class MetricsSpec(ApiModel):
     """Port of /metrics in the training pod."""
 
 
+class OOMRecovery(ApiModel):
+    """Retry a run that ran out of GPU memory with a smaller per-device batch and more
+    gradient accumulation (the same effective batch), from its latest checkpoint."""
+
+    enabled: bool = True
+    """Recover from CUDA out-of-memory; false keeps the settings and turns recovery off."""
+    min_per_device_batch_size: int = Field(default=1, ge=1)
+    """Smallest per-device batch tried; out of memory at this size fails the run."""
+
+    def next_batch(self, per_device: int, accumulation: int) -> tuple[int, int] | None:
+        """(perDeviceBatchSize, gradientAccumulationSteps) of the next try: the batch halved
+        (for an odd batch its largest divisor up to half, so the effective batch stays the
+        same), or None when that would go below the floor.
+
+        >>> OOMRecovery().next_batch(8, 1), OOMRecovery().next_batch(6, 2), OOMRecovery().next_batch(3, 1)
+        ((4, 2), (3, 4), (1, 3))
+        >>> OOMRecovery(min_per_device_batch_size=4).next_batch(4, 2) is None
+        True
+        """
+        smaller = max((d for d in range(1, per_device // 2 + 1) if per_device % d == 0), default=0)
+        if smaller < self.min_per_device_batch_size:
+            return None
+        return smaller, accumulation * (per_device // smaller)
+
+
 class RunPolicy(ApiModel):
     """Restarts, stalls and clean-up."""
 
@@ -494,6 +519,8 @@ class RunPolicy(ApiModel):
     """Delete the run's pods and services this long after it finished; the run and its checkpoints stay."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Fail the run (and stop its workers) once it has been active this long: counted from when all workers first ran, restarted on resume after a suspend."""
+    oom_recovery: OOMRecovery | None = None
+    """On CUDA out-of-memory, restart from the latest checkpoint with perDeviceBatchSize halved and gradientAccumulationSteps doubled, down to minPerDeviceBatchSize (each retry counts against maxRestarts)."""
 
 
 _METHOD_BLOCKS = ("sft", "dpo", "kto", "reward", "grpo", "rloo", "pretrain")
@@ -608,6 +635,20 @@ SPEC_RULES: tuple[Rule, ...] = (
             s.distributed.deepspeed is None
             or s.distributed.deepspeed.offload_param == "none"
             or s.distributed.deepspeed.zero_stage == 3
+        ),
+    ),
+    Rule(
+        name="oom-floor-within-batch",
+        cel=(
+            "!has(self.runPolicy.oomRecovery) || "
+            "self.runPolicy.oomRecovery.minPerDeviceBatchSize <= self.training.perDeviceBatchSize"
+        ),
+        message="minPerDeviceBatchSize must not exceed training.perDeviceBatchSize",
+        field="runPolicy.oomRecovery.minPerDeviceBatchSize",
+        check=lambda s: (
+            s.run_policy.oom_recovery is None
+            or s.run_policy.oom_recovery.min_per_device_batch_size
+            <= s.training.per_device_batch_size
         ),
     ),
     *ENV_RULES,
@@ -731,6 +772,17 @@ class CheckpointStatus(ApiModel):
     """Where it lies."""
 
 
+class OOMRecoveryStatus(ApiModel):
+    """The batch the run trains with after recovering from CUDA out-of-memory."""
+
+    recoveries: int | None = None
+    """Restarts with a smaller batch after CUDA out-of-memory."""
+    per_device_batch_size: int | None = None
+    """Per-device batch of the current attempt (training.perDeviceBatchSize before any recovery)."""
+    gradient_accumulation_steps: int | None = None
+    """Gradient accumulation of the current attempt (the effective batch stays the spec's)."""
+
+
 class TrainingRunStatus(ApiModel):
     """Observed state of a TrainingRun."""
 
@@ -765,6 +817,8 @@ class TrainingRunStatus(ApiModel):
     """Why the run is in its phase."""
     applied_spec: dict[str, str] | None = None
     """A hash of each spec field as the current attempt's config was rendered from it (suspend and runPolicy apply at once and are left out); the SpecApplied condition names fields changed since."""
+    oom_recovery: OOMRecoveryStatus | None = None
+    """The smaller batch the run trains with after CUDA out-of-memory (runPolicy.oomRecovery)."""
 
 
 class TrainingRun(ApiModel):
