@@ -27,7 +27,7 @@ from trainyard.observe.labels import OPERATOR_JOB, POD_LABELS, TRAINING_JOB
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 
 from apiserver import running_api_server  # noqa: E402
-from operator_fakes import NAMESPACE, RUNS, Kubelet  # noqa: E402
+from operator_fakes import NAMESPACE, RUNS, Kubelet, fast_config  # noqa: E402
 
 from trainyard.cli.operator_cmd import run_operator  # noqa: E402
 from trainyard.operator.observability import OperatorMetrics  # noqa: E402
@@ -87,20 +87,8 @@ def run_document(metrics_port: int, checkpoints: Path) -> dict:
 
 
 def operator_config(api_url: str) -> OperatorConfig:
-    return OperatorConfig(
-        namespaces=[NAMESPACE],
-        standalone=True,
-        resync_seconds=600.0,
-        progress_seconds=1.0,
-        watch_server_timeout=5.0,
-        watch_client_timeout=8.0,
-        request_timeout=5.0,
-        connect_timeout=2.0,
-        metrics_port=0,
-        run_metrics_url="http://127.0.0.1:{port}/metrics",
-        api_server=api_url,
-        post_events=False,
-    )
+    # metrics on a port of its own (Prometheus scrapes it); progress read every second
+    return fast_config(api_url, progress_seconds=1.0, metrics_port=0)
 
 
 def target_labels(pod: dict) -> dict[str, str]:

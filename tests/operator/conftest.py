@@ -34,7 +34,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from apiserver import TrainyardApiServer, running_api_server  # noqa: E402
-from operator_fakes import NAMESPACE, Kubelet, MetricsServer, OperatorThread  # noqa: E402,F401
+from operator_fakes import (  # noqa: E402,F401
+    NAMESPACE,
+    Kubelet,
+    MetricsServer,
+    OperatorThread,
+    fast_config,
+)
 
 from trainyard.cli.operator_cmd import run_operator  # noqa: E402
 from trainyard.operator.observability import OperatorMetrics  # noqa: E402
@@ -75,27 +81,7 @@ async def rank0_metrics() -> AsyncIterator[MetricsServer]:
 
 @pytest.fixture
 def operator_config(api: TrainyardApiServer) -> OperatorConfig:
-    """Settings for fast tests: short watch timeouts and backoffs; resync at 10 minutes, so
-    only events (and each reconcile's own requeue) can drive a test."""
-    return OperatorConfig(
-        namespaces=[NAMESPACE],
-        standalone=True,
-        resync_seconds=600.0,
-        progress_seconds=0.3,
-        error_backoff_base=0.1,
-        error_backoff_cap=1.0,
-        watch_server_timeout=5.0,
-        watch_client_timeout=8.0,
-        watch_reconnect_backoff=0.05,
-        request_timeout=5.0,
-        connect_timeout=2.0,
-        api_backoffs=(0.02, 0.05, 0.1, 0.2, 0.2, 0.2),
-        error_backoffs=(0.2, 0.3, 0.5),
-        metrics_port=None,
-        run_metrics_url="http://127.0.0.1:{port}/metrics",
-        api_server=str(api.url).rstrip("/"),
-        post_events=False,
-    )
+    return fast_config(str(api.url))
 
 
 @contextlib.asynccontextmanager

@@ -42,6 +42,31 @@ def training_run(name: str = "demo", **spec: Any) -> dict[str, Any]:
     return body
 
 
+def fast_config(api_url: str, **overrides: Any) -> OperatorConfig:
+    """Operator settings for tests: short watch timeouts and backoffs; resync at 10 minutes,
+    so only events (and each reconcile's own requeue) can drive a test."""
+    settings: dict[str, Any] = {
+        "namespaces": [NAMESPACE],
+        "standalone": True,
+        "resync_seconds": 600.0,
+        "progress_seconds": 0.3,
+        "error_backoff_base": 0.1,
+        "error_backoff_cap": 1.0,
+        "watch_server_timeout": 5.0,
+        "watch_client_timeout": 8.0,
+        "watch_reconnect_backoff": 0.05,
+        "request_timeout": 5.0,
+        "connect_timeout": 2.0,
+        "api_backoffs": (0.02, 0.05, 0.1, 0.2, 0.2, 0.2),
+        "error_backoffs": (0.2, 0.3, 0.5),
+        "metrics_port": None,
+        "run_metrics_url": "http://127.0.0.1:{port}/metrics",
+        "api_server": api_url.rstrip("/"),
+        "post_events": False,
+    }
+    return OperatorConfig(**{**settings, **overrides})
+
+
 async def eventually(
     check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
 ) -> Any:
