@@ -22,6 +22,38 @@ COMMAND_PLACEHOLDERS = ("file", "test_file", "dir", "python")
 FILE_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 
 
+# The sandbox service (isolation: service): `python -m trainyard.workloads.rewards.sandbox_server`
+# in pods of its own; the operator renders it (trainyard.operator.builders.sandbox) and
+# `trainyard run` starts it on this machine, both with `sandbox_server_args`.
+SANDBOX_SERVER_MODULE = "trainyard.workloads.rewards.sandbox_server"
+SANDBOX_SERVICE_PORT = 8750
+SANDBOX_NAMESPACE = "trainyard-sandbox"
+SANDBOX_URL_ENV = "TRAINYARD_SANDBOX_URL"
+"""The trainer pod's environment variable with the sandbox service's base URL (rendered
+from serviceUrl); unset (`trainyard run`), the reward starts a sandbox server here."""
+DEFAULT_SANDBOX_SERVICE_URL = (
+    f"http://trainyard-sandbox.{SANDBOX_NAMESPACE}.svc:{SANDBOX_SERVICE_PORT}"
+)
+
+
+def sandbox_server_args(
+    host: str = "0.0.0.0",
+    port: int = SANDBOX_SERVICE_PORT,
+    isolation: Literal["strict", "rlimits"] = "strict",
+    workers: int | None = None,
+) -> list[str]:
+    """Arguments after `python` of the sandbox server, as its pod and `trainyard run` start it.
+
+    >>> sandbox_server_args(port=0)
+    ['-m', 'trainyard.workloads.rewards.sandbox_server', '--host', '0.0.0.0', '--port', '0', '--isolation', 'strict']
+    """
+    args = ["-m", SANDBOX_SERVER_MODULE, "--host", host, "--port", str(port)]
+    args += ["--isolation", isolation]
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    return args
+
+
 def _check_regex(value: str) -> str:
     try:
         re.compile(value)
@@ -178,6 +210,15 @@ class CodeExecutionStage(ApiModel):
     """Share of the score this stage earns when it exits 0."""
     timeout_seconds: float | None = Field(default=None, gt=0, le=600)
     """Wall-clock limit of this stage; the reward's timeoutSeconds when left out."""
+    error_pattern: str | None = None
+    """Score by count: a regular expression (multiline) matched against the stage's stdout and stderr, one match per error it reports, e.g. '^Error' for OCaml's compiler; the stage then earns weight x max(0, 1 - errors / errorScale) instead of all or nothing (nothing when it fails without reporting an error, times out or writes too much)."""
+    error_scale: float = Field(default=10.0, gt=0)
+    """Errors at which a stage scored by count earns nothing (with errorPattern)."""
+
+    @field_validator("error_pattern")
+    @classmethod
+    def _error_pattern(cls, value: str | None) -> str | None:
+        return None if value is None else _check_regex(value)
 
     @field_validator("command")
     @classmethod
@@ -227,8 +268,10 @@ class CodeExecutionArgs(ApiModel):
     """Bytes kept from each of stdout and stderr; a stage that writes more is killed and fails."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables of the stages (the trainer's environment is never passed)."""
-    isolation: Literal["strict", "rlimits"] = "strict"
-    """strict: own network and mount namespaces, read-only filesystem except the work directory, a fresh unprivileged uid (needs root with CAP_SYS_ADMIN); rlimits: limits, timeout and a fresh directory only — not a jail, for trusted code."""
+    isolation: Literal["strict", "rlimits", "service"] = "strict"
+    """strict: own network and mount namespaces, read-only filesystem except the work directory, a fresh unprivileged uid (needs root with CAP_SYS_ADMIN in the trainer container, which the restricted Pod Security Standard refuses); rlimits: limits, timeout and a fresh directory only — not a jail, for trusted code; service: each program goes to the sandbox service (serviceUrl), which jails it as strict does in a pod of its own, so the trainer keeps the restricted profile (`trainyard run` starts one on this machine)."""
+    service_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    """Base URL of the sandbox service for isolation service, given to the trainer pod as TRAINYARD_SANDBOX_URL; the platform's shared one (http://trainyard-sandbox.trainyard-sandbox.svc:8750) when left out. `trainyard run` starts a server on this machine instead."""
     workers: int | None = Field(default=None, ge=0)
     """Processes scoring completions in parallel; the CPU count when left out; 0 scores in the calling process."""
     max_completion_chars: int = Field(default=20000, gt=0)
@@ -256,6 +299,12 @@ class CodeExecutionArgs(ApiModel):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise ValueError(f"{name!r} is not an environment variable name")
         return value
+
+    @model_validator(mode="after")
+    def _service_url(self) -> CodeExecutionArgs:
+        if self.service_url and self.isolation != "service":
+            raise ValueError(f"serviceUrl is only used by isolation service, not {self.isolation}")
+        return self
 
     @model_validator(mode="after")
     def _test_file(self) -> CodeExecutionArgs:
@@ -307,3 +356,38 @@ def parse_reward_args(builtin: str, args: dict[str, Any] | None) -> ApiModel:
             f"args of builtin reward {builtin!r}: "
             + "; ".join(f"{path}: {message}" for path, message in problems)
         ) from None
+
+
+ISOLATION_DESCRIPTIONS = {
+    "strict": "strict jail in the trainer container (needs root with CAP_SYS_ADMIN there: "
+    "works with `trainyard run` as root, refused by a namespace enforcing the restricted "
+    "Pod Security Standard)",
+    "rlimits": "rlimits only, not a jail (limits, timeout and a fresh directory; the "
+    "program runs as the trainer's user with its network)",
+    "service": "strict jail in the sandbox service at {url} (its own pods; the trainer "
+    "keeps the restricted profile; `trainyard run` starts one on this machine)",
+}
+
+
+def code_execution_isolation(rewards: list[Any]) -> list[tuple[str, str, str]]:
+    """(reward name, isolation, what it means) of each code_execution reward among
+    `rewards` (the spec's RewardSpecs); rewards whose args are invalid are left out.
+
+    >>> from types import SimpleNamespace as Spec
+    >>> stage = {"name": "t", "command": ["{python}", "{file}"]}
+    >>> [i[:2] for i in code_execution_isolation([
+    ...     Spec(name="tests", builtin="code_execution", args={"stages": [stage], "isolation": "service"})])]
+    [('tests', 'service')]
+    """
+    found = []
+    for reward in rewards:
+        if getattr(reward, "builtin", None) != "code_execution":
+            continue
+        try:
+            args = parse_reward_args("code_execution", reward.args)
+        except ValueError:
+            continue
+        url = args.service_url or DEFAULT_SANDBOX_SERVICE_URL
+        meaning = ISOLATION_DESCRIPTIONS[args.isolation].format(url=url)
+        found.append((reward.name, args.isolation, meaning))
+    return found

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import atexit
+import json
 import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from trainyard.api.rewards import SANDBOX_URL_ENV, sandbox_server_args
 from trainyard.workloads.rewards.sandbox import (
     Isolation,
     Sandbox,
     SandboxLimits,
+    SandboxUnavailable,
     isolate_worker,
     require_isolation,
     sandbox_python,
@@ -49,6 +57,10 @@ class Stage:
     command: tuple[str, ...]
     weight: float = 1.0
     timeout_seconds: float | None = None
+    error_pattern: str | None = None
+    """Score by count: matches of this (multiline) pattern in the output are errors."""
+    error_scale: float = 10.0
+    """Errors at which a stage scored by count earns nothing."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +80,52 @@ class ProgramJob:
 
 
 @dataclass(frozen=True)
+class StageResult:
+    """What one stage did to one completion."""
+
+    name: str
+    passed: bool
+    """Exited 0 within its limits."""
+    score: float
+    """Share of the stage's weight earned: 1 or 0, or the count-scaled credit."""
+    reason: str
+    errors: int | None = None
+    """Errors its output reported (stages scored by count)."""
+
+
+@dataclass(frozen=True)
 class ProgramScore:
     """The score of one completion and what each stage did."""
 
     score: float
-    stages: tuple[tuple[str, bool, str], ...]
-    """(stage name, passed, short reason) for every stage that ran."""
+    stages: tuple[StageResult, ...]
+    """Every stage that ran, in order."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"score": self.score, "stages": [asdict(stage) for stage in self.stages]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProgramScore:
+        return cls(float(data["score"]), tuple(StageResult(**s) for s in data["stages"]))
+
+
+def job_to_json(job: ProgramJob) -> dict[str, Any]:
+    """A job as the sandbox service protocol carries it (JSON; see sandbox_server)."""
+    return asdict(job)
+
+
+def job_from_json(data: dict[str, Any]) -> ProgramJob:
+    """The inverse of `job_to_json`; unknown or missing fields raise TypeError/KeyError."""
+    return ProgramJob(
+        **{
+            **data,
+            "stages": tuple(
+                Stage(**{**stage, "command": tuple(stage["command"])}) for stage in data["stages"]
+            ),
+            "limits": SandboxLimits(**data["limits"]),
+            "env": tuple((str(k), str(v)) for k, v in data.get("env", ())),
+        }
+    )
 
 
 def _fill(part: str, values: dict[str, str]) -> str:
@@ -92,9 +144,29 @@ def _reason(result: Any) -> str:
     return f"exit {result.returncode}: {tail[0][:200]}"
 
 
+def stage_credit(stage: Stage, result: Any) -> tuple[float, int | None]:
+    """(share of the stage's weight earned, errors counted) for one run of `stage`.
+
+    >>> from trainyard.workloads.rewards.sandbox import SandboxResult
+    >>> ocaml = Stage("build", ("dune", "build"), error_pattern=r"^Error", error_scale=4)
+    >>> stage_credit(ocaml, SandboxResult(1, "", "Error: x\\nError: y\\n", 0.1))
+    (0.5, 2)
+    """
+    if stage.error_pattern is None:
+        return (1.0 if result.passed else 0.0), None
+    if result.timed_out or result.output_exceeded:
+        return 0.0, None
+    output = f"{result.stdout}\n{result.stderr}"
+    errors = len(re.findall(stage.error_pattern, output, re.MULTILINE))
+    if result.returncode != 0 and errors == 0:
+        return 0.0, 0  # failed without saying why (a crash): no partial credit
+    return max(0.0, 1.0 - errors / stage.error_scale), errors
+
+
 def score_program(job: ProgramJob) -> ProgramScore:
-    """Run the stages on one program; the score is the weight of passed stages over the
-    total weight. Runs in a pool worker (module-level, so it pickles by name)."""
+    """Run the stages on one program; the score is the weight earned (a passed stage's
+    weight, or its count-scaled share) over the total weight. Runs in a pool worker
+    (module-level, so it pickles by name)."""
     total = sum(stage.weight for stage in job.stages)
     if not job.code.strip():
         return ProgramScore(0.0, ())
@@ -117,10 +189,10 @@ def score_program(job: ProgramJob) -> ProgramScore:
                 timeout_seconds=stage.timeout_seconds,
                 env=dict(job.env),
             )
-            ran.append((stage.name, result.passed, _reason(result)))
-            if result.passed:
-                earned += stage.weight
-            elif job.stop_on_failure:
+            credit, errors = stage_credit(stage, result)
+            ran.append(StageResult(stage.name, result.passed, credit, _reason(result), errors))
+            earned += stage.weight * credit
+            if not result.passed and job.stop_on_failure:
                 break
     return ProgramScore(earned / total if total else 0.0, tuple(ran))
 
@@ -165,6 +237,131 @@ def score_programs(jobs: list[ProgramJob], workers: int) -> list[ProgramScore]:
     return list(_pool(workers, jobs[0].isolation).map(score_program, jobs))
 
 
+# --------------------------------------------------------------------- sandbox service
+# isolation "service": jobs go as JSON over HTTP to `python -m
+# trainyard.workloads.rewards.sandbox_server` (POST /v1/score), which scores them under
+# its own isolation in its own pod. Without TRAINYARD_SANDBOX_URL (`trainyard run`), one
+# server is started on 127.0.0.1 with the arguments the operator renders for its pods.
+
+_local_server: tuple[subprocess.Popen, str] | None = None
+_local_server_lock = threading.Lock()
+
+
+def _stop_local_server() -> None:
+    global _local_server
+    if _local_server is not None:
+        process, _ = _local_server
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        _local_server = None
+
+
+def local_sandbox_server(workers: int | None = None) -> str:
+    """Base URL of a sandbox server on 127.0.0.1, started once per process (stopped at
+    exit); it refuses to start, and this raises with its reason, where strict isolation
+    is impossible."""
+    global _local_server
+    with _local_server_lock:
+        if _local_server is not None and _local_server[0].poll() is None:
+            return _local_server[1]
+        args = sandbox_server_args(host="127.0.0.1", port=0, workers=workers)
+        process = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        line = process.stdout.readline().strip()  # "listening on URL", once it is ready
+        if not line.startswith("listening on "):
+            process.wait()
+            raise SandboxUnavailable(
+                f"the sandbox server ({' '.join(args)}) did not start: "
+                + (process.stderr.read().strip() or line or f"exit {process.returncode}")
+            )
+        # Its log (stderr) goes on to ours, so nothing blocks on a full pipe.
+        threading.Thread(target=_forward, args=(process.stderr,), daemon=True).start()
+        _local_server = (process, line.removeprefix("listening on "))
+        if not getattr(local_sandbox_server, "registered", False):
+            atexit.register(_stop_local_server)
+            local_sandbox_server.registered = True  # type: ignore[attr-defined]
+        return _local_server[1]
+
+
+def _forward(stream: Any) -> None:
+    for line in stream:
+        sys.stderr.write(line)
+
+
+def sandbox_service_url(workers: int | None = None) -> str:
+    """Where isolation-service jobs go: TRAINYARD_SANDBOX_URL (set in the trainer pod),
+    else a sandbox server on this machine."""
+    return os.environ.get(SANDBOX_URL_ENV) or local_sandbox_server(workers)
+
+
+def _request(url: str, body: dict[str, Any] | None, timeout: float, attempts: int = 5) -> Any:
+    """JSON over HTTP; a service that is (re)starting is retried with backoff, anything
+    else raises SandboxUnavailable: a broken sandbox must never score as failed code."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url,
+        data=data,
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:2000]
+            raise SandboxUnavailable(
+                f"sandbox service {url}: HTTP {error.code}: {detail}"
+            ) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            if attempt == attempts - 1:
+                raise SandboxUnavailable(
+                    f"sandbox service {url} unreachable after {attempts} tries: {error}. "
+                    "Is the sandbox service installed (trainyard.operator.builders.sandbox) and "
+                    "does a NetworkPolicy let the trainer reach it?"
+                ) from None
+            time.sleep(min(2**attempt, 10))
+    raise AssertionError("unreachable")
+
+
+def service_health(url: str) -> dict[str, Any]:
+    """The sandbox service's /healthz: its isolation, workers and PATH."""
+    return _request(url.rstrip("/") + "/healthz", None, timeout=30)
+
+
+def check_programs_remotely(url: str, programs: list[str], path: str | None) -> list[str]:
+    """Problems the sandbox service finds with stage programs (missing on its PATH)."""
+    answer = _request(
+        url.rstrip("/") + "/v1/check", {"programs": programs, "path": path}, timeout=30
+    )
+    return list(answer["problems"])
+
+
+def score_remotely(url: str, jobs: list[ProgramJob]) -> list[ProgramScore]:
+    """Scores of `jobs` from the sandbox service at `url`, in order."""
+    if not jobs:
+        return []
+    # A generous ceiling: every stage of every job timing out one after another.
+    ceiling = 60 + sum(
+        sum(stage.timeout_seconds or job.limits.timeout_seconds for stage in job.stages)
+        for job in jobs
+    )
+    answer = _request(
+        url.rstrip("/") + "/v1/score", {"jobs": [job_to_json(j) for j in jobs]}, timeout=ceiling
+    )
+    scores = [ProgramScore.from_json(item) for item in answer["scores"]]
+    if len(scores) != len(jobs):
+        raise SandboxUnavailable(
+            f"sandbox service {url} answered {len(scores)} of {len(jobs)} jobs"
+        )
+    return scores
+
+
 def default_workers() -> int:
     """Pool size when the spec leaves it out: the CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -189,7 +386,8 @@ def code_execution_reward(
     max_open_files: int = 64,
     output_limit_bytes: int = 65536,
     env: dict[str, str] | None = None,
-    isolation: Literal["strict", "rlimits"] = "strict",
+    isolation: Literal["strict", "rlimits", "service"] = "strict",
+    service_url: str | None = None,
     workers: int | None = None,
     max_completion_chars: int = 20000,
     min_compression_ratio: float = 0.1,
@@ -216,9 +414,12 @@ def code_execution_reward(
         stage if isinstance(stage, Stage) else _stage_from_args(stage) for stage in stages
     )
     require_isolation(isolation)
-    # Under rlimits the program runs as the trainer's own user, who may run any interpreter.
+    # Under rlimits the program runs as the trainer's own user, who may run any interpreter;
+    # the sandbox service picks its own ("" here).
     if isolation == "strict":
         python = sandbox_python(python_executable)
+    elif isolation == "service":
+        python = python_executable or ""
     else:
         python = python_executable or sys.executable
     limits = SandboxLimits(
@@ -245,14 +446,19 @@ def code_execution_reward(
         )
         for i, text in enumerate(texts)
     ]
-    results = score_programs(jobs, default_workers() if workers is None else workers)
+    if isolation == "service":
+        results = score_remotely(service_url or sandbox_service_url(workers), jobs)
+    else:
+        results = score_programs(jobs, default_workers() if workers is None else workers)
+    log_extra = columns.get("log_extra")
+    if callable(log_extra) and results:
+        # Per completion, what each stage did (TRL's completions table and completions.jsonl).
+        log_extra("stages", [[asdict(stage) for stage in r.stages] for r in results])
     log_metric = columns.get("log_metric")
     if callable(log_metric) and results:
         # Which stage fails is the signal a code-RL run is read by (compiles? passes tests?).
         for stage in stage_list:
-            passed = sum(
-                1 for r in results for name, ok, _ in r.stages if name == stage.name and ok
-            )
+            passed = sum(1 for r in results for s in r.stages if s.name == stage.name and s.passed)
             log_metric(f"{stage.name}/pass_rate", passed / len(results))
     scores = []
     for text, result in zip(texts, results, strict=True):
@@ -269,4 +475,6 @@ def _stage_from_args(stage: dict[str, Any]) -> Stage:
         command=tuple(stage["command"]),
         weight=float(stage.get("weight", 1.0)),
         timeout_seconds=stage.get("timeout_seconds"),
+        error_pattern=stage.get("error_pattern"),
+        error_scale=float(stage.get("error_scale", 10.0)),
     )

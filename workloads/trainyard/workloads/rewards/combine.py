@@ -5,11 +5,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from trainyard.api.rewards import parse_reward_args
-from trainyard.workloads.rewards.code_execution import code_execution_reward
+from trainyard.workloads.rewards.code_execution import (
+    check_programs_remotely,
+    code_execution_reward,
+    sandbox_service_url,
+    service_health,
+)
 from trainyard.workloads.rewards.format import clause_presence_reward, length_reward, regex_reward
 from trainyard.workloads.rewards.penalties import extraneous_content_penalty, redundancy_penalty
 from trainyard.workloads.rewards.sandbox import (
@@ -76,6 +82,11 @@ class NamedReward:
         if self.prefix_metrics and callable(log_metric):
             columns["log_metric"] = lambda metric, value: log_metric(
                 f"rewards/{self.__name__}/{metric}", value
+            )
+        log_extra = columns.get("log_extra")
+        if self.prefix_metrics and callable(log_extra):
+            columns["log_extra"] = lambda column, values: log_extra(
+                f"{self.__name__}/{column}", values
             )
         return completions, {**columns, **self.kwargs}
 
@@ -169,21 +180,41 @@ def bind_reward(
     if spec.builtin == "reference_similarity" and kwargs["method"] == "embedding":
         kwargs["encoder"] = load_sentence_encoder(kwargs["model_path"])
     if spec.builtin == "code_execution":
-        require_isolation(kwargs["isolation"])
-        for stage in kwargs["stages"]:
-            try:
-                check_stage_program(stage["command"][0])
-            except ValueError as error:
-                raise ValueError(
-                    f"reward {spec.name!r}: stage {stage['name']!r}: {error}"
-                ) from None
         if kwargs["workers"] is None:
             kwargs["workers"] = workers
-        if kwargs["isolation"] == "strict":
-            kwargs["python_executable"] = sandbox_python(kwargs["python_executable"])
+        _check_code_execution(spec.name, kwargs)
     return NamedReward(
         spec.name, BUILTIN_REWARDS[spec.builtin], kwargs, strip_thinking, prefix_metrics=True
     )
+
+
+def _check_code_execution(name: str, kwargs: dict[str, Any]) -> None:
+    """Before training: the isolation can be had, and every stage's program is found on
+    the PATH it will run with (its env.PATH, else the sandbox's), where it will run:
+    here, or in the sandbox service (which `trainyard run` starts on this machine)."""
+    path = kwargs["env"].get("PATH")
+    if kwargs["isolation"] == "service":
+        # The pod's TRAINYARD_SANDBOX_URL (rendered from serviceUrl), else a local server.
+        url = kwargs["service_url"] = sandbox_service_url(kwargs["workers"])
+        health = service_health(url)
+        programs = [stage["command"][0] for stage in kwargs["stages"]]
+        problems = check_programs_remotely(url, programs, path)
+        if problems:
+            raise ValueError(f"reward {name!r}: in the sandbox service {url}: {problems[0]}")
+        print(
+            f"reward {name!r}: programs run in the sandbox service {url} "
+            f"(isolation {health['isolation']}, {health['workers']} workers)",
+            file=sys.stderr,
+        )
+        return
+    require_isolation(kwargs["isolation"])
+    for stage in kwargs["stages"]:
+        try:
+            check_stage_program(stage["command"][0], path)
+        except ValueError as error:
+            raise ValueError(f"reward {name!r}: stage {stage['name']!r}: {error}") from None
+    if kwargs["isolation"] == "strict":
+        kwargs["python_executable"] = sandbox_python(kwargs["python_executable"])
 
 
 def build_reward_functions(

@@ -52,7 +52,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-Isolation = Literal["strict", "rlimits"]
+Isolation = Literal["strict", "rlimits", "service"]
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
@@ -191,9 +191,9 @@ def _drop_privileges(directory: str, uid: int, limits: SandboxLimits) -> None:
     os.chdir(directory)
 
 
-def _enter_strict(directory: str, uid: int, limits: SandboxLimits) -> None:
+def _enter_strict(writable: str, directory: str, uid: int, limits: SandboxLimits) -> None:
     """Runs in the child between fork and exec (see the module docstring)."""
-    _isolate_namespaces(directory)
+    _isolate_namespaces(writable)
     _drop_privileges(directory, uid, limits)
 
 
@@ -287,17 +287,20 @@ def sandbox_python(preferred: str | None = None) -> str:
     )
 
 
-def check_stage_program(program: str) -> None:
-    """Refuse a stage whose program (first word of its command) the sandbox cannot find;
-    programs under a placeholder ({dir}/prog, {python}) are made or chosen later."""
+def check_stage_program(program: str, path: str | None = None) -> None:
+    """Refuse a stage whose program (first word of its command) the sandbox cannot find
+    on `path` (the stage's env.PATH, which is also where the program is looked up when
+    it runs; the sandbox PATH when the stage sets none); programs under a placeholder
+    ({dir}/prog, {python}) are made or chosen later."""
     if "{" in program:
         return
-    found = program if os.sep in program else shutil.which(program, path=_SANDBOX_PATH)
+    path = path or _SANDBOX_PATH
+    found = program if os.sep in program else shutil.which(program, path=path)
     if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
         raise ValueError(
             f"program {program!r} not found"
-            + ("" if os.sep in program else f" on the sandbox PATH {_SANDBOX_PATH}")
-            + "; install it in the trainer image or give its absolute path"
+            + ("" if os.sep in program else f" on the sandbox PATH {path}")
+            + "; install it in the image that runs the sandbox or give its absolute path"
         )
 
 
@@ -314,7 +317,9 @@ class Sandbox:
     def __init__(self, limits: SandboxLimits | None = None, isolation: Isolation = "strict"):
         self.limits = limits or SandboxLimits()
         self.isolation = isolation
+        self.root: Path | None = None
         self.directory: Path | None = None
+        self.home: Path | None = None
         self.uid: int | None = None
 
     def __enter__(self) -> Sandbox:
@@ -324,16 +329,24 @@ class Sandbox:
             with _slots_lock:
                 slot = next(_slots) % _UID_SLOTS
             self.uid = _UID_BASE + os.getpid() * _UID_SLOTS + slot
-        self.directory = Path(tempfile.mkdtemp(prefix="trainyard-sandbox-", dir=_worker_root))
+        # root/work is the stages' working directory ({dir}), root/home their HOME: tools
+        # that write caches or config under HOME (opam, dune, pip) do not litter the
+        # directory the tests may list. Under strict isolation root is the writable mount.
+        self.root = Path(tempfile.mkdtemp(prefix="trainyard-sandbox-", dir=_worker_root))
+        self.directory = self.root / "work"
+        self.home = self.root / "home"
+        for path in (self.directory, self.home):
+            path.mkdir(mode=0o700)
         if self.uid is not None:
-            os.chown(self.directory, self.uid, self.uid)
+            for path in (self.root, self.directory, self.home):
+                os.chown(path, self.uid, self.uid)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.uid is not None:
             _kill_uid(self.uid)
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def write(self, name: str, text: str) -> Path:
         """Write a file into the sandbox directory, owned by the sandbox uid."""
@@ -355,15 +368,16 @@ class Sandbox:
         """Run `command` in the sandbox directory; never raises for what the program does."""
         assert self.directory is not None, "use Sandbox as a context manager"
         directory, limits, uid = str(self.directory), self.limits, self.uid
+        root = str(self.root)
         if uid is not None and _worker_root is not None:
             preexec = lambda: _drop_privileges(directory, uid, limits)  # noqa: E731
         elif uid is not None:
-            preexec = lambda: _enter_strict(directory, uid, limits)  # noqa: E731
+            preexec = lambda: _enter_strict(root, directory, uid, limits)  # noqa: E731
         else:
             preexec = lambda: _enter_rlimits(directory, limits)  # noqa: E731
         environment = {
             "PATH": _SANDBOX_PATH,
-            "HOME": directory,
+            "HOME": str(self.home),
             "TMPDIR": directory,
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -458,7 +472,7 @@ def _probe_strict() -> str | None:
     if pid == 0:  # pragma: no cover - child
         os.close(read_end)
         try:
-            _enter_strict(directory, _UID_BASE, SandboxLimits())
+            _enter_strict(directory, directory, _UID_BASE, SandboxLimits())
             os._exit(0)
         except BaseException as error:  # noqa: BLE001 - any failure is the answer
             os.write(write_end, f"{type(error).__name__}: {error}".encode())
@@ -475,7 +489,7 @@ def _probe_strict() -> str | None:
 
 def require_isolation(isolation: Isolation) -> None:
     """Raise `SandboxUnavailable`, saying what to change, when `isolation` cannot be had."""
-    if isolation == "rlimits":
+    if isolation != "strict":  # rlimits needs nothing; service asks the service
         return
     problem = _probe_strict()
     if problem:
