@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from trainyard.api.contract import is_oom_termination
 from trainyard.operator import reasons
 from trainyard.operator.outcome import Outcome
 
@@ -82,6 +83,21 @@ def _terminated(pod: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
             yield container.get("name", "?"), state
 
 
+def _cuda_out_of_memory(pod: dict[str, Any]) -> Disruption | None:
+    """The worker said it ran out of GPU memory: its termination message (torchrun exits 1
+    whatever its ranks did) or, when the container runs the worker itself, its exit status."""
+    for name, state in _terminated(pod):
+        message = (state.get("message") or "").strip()
+        if is_oom_termination(message, state.get("exitCode")):
+            said = message.splitlines()[0] if message else f"exit code {state.get('exitCode')}"
+            return Disruption(
+                "failure",
+                reasons.CUDA_OUT_OF_MEMORY,
+                f"pod {_name(pod)}: container {name} ran out of GPU memory ({said})",
+            )
+    return None
+
+
 def _oom_killed(pod: dict[str, Any]) -> Disruption | None:
     for name, state in _terminated(pod):
         if state.get("reason") == "OOMKilled":
@@ -117,6 +133,7 @@ def _pod_failed(pod: dict[str, Any]) -> Disruption | None:
 POD_RULES: tuple[Callable[[dict[str, Any]], Disruption | None], ...] = (
     _disruption_condition,
     _pod_reason,
+    _cuda_out_of_memory,
     _oom_killed,
     _non_zero_exit,
     _pod_failed,
@@ -143,11 +160,14 @@ def job_condition(job: dict[str, Any] | None, type_: str) -> dict[str, Any] | No
 
 
 def classify_attempt(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Disruption | None:
-    """The disruption of the current attempt: preemption beats failure, pods beat the Job."""
+    """The disruption of the current attempt: preemption beats failure, pods beat the Job,
+    and among failures GPU out-of-memory beats the rest (the other ranks of the gang fail
+    because that one did)."""
     found = [d for pod in pods if (d := classify_pod(pod)) is not None]
     preemptions = [d for d in found if d.kind == "preemption"]
     if preemptions:
         return preemptions[0]
+    found.sort(key=lambda d: d.reason != reasons.CUDA_OUT_OF_MEMORY)
     if found:
         return found[0]
     if (failed := job_condition(job, "Failed")) is not None:

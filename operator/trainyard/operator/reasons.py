@@ -4,6 +4,8 @@ Conditions follow the Kubernetes API conventions; `kubectl describe` shows these
 words, dashboards group by them, tests compare against these constants.
 """
 
+from trainyard.api.contract import OOM_REASON
+
 # Valid
 SPEC_VALID = "SpecValid"
 INVALID_SPEC = "InvalidSpec"
@@ -20,6 +22,7 @@ PREEMPTED = "Preempted"
 EVICTED = "Evicted"
 NODE_LOST = "NodeLost"
 OOM_KILLED = "OOMKilled"
+CUDA_OUT_OF_MEMORY = OOM_REASON  # the word a worker's termination message starts with
 NON_ZERO_EXIT = "NonZeroExit"
 POD_FAILED = "PodFailed"
 JOB_FAILED = "JobFailed"
@@ -28,6 +31,7 @@ STALLED = "Stalled"
 # Finished
 JOB_COMPLETED = "JobCompleted"
 RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
+OUT_OF_MEMORY_AT_MINIMUM_BATCH = "OutOfMemoryAtMinimumBatch"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 # Spec edits: a running attempt keeps the config it started with

@@ -18,7 +18,7 @@ from typing import Any
 
 from trainyard.api import InvalidResource, parse_resource
 from trainyard.api.training_run import RunCondition, RunPhase, TrainingRun
-from trainyard.operator import deadline, failure_policy, reasons, stall, suspend, ttl
+from trainyard.operator import deadline, failure_policy, oom_recovery, reasons, stall, suspend, ttl
 from trainyard.operator.builders import UnrenderableRun, child_names, render_children
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
@@ -191,10 +191,23 @@ def _deadline_policy(facts: _Facts) -> Outcome | None:
 
 
 def _failure_policy(facts: _Facts) -> Outcome | None:
-    return failure_policy.outcome(
-        failure_policy.classify_attempt(facts.job, facts.attempt_pods),
+    disruption = failure_policy.classify_attempt(facts.job, facts.attempt_pods)
+    recovery = oom_recovery.recover(
+        disruption,
+        settings=facts.spec.run_policy.oom_recovery,
+        spec=facts.spec,
+        recorded=facts.status.data.get("oomRecovery"),
         **facts.counters(),
         max_restarts=facts.spec.run_policy.max_restarts,
+    )
+    if recovery is not None:
+        if recovery.status is not None:
+            # recorded before the restart renders the next attempt's config from it
+            facts.status.data["oomRecovery"] = recovery.status
+            facts.run = oom_recovery.effective_run(facts.run, recovery.status)
+        return recovery.outcome
+    return failure_policy.outcome(
+        disruption, **facts.counters(), max_restarts=facts.spec.run_policy.max_restarts
     )
 
 
@@ -248,7 +261,8 @@ def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now:
     status.data["observedGeneration"] = meta.get("generation")
     facts = _Facts(
         observed=observed,
-        run=run,
+        # the batch a recovery from CUDA out-of-memory chose, in every config rendered
+        run=oom_recovery.effective_run(run, status.data.get("oomRecovery")),
         status=status,
         old_status=observed.run.get("status"),
         ours=[c for c in observed.children if is_owned(c, uid)],
