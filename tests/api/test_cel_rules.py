@@ -84,6 +84,25 @@ FIXTURES: dict[str, tuple[Doc, Doc]] = {
         spec("rloo").set("training.perDeviceBatchSize", 4).set("rloo.numGenerations", 4),
         spec("rloo").set("training.perDeviceBatchSize", 6).set("rloo.numGenerations", 4),
     ),
+    **{
+        f"{m}-sync-ref-model-not-with-peft": (
+            spec(m).set(f"{m}.syncRefModel", True).set(f"{m}.beta", 0.1),
+            spec(m).set(f"{m}.syncRefModel", True).set(f"{m}.beta", 0.1).set("peft", {"r": 4}),
+        )
+        for m in ("grpo", "rloo", "dpo")
+    },
+    "grpo-sync-ref-model-needs-beta": (
+        spec("grpo").set("grpo.syncRefModel", True).set("grpo.beta", 0.04),
+        spec("grpo").set("grpo.syncRefModel", True),
+    ),
+    "rloo-sync-ref-model-needs-beta": (
+        spec("rloo").set("rloo.syncRefModel", True),
+        spec("rloo").set("rloo.syncRefModel", True).set("rloo.beta", 0.0),
+    ),
+    "dpo-sync-ref-model-not-precomputed": (
+        spec("dpo").set("dpo.syncRefModel", True),
+        spec("dpo").set("dpo.syncRefModel", True).set("dpo.precomputeRefLogProbs", True),
+    ),
     "rollout-needs-online-rl": (
         spec("grpo").set("rollout.vllm.mode", "colocate"),
         spec("dpo").set("rollout.vllm.mode", "server"),

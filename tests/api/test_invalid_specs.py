@@ -357,6 +357,39 @@ CASES = [
         "spec.stages[1].run.rollout: rollout only applies to methods grpo and rloo",
     ),
     # The document itself.
+    # training.extra: TRL's own names, checked against the installed TRL config class.
+    case(
+        "extra-option-typo",
+        run("grpo").set("spec.training.extra", {"use_ligerkernel": True}),
+        "spec.training.extra.use_ligerkernel: not an option of TRL GRPOConfig (method grpo); "
+        "did you mean 'use_liger_kernel', 'liger_kernel_config'?",
+        api_server=False,
+    ),
+    case(
+        "extra-option-trainyard-models",
+        run().set("spec.training.extra", {"num_train_epochs": 3, "torch_compile": True}),
+        "spec.training.extra.num_train_epochs: Trainyard sets num_train_epochs from "
+        "training.epochs; set that field instead",
+        api_server=False,
+    ),
+    case(
+        "sync-ref-model-with-lora",
+        run("grpo")
+        .set("spec.grpo.syncRefModel", True)
+        .set("spec.grpo.beta", 0.04)
+        .set("spec.peft", {"r": 8}),
+        "spec.grpo.syncRefModel: syncRefModel cannot be used with peft: with a LoRA adapter TRL "
+        "keeps no separate reference model (it disables the adapter to get the reference's "
+        "log-probs), so there is nothing to sync; set syncRefModel false, or train all weights "
+        "(no peft)",
+    ),
+    case(
+        "prompt-template-not-a-column",
+        run("grpo").set("spec.grpo.prompt", {"template": "Goal: {0}"}),
+        "spec.grpo.prompt.template: {0} is not a column name; a template names dataset columns "
+        "as {column} (letters, digits, _), and literal braces are written {{ and }}",
+        api_server=False,
+    ),
     case(
         "wrong-api-version",
         run().set("apiVersion", "trainyard.dev/v1"),

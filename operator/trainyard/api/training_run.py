@@ -143,7 +143,9 @@ class LoraSpec(ApiModel):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input (`lora_dropout`)."""
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
-    """Modules that get adapters (`target_modules`); [all-linear] for every linear layer but the output head."""
+    """Modules that get adapters (`target_modules`); [all-linear] for every linear layer but the output head. Each entry names a module by its full dotted name or its last parts (q_proj matches model.layers.0.self_attn.q_proj); an entry that matches no module of the model is refused when training starts, with the names that exist."""
+    target_parameters: list[str] | None = Field(default=None, min_length=1)
+    """Parameters (not modules) that get adapters (`target_parameters`), e.g. the fused expert weights of a mixture-of-experts model (mlp.experts.gate_up_proj, mlp.experts.down_proj), which are not linear layers; an entry that matches no parameter is refused when training starts."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases are trained (`bias`)."""
     modules_to_save: list[str] | None = None
@@ -221,6 +223,14 @@ class TrainingSpec(ApiModel):
     """Evaluate every this many steps (`eval_steps`); once per epoch when left out."""
     early_stopping: EarlyStopping | None = None
     """Stop early on a plateau of the evaluation metric; needs evaluation data."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, max_length=3
+    )
+    """Experiment trackers that get the trainer's logs (`report_to`, transformers' names); TensorBoard event files are written to tensorboard/ in the output directory and uploaded beside the checkpoints (checkpoint.uri/tensorboard/). Credentials come from env (valueFrom.secretKeyRef), e.g. WANDB_API_KEY, MLFLOW_TRACKING_URI; Prometheus metrics are exported either way."""
+    extra: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """Options of the method's TRL config (TrainingArguments and TRL's own) that Trainyard does not model, under their library names, e.g. {use_liger_kernel: true, torch_compile: true}; checked against the installed TRL config class (a typo is refused with the close names) and applied over the options Trainyard derives. Options Trainyard models are refused with the field to set instead."""
 
 
 class SFTSpec(ApiModel):
@@ -336,6 +346,56 @@ class RewardSpec(ApiModel):
         return self
 
 
+class PromptSpec(ApiModel):
+    """How each dataset row becomes the text the policy completes: an optional system prompt and a template over the row's columns, rendered through the tokenizer's chat template, then an optional start of the assistant's turn."""
+
+    system: str | None = Field(default=None, min_length=1)
+    """System message put before the user turn (it replaces a system message of chat data)."""
+    template: str | None = Field(default=None, min_length=1)
+    """The user turn as a template over dataset columns in Python format syntax, e.g. "Sprint goal: {sprint_goal}\\nTeam: {team_context}" ({{ and }} for literal braces); dataset.promptField's column (or the chat data's messages) when left out. A column the data lacks is refused when training starts, with the columns it has."""
+    assistant_prefix: str | None = Field(default=None, min_length=1)
+    """Text the assistant's turn starts with, e.g. "<think>" for chain-of-thought; the policy continues it, and rewards score it as part of the completion."""
+    chat_template: bool = True
+    """Render through the tokenizer's chat template (apply_chat_template with the generation prompt); false joins system, user turn and prefix with blank lines, for base models without one."""
+
+    @field_validator("template")
+    @classmethod
+    def _template_names_columns(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)
+        return value
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a prompt template reads, in order; a ValueError for a template
+    that names anything but plain column names.
+
+    >>> template_fields("Sprint goal: {sprint_goal}\\nTeam: {team_context} {{literal}}")
+    ['sprint_goal', 'team_context']
+    """
+    import string
+
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(
+            f"{template!r} is not a valid template ({error}); name columns as {{column}} "
+            "and write literal braces as {{ and }}"
+        ) from None
+    for _text, name, _spec, _conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(
+                f"{{{name}}} is not a column name; a template names dataset columns as "
+                "{column} (letters, digits, _), and literal braces are written {{ and }}"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
 class OnlineRLSpec(ApiModel):
     """Options GRPO and RLOO share: generation, rewards, reference model."""
 
@@ -373,6 +433,8 @@ class OnlineRLSpec(ApiModel):
     """Leave truncated completions out of the loss (`mask_truncated_completions`)."""
     log_completions_every: int = Field(default=10, ge=0)
     """Write every N-th step's completions and rewards to completions.jsonl; 0 never."""
+    prompt: PromptSpec | None = None
+    """System prompt, prompt template and assistant prefix; the dataset's prompts as they are when left out."""
 
     @model_validator(mode="after")
     def _unique_reward_names(self) -> OnlineRLSpec:
@@ -579,6 +641,72 @@ SPEC_RULES: tuple[Rule, ...] = (
         # by num_generations (4)`), but only in the pod, after the GPUs were scheduled.
         for method in ("grpo", "rloo")
     ),
+    *(
+        Rule(
+            name=f"{method}-sync-ref-model-not-with-peft",
+            cel=(
+                f"!(self.method == '{method}' && has(self.{method}) && "
+                f"self.{method}.syncRefModel && has(self.peft))"
+            ),
+            message=(
+                "syncRefModel cannot be used with peft: with a LoRA adapter TRL keeps no separate "
+                "reference model (it disables the adapter to get the reference's log-probs), so "
+                "there is nothing to sync; set syncRefModel false, or train all weights (no peft)"
+            ),
+            field=f"{method}.syncRefModel",
+            check=lambda s, method=method: (
+                s.method != method
+                or getattr(s, method) is None
+                or not getattr(s, method).sync_ref_model
+                or s.peft is None
+            ),
+        )
+        # TRL raises NotImplementedError for this in the trainer, in the pod.
+        for method in ("grpo", "rloo", "dpo")
+    ),
+    *(
+        Rule(
+            name=f"{method}-sync-ref-model-needs-beta",
+            cel=(
+                f"!(self.method == '{method}' && has(self.{method}) && "
+                f"self.{method}.syncRefModel) || "
+                f"(has(self.{method}.beta) && self.{method}.beta > 0.0)"
+                + (" || !has(self.rloo.beta)" if method == "rloo" else "")
+            ),
+            message=(
+                f"syncRefModel needs {method}.beta above 0: with beta 0"
+                + (" (GRPO's default)" if method == "grpo" else "")
+                + " TRL loads no reference model, so there is nothing to sync"
+            ),
+            field=f"{method}.syncRefModel",
+            check=lambda s, method=method: (
+                s.method != method
+                or getattr(s, method) is None
+                or not getattr(s, method).sync_ref_model
+                or (getattr(s, method).beta is None and method == "rloo")
+                or (getattr(s, method).beta or 0) > 0
+            ),
+        )
+        # TRL's defaults: GRPOConfig beta 0.0, RLOOConfig beta 0.05.
+        for method in ("grpo", "rloo")
+    ),
+    Rule(
+        name="dpo-sync-ref-model-not-precomputed",
+        cel=(
+            "!(self.method == 'dpo' && has(self.dpo) && self.dpo.syncRefModel && "
+            "self.dpo.precomputeRefLogProbs)"
+        ),
+        message=(
+            "syncRefModel cannot be used with precomputeRefLogProbs: precomputed reference "
+            "log-probs assume a fixed reference model; set one of them false"
+        ),
+        field="dpo.syncRefModel",
+        check=lambda s: (
+            s.method != "dpo"
+            or s.dpo is None
+            or not (s.dpo.sync_ref_model and s.dpo.precompute_ref_log_probs)
+        ),
+    ),
     Rule(
         name="rollout-needs-online-rl",
         cel="!has(self.rollout) || self.method in ['grpo', 'rloo']",
@@ -719,6 +847,21 @@ class TrainingRunSpec(ApiModel):
     """Restarts, stall detection, clean-up."""
     suspend: bool = False
     """Stop the pods and keep the checkpoints; set back to false to resume from the latest checkpoint."""
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> TrainingRunSpec:
+        # The cross-field rules and the training.extra names, reported together.
+        problems = [(rule.field, rule.message) for rule in self.rules if not rule.check(self)]
+        if self.training.extra:
+            from trainyard.api.trainer_extra import extra_problems
+
+            problems += [
+                (f"training.extra.{key}", message)
+                for key, message in extra_problems(self.method, self.training.extra)
+            ]
+        if problems:
+            raise nested_error(problems)
+        return self
 
     @property
     def online_rl(self) -> OnlineRLSpec | None:
