@@ -64,9 +64,11 @@ async def eventually(check, timeout: float = 120.0, interval: float = 0.5) -> An
 
 
 CRDS = (
-    ROOT / "crds" / "trainyard.dev_trainingruns.yaml",
+    *sorted((ROOT / "crds").glob("trainyard.dev_*.yaml")),
     ROOT / "charts" / "trainyard" / "crds" / "zalando.org_kopfpeerings.yaml",
 )
+PIPELINES = "/apis/trainyard.dev/v1alpha1/namespaces/{ns}/trainingpipelines"
+SERVERS = "/apis/trainyard.dev/v1alpha1/namespaces/{ns}/inferenceservers"
 
 
 @pytest.fixture
@@ -88,8 +90,11 @@ async def client() -> AsyncIterator[Any]:
 
 
 async def _served(api: Any) -> bool:
-    status, _ = await api.request("get", "GET", "/apis/trainyard.dev/v1alpha1", accept=(404, 503))
-    return status == 200
+    status, body = await api.request(
+        "get", "GET", "/apis/trainyard.dev/v1alpha1", accept=(404, 503)
+    )
+    served = {r["kind"] for r in (body or {}).get("resources") or []} if status == 200 else set()
+    return {"TrainingRun", "PromotionGate", "TrainingPipeline", "InferenceServer"} <= served
 
 
 @pytest.fixture
@@ -302,6 +307,108 @@ async def test_two_replicas_only_the_active_one_reconciles_and_the_standby_takes
         await client.request("delete", "DELETE", RUNS.format(ns=namespace) + "/shared")
         await eventually(lambda: _equals(children(client, namespace, "shared"), []), timeout=180)
         assert _reconciles(standby_metrics) > 0
+
+
+async def test_a_pipeline_stops_at_a_failed_stage_and_its_deletion_collects_everything(
+    client, namespace
+):
+    """The first stage's run fails for real (its image has no torchrun): the pipeline fails
+    naming the stage, starts nothing after it, and the garbage collector takes the run
+    and the run's children when the pipeline is deleted (owner references)."""
+    stage_run = training_run("unused", namespace, runPolicy={"maxRestarts": 0})["spec"]
+    pipeline = {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "TrainingPipeline",
+        "metadata": {"name": "chain", "namespace": namespace},
+        "spec": {
+            "stages": [
+                {"name": "sft", "run": stage_run, "gate": {"criteria": ["loss <= 2.0"]}},
+                {"name": "dpo", "run": {**stage_run, "model": {"source": "run://previous"}}},
+            ]
+        },
+    }
+    async with operator(namespace):
+        await client.request("create", "POST", PIPELINES.format(ns=namespace), json=pipeline)
+        run = await eventually(lambda: client.get("TrainingRun", namespace, "chain-sft"))
+        owner = run["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner.get("controller")) == (
+            "TrainingPipeline",
+            "chain",
+            True,
+        )
+        status = await eventually(
+            lambda: _pipeline_phase(client, namespace, "chain", "Failed"), timeout=600
+        )
+        assert status["message"].startswith("stage sft: run chain-sft failed")
+        assert "trainyard.dev/retry=sft" in status["message"], "it says how to retry"
+        assert await client.get("TrainingRun", namespace, "chain-dpo") is None
+        await client.request("delete", "DELETE", PIPELINES.format(ns=namespace) + "/chain")
+        await eventually(
+            lambda: _true_async(client.get("TrainingRun", namespace, "chain-sft"), None),
+            timeout=180,
+        )
+        await eventually(lambda: _equals(children(client, namespace, "chain-sft"), []), 180)
+
+
+async def test_an_inference_server_rolls_its_deployment_in_place_and_goes_with_it(
+    client, namespace
+):
+    """The real Deployment controller and API server: generation, a replace (PUT) of the
+    template for a new model on the same Deployment, and garbage collection."""
+    server = {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "InferenceServer",
+        "metadata": {"name": "chat", "namespace": namespace},
+        "spec": {
+            "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+            "replicas": 1,
+            "gpus": 0,
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+        },
+    }
+    async with operator(namespace):
+        await client.request("create", "POST", SERVERS.format(ns=namespace), json=server)
+        deployment = await eventually(lambda: client.get("Deployment", namespace, "chat-server"))
+        assert await client.get("Service", namespace, "chat-server") is not None
+        status = await eventually(lambda: _server_status(client, namespace))
+        assert status["phase"] in ("Progressing", "Ready")
+        await client.request(
+            "patch",
+            "PATCH",
+            SERVERS.format(ns=namespace) + "/chat",
+            json={"spec": {"model": {"source": "hf://org/new-model"}}},
+            content_type="application/merge-patch+json",
+        )
+        rolled = await eventually(lambda: _generation(client, namespace, "chat-server", 2))
+        assert rolled["metadata"]["uid"] == deployment["metadata"]["uid"]
+        assert "org/new-model" in rolled["spec"]["template"]["spec"]["containers"][0]["args"]
+        await client.request("delete", "DELETE", SERVERS.format(ns=namespace) + "/chat")
+        await eventually(
+            lambda: _true_async(client.get("Deployment", namespace, "chat-server"), None),
+            timeout=180,
+        )
+
+
+async def _true_async(value: Any, expected: Any) -> bool:
+    return (await value) == expected
+
+
+async def _pipeline_phase(
+    client: Any, namespace: str, name: str, phase: str
+) -> dict[str, Any] | None:
+    body = await client.get("TrainingPipeline", namespace, name)
+    status = (body or {}).get("status") or {}
+    return status if status.get("phase") == phase else None
+
+
+async def _server_status(client: Any, namespace: str) -> dict[str, Any] | None:
+    body = await client.get("InferenceServer", namespace, "chat")
+    return ((body or {}).get("status") or {}) or None
+
+
+async def _generation(client: Any, namespace: str, name: str, at_least: int) -> Any:
+    body = await client.get("Deployment", namespace, name)
+    return body if body and body["metadata"].get("generation", 0) >= at_least else None
 
 
 PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Invalid")
