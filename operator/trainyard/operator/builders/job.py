@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from trainyard.api import TrainingRun
 from trainyard.api.contract import Env
-from trainyard.operator.builders import labels, names, pod_settings, vllm
+from trainyard.operator.builders import labels, names, pod_settings, sandbox, vllm
 from trainyard.operator.builders.config_map import (
     CONFIG_DIR,
     RUN_CONFIG_PATH,
@@ -88,6 +88,7 @@ def worker_env(run: TrainingRun, restart_attempt: int) -> list[dict]:
         pod_settings.cache_env(),
         pod_settings.runs_env(run),
         pod_settings.s3_env(run),
+        sandbox.trainer_env(run),
         pod_settings.user_env(run),
     )
 

@@ -72,8 +72,37 @@ _MOUNT_OPTION_FLAGS = {
 
 # Sandbox uids: far above any uid in /etc/passwd or a subuid range, one per live sandbox
 # (pid of the launching process times the slots a process may run at once, plus a slot).
+# A pod with its own user namespace (hostUsers: false) maps only uids 0-65535, so the
+# sandbox service's pod narrows the range with TRAINYARD_SANDBOX_UIDS=FIRST-LAST.
 _UID_BASE = 1_500_000_000
 _UID_SLOTS = 64
+UIDS_ENV = "TRAINYARD_SANDBOX_UIDS"
+
+
+def _uid_range() -> tuple[int, int]:
+    """(first uid, how many) sandboxes may use."""
+    text = os.environ.get(UIDS_ENV)
+    if not text:
+        return _UID_BASE, 2**31 - 1 - _UID_BASE
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise SandboxUnavailable(
+            f"{UIDS_ENV}={text!r}: expected FIRST-LAST, e.g. 10000-65535"
+        ) from None
+    if not 0 < low <= high - _UID_SLOTS:
+        raise SandboxUnavailable(
+            f"{UIDS_ENV}={text!r}: need 0 < FIRST and room for {_UID_SLOTS} uids"
+        )
+    return low, high - low + 1
+
+
+def _sandbox_uid(slot: int) -> int:
+    low, count = _uid_range()
+    return low + (os.getpid() * _UID_SLOTS + slot) % count
+
+
 _slots = itertools.count()
 _slots_lock = threading.Lock()
 
@@ -328,7 +357,7 @@ class Sandbox:
                 require_isolation("strict")
             with _slots_lock:
                 slot = next(_slots) % _UID_SLOTS
-            self.uid = _UID_BASE + os.getpid() * _UID_SLOTS + slot
+            self.uid = _sandbox_uid(slot)
         # root/work is the stages' working directory ({dir}), root/home their HOME: tools
         # that write caches or config under HOME (opam, dune, pip) do not litter the
         # directory the tests may list. Under strict isolation root is the writable mount.
@@ -466,13 +495,14 @@ def _probe_strict() -> str | None:
     if os.geteuid() != 0:
         return f"the trainer runs as uid {os.geteuid()}, not root"
     directory = tempfile.mkdtemp(prefix="trainyard-probe-")
-    os.chown(directory, _UID_BASE, _UID_BASE)
+    probe_uid = _uid_range()[0]
+    os.chown(directory, probe_uid, probe_uid)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         os.close(read_end)
         try:
-            _enter_strict(directory, directory, _UID_BASE, SandboxLimits())
+            _enter_strict(directory, directory, probe_uid, SandboxLimits())
             os._exit(0)
         except BaseException as error:  # noqa: BLE001 - any failure is the answer
             os.write(write_end, f"{type(error).__name__}: {error}".encode())
