@@ -88,9 +88,18 @@ def _split_chat(messages: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]
     return messages, []
 
 
-def prepare_dataset(dataset: Dataset, spec: Any, method: str) -> Dataset:
-    """Normalize `dataset` (described by `spec`, a `DatasetSpec`) for `method`."""
+def prepare_dataset(
+    dataset: Dataset, spec: Any, method: str, template: str | None = None
+) -> Dataset:
+    """Normalize `dataset` (described by `spec`, a `DatasetSpec`) for `method`.
+
+    With a prompt `template` (GRPO/RLOO's `prompt.template`), each row's prompt is the
+    template filled from the row's columns, whatever the format; every column is kept
+    for the rewards.
+    """
     columns = list(dataset.column_names)
+    if template is not None and method in ("grpo", "rloo"):
+        return fill_template(dataset, template, field=f"{method}.prompt.template")
     fmt = spec.format if spec.format != "auto" else detect_format(columns, spec)
     if fmt not in METHOD_FORMATS[method]:
         raise DatasetFormatError(
@@ -198,6 +207,71 @@ def prepare_dataset(dataset: Dataset, spec: Any, method: str) -> Dataset:
     # text
     _require(columns, {"textField": spec.text_field}, fmt)
     return _remap(dataset, lambda r: {"text": r[spec.text_field]}, drop=columns)
+
+
+def fill_template(dataset: Dataset, template: str, field: str = "prompt.template") -> Dataset:
+    """Each row's `prompt`: `template` filled from the row's columns (all columns kept).
+
+    >>> from datasets import Dataset
+    >>> rows = Dataset.from_list([{"goal": "ship it", "team": "two devs"}])
+    >>> fill_template(rows, "Goal: {goal}\\nTeam: {team}")[0]["prompt"]
+    'Goal: ship it\\nTeam: two devs'
+    >>> fill_template(rows, "Goal: {sprint_goal}")
+    Traceback (most recent call last):
+    ...
+    trainyard.workloads.dataset_formats.DatasetFormatError: prompt.template: names the column 'sprint_goal', which the data lacks; its columns are goal, team
+    """
+    from trainyard.api.training_run import template_fields
+
+    columns = list(dataset.column_names)
+    missing = [name for name in template_fields(template) if name not in columns]
+    if missing:
+        raise DatasetFormatError(
+            f"{field}: names the column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(repr, missing))}, which the data lacks; its columns are "
+            f"{', '.join(columns)}"
+        )
+    return dataset.map(lambda row: {"prompt": template.format_map(row)})
+
+
+def chat_prompt(prompt: Any, system: str | None) -> list[dict[str, Any]]:
+    """The messages of a prompt (a string is one user turn), with `system` as the
+    system message (replacing one the data has).
+
+    >>> chat_prompt("Hi", "Be brief.")
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + [
+            m for m in messages if m.get("role") != "system"
+        ]
+    return messages
+
+
+def render_prompts(dataset: Dataset, prompt: Any, tokenizer: Any, field: str) -> Dataset:
+    """Each row's `prompt` as the text the policy completes: the system message and the
+    user turn through the tokenizer's chat template (with the generation prompt), then
+    `prompt.assistantPrefix`. `prompt` is a `PromptSpec`; `field` its path for errors."""
+    if prompt.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DatasetFormatError(
+            f"{field}.chatTemplate: the tokenizer has no chat template; use a tokenizer that has "
+            "one (tokenizer.source), or set chatTemplate: false to join the system prompt, the "
+            "user turn and the assistant prefix with blank lines"
+        )
+    prefix = prompt.assistant_prefix or ""
+
+    def render(row: dict[str, Any]) -> dict[str, str]:
+        messages = chat_prompt(row["prompt"], prompt.system)
+        if prompt.chat_template:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = "\n\n".join(str(m["content"]) for m in messages) + ("\n\n" if prefix else "")
+        return {"prompt": text + prefix}
+
+    return dataset.map(render)
 
 
 def _remap(dataset: Dataset, row_fn, *, drop: list[str], keep_rest: bool = False) -> Dataset:

@@ -177,11 +177,13 @@ def load_tokenizer(spec: Any, model_path: str, model_kwargs: dict[str, Any]):
 def load_datasets(spec: Any):
     """Training and evaluation datasets in the layout of the method's trainer."""
     data = spec.dataset
+    rl = spec.online_rl
+    template = rl.prompt.template if rl is not None and rl.prompt is not None else None
     train = sources.load_dataset_source(
         data.source, split=data.split, config=data.config, storage=spec.storage
     )
     train = select_samples(train, data.max_samples)
-    train = prepare_dataset(train, data, spec.method)
+    train = prepare_dataset(train, data, spec.method, template)
     evaluation = None
     if data.eval_source is not None:
         evaluation = sources.load_dataset_source(
@@ -191,7 +193,7 @@ def load_datasets(spec: Any):
             storage=spec.storage,
             field="dataset.evalSource",
         )
-        evaluation = prepare_dataset(evaluation, data, spec.method)
+        evaluation = prepare_dataset(evaluation, data, spec.method, template)
     elif data.eval_split is not None:
         parts = train.train_test_split(test_size=data.eval_split, seed=spec.training.seed)
         train, evaluation = parts["train"], parts["test"]

@@ -65,7 +65,19 @@ def build_online_config(
 
 
 def build_online_trainer(trainer_class: type, config: Any, ctx: TrainContext):
-    """A `GRPOTrainer`/`RLOOTrainer` with the run's reward functions and their tokenizers."""
+    """A `GRPOTrainer`/`RLOOTrainer` with the run's reward functions and their tokenizers.
+
+    With `prompt` (system prompt, template, assistant prefix), the prompts are rendered to
+    the exact text the policy completes before TRL sees them.
+    """
+    rl = ctx.spec.online_rl
+    if rl.prompt is not None:
+        from trainyard.workloads.dataset_formats import render_prompts
+
+        field = f"{ctx.spec.method}.prompt"
+        ctx.train_dataset = render_prompts(ctx.train_dataset, rl.prompt, ctx.tokenizer, field)
+        if ctx.eval_dataset is not None:
+            ctx.eval_dataset = render_prompts(ctx.eval_dataset, rl.prompt, ctx.tokenizer, field)
     return build_trainer(
         trainer_class,
         config,
@@ -132,7 +144,46 @@ def build_reward_sources(rl: Any) -> tuple[list[Any], list[float]]:
     funcs, weights = build_reward_functions(
         rl.rewards, rl.strip_thinking, workers=rl.reward_workers
     )
+    prefix = rl.prompt.assistant_prefix if rl.prompt is not None else None
+    if prefix:
+        funcs = [prefixed_reward(f, prefix) for f in funcs]
     return list(funcs), list(weights)
+
+
+class PrefixedReward:
+    """A reward that scores the whole assistant turn: the prompt's assistant prefix (e.g.
+    `<think>`, which the policy continued) put back before each completion.
+
+    >>> starts = PrefixedReward(lambda completions, **_: [float(c.startswith("<think>")) for c in completions], "<think>")
+    >>> starts(completions=["step one</think>5"])
+    [1.0]
+    """
+
+    def __init__(self, function: Any, prefix: str):
+        self.function = function
+        self.prefix = prefix
+        self.__name__ = getattr(function, "__name__", "reward")
+
+    def _whole(self, completions: list[Any]) -> list[Any]:
+        return [self.prefix + c if isinstance(c, str) else c for c in completions]
+
+    def __call__(self, completions: list[Any], **columns: Any) -> Any:
+        return self.function(self._whole(completions), **columns)
+
+
+class AsyncPrefixedReward(PrefixedReward):
+    """`PrefixedReward` of an async reward; TRL awaits it with the other async rewards."""
+
+    async def __call__(self, completions: list[Any], **columns: Any) -> Any:  # type: ignore[override]
+        return await self.function(self._whole(completions), **columns)
+
+
+def prefixed_reward(function: Any, prefix: str) -> PrefixedReward:
+    from trl.trainer.utils import is_async_callable
+
+    if is_async_callable(function):
+        return AsyncPrefixedReward(function, prefix)
+    return PrefixedReward(function, prefix)
 
 
 def load_reward_model(path: str, init_kwargs: dict[str, Any]):

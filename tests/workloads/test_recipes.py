@@ -1,0 +1,135 @@
+"""The real set-ups of issue 12 as tiny runs: prompt templates for GRPO/RLOO, trainer options
+passed through (`training.extra`), LoRA on mixture-of-experts weights, random
+initialisation from a model configuration, TensorBoard reporting.
+
+Each trains a built-in tiny model for a step or two on CPU through `train()`, the code
+the pod runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from trainyard.api import TrainingRun
+from trainyard.workloads import builtin
+from trainyard.workloads.dataset_formats import DatasetFormatError
+from trainyard.workloads.methods.common import detect_environment
+from trainyard.workloads.train import build_context, train
+
+SPRINTS = [
+    {"sprint_goal": "fix the payment timeout", "team_context": "two backend devs", "n": "1"},
+    {"sprint_goal": "ship dark mode", "team_context": "one designer", "n": "2"},
+    {"sprint_goal": "add rate limits", "team_context": "the platform team", "n": "3"},
+    {"sprint_goal": "index product titles", "team_context": "search team", "n": "4"},
+]
+SYSTEM = "You plan sprints. Think first."
+TEMPLATE = "Sprint goal: {sprint_goal}\nTeam: {team_context}"
+
+
+@pytest.fixture(autouse=True)
+def training_env(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_CACHE", str(tmp_path_factory.getbasetemp() / "trainyard-cache"))
+    monkeypatch.setenv("TRAINYARD_METRICS_PORT", "off")
+    monkeypatch.delenv("TRAINYARD_RUNS_URI", raising=False)
+
+
+def sprint_data(tmp_path: Path) -> str:
+    path = tmp_path / "sprints.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in SPRINTS))
+    return f"file://{path}"
+
+
+def run(spec: dict, name: str = "recipe") -> TrainingRun:
+    base = {
+        "model": {"source": "builtin://tiny-qwen2"},
+        "training": {"maxSteps": 1, "perDeviceBatchSize": 2, "loggingSteps": 1},
+    }
+    return TrainingRun.model_validate(
+        {
+            "apiVersion": "trainyard.dev/v1alpha1",
+            "kind": "TrainingRun",
+            "metadata": {"name": name},
+            "spec": {**base, **spec},
+        }
+    )
+
+
+def online(method: str, data: str, prompt: dict, **extra) -> TrainingRun:
+    return run(
+        {
+            "method": method,
+            "dataset": {"source": data},
+            method: {
+                "numGenerations": 2,
+                "maxCompletionLength": 6,
+                "logCompletionsEvery": 1,
+                "prompt": prompt,
+                "rewards": [
+                    # Scores the whole assistant turn: the prefix the policy continued is in it.
+                    {"name": "thinks", "builtin": "regex", "args": {"pattern": "^<think>"}},
+                    {"name": "short", "builtin": "length", "args": {"max": 20, "unit": "chars"}},
+                ],
+            },
+            **extra,
+        }
+    )
+
+
+# ----------------------------------------------------------------- prompt templates
+
+
+def test_grpo_completes_the_chat_templated_prompt_with_its_prefix(tmp_path):
+    prompt = {"system": SYSTEM, "template": TEMPLATE, "assistantPrefix": "<think>"}
+    result = train(online("grpo", sprint_data(tmp_path), prompt), tmp_path / "out")
+
+    assert result["globalStep"] == 1
+    tokenizer = AutoTokenizer.from_pretrained(builtin.model_path("tiny-qwen2"))
+    expected = {
+        tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": TEMPLATE.format(**row)},
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        + "<think>"
+        for row in SPRINTS
+    }
+    logged = [
+        json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()
+    ]
+    assert logged
+    # The prompts TRL generated from are the rendered strings, exactly.
+    assert {line["prompt"] for line in logged} <= expected
+    assert all(line["prompt"].startswith("<|im_start|>system\n" + SYSTEM) for line in logged)
+    # The policy's text does not start with <think>; the reward saw the prefix before it.
+    assert all(line["rewards"]["thinks"] == 1.0 for line in logged)
+
+
+def test_rloo_prompt_without_chat_template_joins_the_parts(tmp_path):
+    prompt = {"template": TEMPLATE, "assistantPrefix": "<think>", "chatTemplate": False}
+    rloo = online("rloo", sprint_data(tmp_path), prompt)
+    ctx = build_context(rloo, tmp_path / "out", detect_environment())
+    from trainyard.workloads.methods.rloo import build_rloo_trainer
+
+    trainer = build_rloo_trainer(ctx)
+    first = trainer.train_dataset[0]
+    assert first["prompt"] == TEMPLATE.format(**SPRINTS[0]) + "\n\n<think>"
+    # Every column stays for the rewards.
+    assert first["sprint_goal"] == SPRINTS[0]["sprint_goal"] and first["n"] == "1"
+
+
+def test_template_naming_a_missing_column_is_refused_with_the_columns(tmp_path):
+    prompt = {"template": "Sprint goal: {goal}\nTeam: {team_context}"}
+    spec = online("grpo", sprint_data(tmp_path), prompt)
+    with pytest.raises(DatasetFormatError) as error:
+        build_context(spec, tmp_path / "out", detect_environment())
+    assert str(error.value) == (
+        "grpo.prompt.template: names the column 'goal', which the data lacks; its columns "
+        "are sprint_goal, team_context, n"
+    )
