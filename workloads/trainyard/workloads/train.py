@@ -15,12 +15,15 @@ Environment (the pod contract, `trainyard.api.contract.Env`):
   TRAINYARD_RESTART_ATTEMPT the operator's restart attempt (ties the nodes' checkpoint parts)
   TRAINYARD_TRAINER_OPTIONS a JSON file of TRL config options applied over the derived ones
                             (the operator's trainer.json: vLLM connection, colocate settings)
+  TRAINYARD_TERMINATION_LOG where a CUDA out-of-memory is said (default: the kubelet's
+                            /dev/termination-log, in a pod)
 
 Output directory (rank 0 writes it): checkpoint-N/ (transformers), final/ (model or
 adapter + tokenizer), final-merged/ (with checkpoint.exportMerged and LoRA), progress.json
 (metrics), completions.jsonl (GRPO/RLOO samples),
 result.json (method, steps, final loss, log history). Exit status: 0 trained,
-2 bad spec or source (message on stderr), 1 anything else.
+2 bad spec or source (message on stderr), 75 CUDA out of memory (`trainyard.workloads.oom`:
+a `CudaOutOfMemory: …` termination message too), 1 anything else.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from trainyard.api.contract import Env
-from trainyard.workloads import sources
+from trainyard.workloads import oom, sources
 from trainyard.workloads.dataset_formats import (
     DatasetFormatError,
     prepare_dataset,
@@ -210,6 +213,7 @@ class Observers:
         self.metrics = None
         self.sync = None
         self.completions = None
+        self.checkpoints = None
         self.callbacks: list[Any] = []
 
     def close(self, *, interrupted: bool = False) -> None:
@@ -222,6 +226,11 @@ class Observers:
         try:
             if self.sync is not None:
                 try:
+                    if self.checkpoints is not None and self.checkpoints.saves is not None:
+                        # A save still being written when training stopped (CUDA out of
+                        # memory a step after it) is finished and uploaded: the restart
+                        # resumes from it. After a normal end this has nothing to do.
+                        self.checkpoints.saves.close()
                     self.sync.close()
                 except Exception as error:
                     if not interrupted:
@@ -274,7 +283,8 @@ def build_observers(spec: Any, output_dir: Path, env: Environment) -> Observers:
             on_upload=observers.metrics.record_checkpoint_upload if observers.metrics else None,
             **options,
         )
-        observers.callbacks.append(CheckpointSyncCallback(observers.sync))
+        observers.checkpoints = CheckpointSyncCallback(observers.sync)
+        observers.callbacks.append(observers.checkpoints)
     return observers
 
 
@@ -496,6 +506,7 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     observers = build_observers(spec, output, env)
     try:
         ctx.callbacks.extend(observers.callbacks)
+        ctx.callbacks.extend(oom.callbacks())
         trainer = build_trainer(ctx)
         for callback in observers.callbacks:
             if hasattr(callback, "trainer"):
@@ -579,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
+        if oom.is_cuda_oom(error):
+            return oom.report(error)  # the operator / trainyard run retries with a smaller batch
         # S3 errors a user fixes by hand (credentials, endpoint) get one line, wherever
         # they surface (sources, resuming, checkpoint uploads); anything else is a bug.
         problem = sources.s3_problem(error)
