@@ -133,3 +133,30 @@ def test_template_naming_a_missing_column_is_refused_with_the_columns(tmp_path):
         "grpo.prompt.template: names the column 'goal', which the data lacks; its columns "
         "are sprint_goal, team_context, n"
     )
+
+
+# ----------------------------------------------------------------- training.extra
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "extra"),
+    [
+        ("sft", "alpaca", {"dataloader_drop_last": True, "logging_nan_inf_filter": False}),
+        # Laid over what Trainyard derives for pretraining (wrapped packing).
+        ("pretrain", "text", {"packing_strategy": "bfd", "dataloader_drop_last": True}),
+        ("grpo", "prompts", {"torch_compile": False, "shuffle_dataset": False}),
+    ],
+)
+def test_training_extra_reaches_the_trl_config(method, data, extra, tmp_path):
+    spec = {"method": method, "dataset": {"source": f"builtin://datasets/{data}"}}
+    spec["training"] = {"maxSteps": 1, "perDeviceBatchSize": 2, "extra": extra}
+    if method == "grpo":
+        spec["grpo"] = {
+            "numGenerations": 2,
+            "rewards": [{"name": "short", "builtin": "length", "args": {"max": 20}}],
+        }
+    ctx = build_context(run(spec), tmp_path, detect_environment())
+    from trainyard.workloads.train import build_trainer
+
+    args = build_trainer(ctx).args
+    assert {key: getattr(args, key) for key in extra} == extra

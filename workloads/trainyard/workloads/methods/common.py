@@ -245,6 +245,9 @@ def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str
     args.update(save_and_eval_arguments(spec))
     if spec.distributed.deepspeed is not None:
         args["deepspeed"] = deepspeed_config(spec.distributed.deepspeed)
+    # training.extra: options Trainyard does not model, under TRL's names, applied last;
+    # the API refused the ones it derives itself and (where TRL is installed) unknown names.
+    args.update(training.extra)
     return args
 
 

@@ -19,16 +19,17 @@ def build_pretrain_config(spec: Any, base_args: dict[str, Any]):
     block_size = 1024 if pretrain is None else pretrain.block_size
     if spec.training.max_length is not None and pretrain is None:
         block_size = spec.training.max_length
-    return SFTConfig(
-        **base_args,
-        dataset_text_field="text",
-        packing=packing,
+    options = {
+        "dataset_text_field": "text",
+        "packing": packing,
         # Wrapped packing cuts the token stream into full blocks, as pretraining does;
         # bfd would keep documents whole and pad.
-        packing_strategy="wrapped",
-        max_length=block_size,
-        completion_only_loss=False,
-    )
+        "packing_strategy": "wrapped",
+        "max_length": block_size,
+        "completion_only_loss": False,
+    }
+    # base_args last: training.extra (in them) may choose another packing_strategy.
+    return SFTConfig(**{**options, **base_args})
 
 
 def build_pretrain_trainer(ctx: TrainContext):
