@@ -7,6 +7,7 @@ The test plays kubelet and rank 0 (its /metrics report the loss the gate judges)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -76,6 +77,20 @@ async def train(api, kubelet, run: str, attempt: int = 0) -> None:
     await eventually(lambda: kubelet.status(run).get("phase") == "Succeeded")
 
 
+async def write_provenance(api, stage: str) -> dict[str, Any]:
+    """Play the stage's provenance Job: wait for it, then mark it complete."""
+    name = f"chain-{stage}-provenance"
+    job = await eventually(lambda: api.get(JOBS, NAMESPACE, name))
+    await api.patch_object(
+        JOBS,
+        NAMESPACE,
+        name,
+        {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+        status=True,
+    )
+    return job
+
+
 async def test_a_stage_starts_when_the_gate_before_it_passes(
     api_with_pipelines, kubelet, start_operator, rank0_metrics
 ):
@@ -91,6 +106,7 @@ async def test_a_stage_starts_when_the_gate_before_it_passes(
         assert api.get(GATES, NAMESPACE, "chain-sft-gate") is not None
         assert kubelet.run("chain-dpo") is None, "the next stage waits for the gate"
         await train(api, kubelet, "chain-sft")
+        await write_provenance(api, "sft")
         dpo = await eventually(lambda: kubelet.run("chain-dpo"))
         assert dpo["spec"]["model"]["source"] == "s3://ckpt/chain/sft/final"
         sft = status(api)["stages"][0]
@@ -99,6 +115,7 @@ async def test_a_stage_starts_when_the_gate_before_it_passes(
             metrics.pipeline_stage.labels(namespace=NAMESPACE, pipeline="chain")._value.get() == 1
         )
         await train(api, kubelet, "chain-dpo")
+        await write_provenance(api, "dpo")
         await eventually(lambda: status(api).get("phase") == "Succeeded")
         assert condition(api, PipelineCondition.SUCCEEDED)["reason"] == reasons.ALL_PROMOTED
 
@@ -132,6 +149,7 @@ async def test_a_rejected_stage_stops_the_pipeline_and_a_retry_trains_it_again(
             )
         )
         await train(api, kubelet, "chain-sft")
+        await write_provenance(api, "sft")
         await eventually(lambda: kubelet.run("chain-dpo"))
         assert condition(api, PipelineCondition.FAILED)["status"] == "False"
 
@@ -164,11 +182,13 @@ async def test_the_serve_stage_serves_the_first_promoted_model_and_rolls_to_the_
     async with start_operator():
         await api.put_object(PIPELINES, body)
         await train(api, kubelet, "chain-sft")
+        await write_provenance(api, "sft")
         server = await eventually(lambda: api.get(SERVERS, NAMESPACE, "chain-serve"))
         assert server["spec"]["model"]["source"] == "s3://ckpt/chain/sft/final"
         assert server["metadata"]["ownerReferences"][0]["kind"] == "TrainingPipeline"
         await eventually(lambda: api.get("apps/v1/deployments", NAMESPACE, "chain-serve-server"))
         await train(api, kubelet, "chain-dpo")
+        await write_provenance(api, "dpo")
         await eventually(
             lambda: (
                 api.get(SERVERS, NAMESPACE, "chain-serve")["spec"]["model"]["source"]
@@ -199,16 +219,43 @@ async def test_a_pipeline_resumes_after_the_operator_restarts_mid_stage_with_pro
     async with start_operator():
         await eventually(lambda: (kubelet.status("chain-sft").get("progress") or {}).get("loss"))
         await kubelet.complete_job(job)
+        await eventually(lambda: api.get(JOBS, NAMESPACE, "chain-sft-provenance"))
+    # and again while the provenance Job writes
+    async with start_operator():
+        await write_provenance(api, "sft")
         await eventually(lambda: kubelet.run("chain-dpo"))
         await train(api, kubelet, "chain-dpo")
+        await write_provenance(api, "dpo")
         await eventually(lambda: status(api).get("phase") == "Succeeded")
     runs = sorted(r["metadata"]["name"] for r in api.objects(RUNS, NAMESPACE))
     assert runs == ["chain-dpo", "chain-sft"], "no stage ran twice"
     jobs = sorted(j["metadata"]["name"] for j in api.objects(JOBS, NAMESPACE))
-    assert jobs == ["chain-dpo-attempt-0", "chain-sft-attempt-0"]
+    assert jobs == [
+        "chain-dpo-attempt-0",
+        "chain-dpo-provenance",
+        "chain-sft-attempt-0",
+        "chain-sft-provenance",
+    ]
     sft, dpo = status(api)["stages"]
     for stage in (sft, dpo):
         assert stage["dataset"] == "s3://data/train.jsonl"
         assert stage["specHash"] and stage["startedAt"] and stage["finishedAt"]
     assert sft["verdict"] == "Passed" and sft["model"] == "s3://ckpt/chain/sft/final"
     assert dpo["inputModel"] == sft["model"] and dpo["model"] == "s3://ckpt/chain/dpo/final"
+    for stage in (sft, dpo):
+        assert stage["image"] and stage["provenance"]["written"] is True
+        assert stage["provenance"]["uri"] == f"{stage['model']}/provenance.json"
+    assert sft["gateResults"][0]["criterion"] == "loss <= 2"
+    for stage in (sft, dpo):  # what the provenance Job was told to write, every field set
+        config_map = api.get("v1/configmaps", NAMESPACE, f"chain-{stage['name']}-provenance")
+        record = json.loads(config_map["data"]["provenance.json"])["record"]
+        assert record["model"] == stage["model"] and record["inputModel"] == stage["inputModel"]
+        for key in ("specHash", "image", "startedAt", "finishedAt", "trainedSteps", "runUid"):
+            assert record[key], key
+        assert record["dataset"]["source"] == "s3://data/train.jsonl"
+    assert record["gate"] is None  # dpo has no gate
+    sft_record = json.loads(
+        api.get("v1/configmaps", NAMESPACE, "chain-sft-provenance")["data"]["provenance.json"]
+    )["record"]
+    assert sft_record["gate"]["verdict"] == "Passed"
+    assert sft_record["gate"]["results"][0]["result"] == "Passed"

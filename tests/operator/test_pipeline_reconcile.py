@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,6 +82,26 @@ class Pipeline:
         self.apply(plan)
         return plan
 
+    def provenance(self, stage: str, outcome: str = "Complete", message: str = "") -> Pipeline:
+        """The stage's provenance Job finished (`Complete` or `Failed`)."""
+        self.child("Job", f"p-{stage}-provenance")["status"] = {
+            "conditions": [{"type": outcome, "status": "True", "message": message}]
+        }
+        return self
+
+    def promote(self, stage: str) -> Plan:
+        """The stage's provenance Job is made and completes: the walk goes on."""
+        assert created(self.step()) == [
+            f"ConfigMap/p-{stage}-provenance",
+            f"Job/p-{stage}-provenance",
+        ]
+        return self.provenance(stage).step()
+
+
+def task_of(pipeline: Pipeline, stage: str) -> dict[str, Any]:
+    config_map = pipeline.child("ConfigMap", f"p-{stage}-provenance")
+    return json.loads(config_map["data"]["provenance.json"])
+
 
 def created(plan: Plan) -> list[str]:
     return [f"{m['kind']}/{m['metadata']['name']}" for m in plan.creates]
@@ -110,13 +131,20 @@ def test_the_next_stage_starts_only_when_the_gate_passed_with_the_promoted_model
     assert created(plan) == [] and plan.status["stages"][0]["phase"] == "Gating"
     pipeline.verdict("p-sft-gate", "Passed", promotedModel="s3://ckpt/p/sft/final")
     plan = pipeline.step()
+    assert created(plan) == ["ConfigMap/p-sft-provenance", "Job/p-sft-provenance"], (
+        "the model is handed on once provenance.json lies beside it"
+    )
+    assert plan.status["stages"][0]["provenance"]["uri"] == "s3://ckpt/p/sft/final/provenance.json"
+    assert pipeline.reconcile().is_empty, "the next stage waits for the provenance Job"
+    plan = pipeline.provenance("sft").step()
     assert created(plan) == ["TrainingRun/p-dpo"]
+    assert plan.status["stages"][0]["provenance"]["written"] is True
     assert pipeline.child("TrainingRun", "p-dpo")["spec"]["model"]["source"] == (
         "s3://ckpt/p/sft/final"
     )
     assert plan.status["stages"][1]["inputModel"] == "s3://ckpt/p/sft/final"
     pipeline.run_phase("p-dpo", "Succeeded")
-    plan = pipeline.step()
+    plan = pipeline.promote("dpo")
     assert plan.status["phase"] == "Succeeded"
     assert condition(plan, PipelineCondition.SUCCEEDED)["reason"] == reasons.ALL_PROMOTED
 
@@ -171,7 +199,7 @@ def test_a_promoted_stage_is_never_retried():
     pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"))
     pipeline.step()
     pipeline.run_phase("p-sft", "Succeeded")
-    pipeline.step()
+    pipeline.promote("sft")
     pipeline.body["metadata"]["annotations"] = {RETRY_ANNOTATION: "sft"}
     plan = pipeline.step()
     assert plan.deletes == ()
@@ -190,7 +218,7 @@ def test_editing_a_started_stage_is_refused_in_status_and_an_unstarted_one_appli
     assert edited["status"] == "False" and "sft" in edited["message"]
     assert "training" not in pipeline.child("TrainingRun", "p-sft")["spec"]
     pipeline.run_phase("p-sft", "Succeeded")
-    pipeline.step()
+    pipeline.promote("sft")
     assert pipeline.child("TrainingRun", "p-dpo")["spec"]["training"]["learningRate"] == 5.0e-7
     stale = pipeline.child("TrainingRun", "p-sft")["metadata"]["annotations"]
     assert STAGE_HASH_ANNOTATION in stale
@@ -209,7 +237,8 @@ def test_the_serve_block_serves_the_newest_promoted_model_and_rolls_on_each_prom
     plan = pipeline.step()
     assert "InferenceServer/p-serve" not in created(plan), "nothing promoted yet"
     pipeline.run_phase("p-sft", "Succeeded")
-    plan = pipeline.step()
+    assert "InferenceServer/p-serve" not in created(pipeline.step()), "provenance first"
+    plan = pipeline.provenance("sft").step()
     assert created(plan) == ["TrainingRun/p-dpo", "InferenceServer/p-serve"]
     server = pipeline.child("InferenceServer", "p-serve")
     assert server["spec"]["model"] == {"source": "s3://ckpt/p/sft/final"}
@@ -217,8 +246,78 @@ def test_the_serve_block_serves_the_newest_promoted_model_and_rolls_on_each_prom
     assert plan.status["serving"] == {"server": "p-serve", "model": "s3://ckpt/p/sft/final"}
     assert pipeline.reconcile().is_empty
     pipeline.run_phase("p-dpo", "Succeeded")
-    plan = pipeline.reconcile()
+    pipeline.step()
+    plan = pipeline.provenance("dpo").reconcile()
     (rolled,) = plan.updates
     assert rolled["metadata"]["name"] == "p-serve"
     assert rolled["spec"]["model"] == {"source": "s3://ckpt/p/dpo/final"}
     assert plan.status["phase"] == "Succeeded"
+
+
+def test_a_promoted_stage_writes_provenance_with_the_stages_pod_settings_and_a_complete_record():
+    pipeline = Pipeline(stage("sft", source="hf://org/base@v1", gate=GATE), stage("dpo"))
+    first = pipeline.body["spec"]["stages"][0]["run"]
+    first["image"] = "registry.example/trainer:7"
+    first["storage"] = {"s3": {"endpoint": "http://minio:9000", "credentialsSecret": "s3-creds"}}
+    pipeline.step()
+    pipeline.child("TrainingRun", "p-sft")["status"] = {
+        "phase": "Succeeded",
+        "completionTime": "2026-01-01T13:00:00Z",
+        "progress": {"step": 40},
+    }
+    results = [{"criterion": "eval_loss <= 1.8", "metric": "eval_loss", "result": "Passed"}]
+    pipeline.verdict(
+        "p-sft-gate",
+        "Passed",
+        "every criterion passed",
+        results=results,
+        approval={"by": "alice", "at": "2026-01-01T13:05:00Z"},
+    )
+    plan = pipeline.step()
+    job = pipeline.child("Job", "p-sft-provenance")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/trainer:7"
+    assert container["command"][:3] == ["python", "-m", "trainyard.workloads.provenance"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert pod["automountServiceAccountToken"] is False
+    assert job["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert job["metadata"]["labels"]["trainyard.dev/pipeline"] == "p"
+    task = task_of(pipeline, "sft")
+    record = task["record"]
+    assert task["storage"]["s3"]["endpoint"] == "http://minio:9000"
+    assert record["model"] == "s3://ckpt/p/sft/final"
+    assert record["inputModel"] == "hf://org/base@v1"
+    assert record["dataset"]["source"] == "s3://data/train.jsonl"
+    assert record["image"] == "registry.example/trainer:7"
+    assert record["startedAt"] == "2026-01-01T12:00:00Z"
+    assert record["finishedAt"] == "2026-01-01T13:00:00Z"
+    assert record["trainedSteps"] == 40 and record["specHash"]
+    assert record["gate"]["results"] == results
+    assert record["gate"]["approval"]["by"] == "alice"
+    sft = plan.status["stages"][0]
+    assert sft["approvedBy"] == "alice" and sft["gateResults"] == results
+    assert sft["image"] == "registry.example/trainer:7"
+
+
+def test_a_failed_provenance_write_is_recorded_and_the_pipeline_goes_on():
+    pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"))
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Succeeded")
+    pipeline.step()
+    plan = pipeline.provenance("sft", "Failed", "BackoffLimitExceeded").step()
+    assert created(plan) == ["TrainingRun/p-dpo"]
+    written = plan.status["stages"][0]["provenance"]
+    assert written["written"] is False and "BackoffLimitExceeded" in written["message"]
+
+
+def test_a_model_without_storage_keeps_its_provenance_in_status_only():
+    pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"))
+    del pipeline.body["spec"]["stages"][0]["run"]["checkpoint"]
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Succeeded")
+    plan = pipeline.step()
+    assert created(plan) == ["TrainingRun/p-dpo"]
+    assert plan.status["stages"][0]["provenance"]["written"] is False

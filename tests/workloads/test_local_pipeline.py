@@ -69,8 +69,13 @@ def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_p
     records = chain(dpo_final)
     assert [r.get("stage") for r in records] == ["dpo", "sft", None]
     assert records[0]["inputModel"] == sft_final and records[0]["gate"] is None
-    assert records[1]["dataset"].startswith("file://")  # --tiny's built-in data, written out
+    dataset = records[1]["dataset"]
+    assert dataset["source"].startswith("file://")  # --tiny's built-in data, written out
+    assert dataset["fingerprint"]["contentSha256"].startswith("sha256:")
     assert records[1]["gate"]["verdict"] == "Passed" and records[1]["specHash"]
+    assert records[0]["inputModelFingerprint"] == records[1]["modelFingerprint"]
+    assert records[1]["startedAt"] <= records[1]["finishedAt"] <= records[0]["startedAt"]
+    assert records[2] == {"model": "builtin://tiny-qwen2", "origin": True}
     assert records[2] == {"model": "builtin://tiny-qwen2", "origin": True}
     logs = {s: (output / s / "train.log").stat().st_mtime_ns for s in ("sft", "dpo")}
     assert run_command([str(path), "--tiny", "--output", str(output)]) == 0

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from trainyard.api.base import API_VERSION, ApiModel
 from trainyard.api.common import ModelSource, ObjectMeta
-from trainyard.api.gate import Criterion, Evaluation, criteria_problems
+from trainyard.api.gate import Criterion, CriterionResult, Evaluation, criteria_problems
 from trainyard.api.inference import InferenceServerSpec
 from trainyard.api.rules import nested_error
 from trainyard.api.status import Condition
@@ -107,6 +107,19 @@ RETRY_ANNOTATION = "trainyard.dev/retry"
 or rejected stage (a new value, e.g. STAGE#2, retries it again); promoted stages never rerun."""
 
 
+class ProvenanceStatus(ApiModel):
+    """Where a promoted stage's provenance.json is, and whether it was written."""
+
+    uri: str | None = None
+    """Where it goes: beside the promoted model."""
+    job: str | None = None
+    """The Job writing it (with the stage's image and storage credentials)."""
+    written: bool | None = None
+    """True once written; False when it could not be (the message says why); unset while writing."""
+    message: str | None = None
+    """What happens, or why it was not written."""
+
+
 class StageStatus(ApiModel):
     """Where one stage stands."""
 
@@ -134,6 +147,12 @@ class StageStatus(ApiModel):
     """A hash of the stage as it started (run and gate)."""
     approved_by: str | None = None
     """Who approved the stage's gate, where it asked for a person."""
+    image: str | None = None
+    """The image the stage's run trained in."""
+    gate_results: list[CriterionResult] | None = None
+    """Each criterion of the stage's gate, judged."""
+    provenance: ProvenanceStatus | None = None
+    """provenance.json beside the promoted model (a promoted stage hands its model on once it is settled)."""
     message: str | None = None
     """Why the stage is in its phase."""
 

@@ -17,7 +17,8 @@ from trainyard.operator.pipeline_reconcile import PipelineObserved, reconcile_pi
 from trainyard.operator.plan import Plan
 from trainyard.operator.runtime import Registration, Runtime
 
-CHILD_KINDS = ("TrainingRun", "PromotionGate", "InferenceServer")
+CHILD_KINDS = ("TrainingRun", "PromotionGate", "InferenceServer", "ConfigMap", "Job")
+"""Job and ConfigMap: each promoted stage's provenance.json writer."""
 UPDATED_KINDS = ("InferenceServer",)  # the serve stage's server, replaced to roll a new model
 
 
@@ -25,7 +26,7 @@ async def observe(runtime: Runtime, body: dict[str, Any]) -> PipelineObserved:
     meta = body["metadata"]
     registration = runtime.registrations["TrainingPipeline"]
     children, _ = runtime.children(registration, meta["namespace"], meta["name"], meta["uid"])
-    return PipelineObserved(pipeline=body, children=children)
+    return PipelineObserved(pipeline=body, children=children, image=runtime.config.default_image)
 
 
 def record(metrics: OperatorMetrics, body: dict[str, Any], plan: Plan | None) -> None:

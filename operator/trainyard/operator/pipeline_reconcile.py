@@ -14,6 +14,14 @@ is in one of these states, decided by a table on what exists:
 | Succeeded        | AwaitingApproval/Inconcl.   | Gating     | pipeline Paused, stop         |
 | Succeeded        | anything else / absent      | Gating     | (create the gate), stop       |
 
+A promoted stage hands its model on only once `provenance.json` lies beside it: a one-pod
+Job with the stage's pod settings (its image and storage credentials: the operator never
+writes to the user's storage with its own) writes the record this status holds, plus the
+content fingerprints only a storage reader can take. Job absent: create it, stop; running:
+stop; Complete: next stage; Failed (after its retries), or a model with no s3:// or file://
+storage: the stage's `provenance` says why not, and the walk goes on (the record stays in
+this status).
+
 A stage starts only when every stage before it was promoted, with `run://previous`
 resolved to the model the previous stage promoted. A failed or rejected stage runs again
 when the `trainyard.dev/retry` annotation names it (its run and gate are deleted, then
@@ -27,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from trainyard.api import InvalidResource, parse_resource
+from trainyard.api import InvalidResource, TrainingRun, parse_resource
 from trainyard.api.pipeline import (
     RETRY_ANNOTATION,
     PipelineCondition,
@@ -39,7 +47,10 @@ from trainyard.operator.builders.pipeline import (
     SERVED_MODEL_ANNOTATION,
     STAGE_HASH_ANNOTATION,
     promoted_model,
+    provenance_image,
+    provenance_name,
     render_pipeline_server,
+    render_provenance,
     render_stage_gate,
     render_stage_run,
     serve_server_name,
@@ -60,6 +71,8 @@ class PipelineObserved:
     pipeline: dict[str, Any]
     children: list[dict[str, Any]] = field(default_factory=list)
     now: datetime | None = None
+    image: str | None = None
+    """The operator's default trainer image (a stage's run may name its own)."""
 
 
 def reconcile_pipeline(observed: PipelineObserved) -> Plan:
@@ -140,9 +153,13 @@ def _walk(
             entry["message"] = f"run {run_name}: {run_status.get('phase') or 'Pending'}"
             message = f"stage {stage.name}: training"
             break
+        entry["image"] = provenance_image(_parse_run(run), observed.image)
         if stage.gate is None:
             entry.update(phase="Promoted", model=promoted_model(stage, run_name, None))
             entry["message"] = "no gate: promoted when the run succeeded"
+            if not _provenance(pipeline, stage, entry, run, None, by_name, creates, observed):
+                message = f"stage {stage.name}: writing provenance.json beside {entry['model']}"
+                break
             previous_model = entry["model"]
             continue
         if gate is None:
@@ -156,9 +173,15 @@ def _walk(
         verdict = gate_status.get("verdict")
         entry["verdict"] = verdict
         entry["approvedBy"] = (gate_status.get("approval") or {}).get("by")
+        entry["gateResults"] = gate_status.get("results")
         if verdict == "Passed":
             entry.update(phase="Promoted", model=promoted_model(stage, run_name, gate_status))
             entry["message"] = gate_status.get("message") or "the gate passed"
+            if not _provenance(
+                pipeline, stage, entry, run, gate_status, by_name, creates, observed
+            ):
+                message = f"stage {stage.name}: writing provenance.json beside {entry['model']}"
+                break
             previous_model = entry["model"]
             continue
         if verdict == "Failed":
@@ -237,6 +260,131 @@ def _serve(
         return []
     served = (server["metadata"].get("annotations") or {}).get(SERVED_MODEL_ANNOTATION)
     return [manifest] if served != model else []
+
+
+def _provenance(
+    pipeline: TrainingPipeline,
+    stage: Stage,
+    entry: dict[str, Any],
+    run: dict[str, Any],
+    gate_status: dict[str, Any] | None,
+    by_name: dict[tuple[str, str], dict[str, Any]],
+    creates: list[dict[str, Any]],
+    observed: PipelineObserved,
+) -> bool:
+    """Whether the stage's provenance is settled (written, or why not recorded in
+    `entry["provenance"]`); False while its Job is made or runs."""
+    model = entry["model"]
+    if not model.startswith(("s3://", "file://")):
+        entry["provenance"] = {
+            "written": False,
+            "message": f"{model} is not on s3:// or file:// storage: the record is in this "
+            "status only",
+        }
+        return True
+    name = provenance_name(pipeline.metadata.name, stage.name)
+    uri = f"{model.rstrip('/')}/provenance.json"
+    job = by_name.get(("Job", name))
+    if job is None:
+        uid = (observed.pipeline.get("metadata") or {}).get("uid", "")
+        record = provenance_record(pipeline, stage, entry, run, gate_status)
+        creates.extend(
+            render_provenance(
+                pipeline,
+                stage,
+                uid=uid,
+                record=record,
+                run=_parse_run(run),
+                image=observed.image,
+            )
+        )
+        entry["provenance"] = {"uri": uri, "job": name, "message": f"job {name} writes it"}
+        return False
+    state, why = _job_state(job)
+    if state == "Running":
+        entry["provenance"] = {"uri": uri, "job": name, "message": f"job {name} writes it"}
+        return False
+    if state == "Complete":
+        entry["provenance"] = {"uri": uri, "job": name, "written": True}
+        return True
+    entry["provenance"] = {
+        "uri": uri,
+        "job": name,
+        "written": False,
+        "message": f"job {name} failed ({why}): the record is in this status only; "
+        f"kubectl logs job/{name} says why",
+    }
+    return True
+
+
+def provenance_record(
+    pipeline: TrainingPipeline,
+    stage: Stage,
+    entry: dict[str, Any],
+    run: dict[str, Any],
+    gate_status: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What made the stage's model, as far as the cluster knows it: the workload adds the
+    fingerprints of the input model, the data and the model itself."""
+    dataset = stage.run.dataset
+    run_status = run.get("status") or {}
+    gate: dict[str, Any] | None = None
+    if gate_status is not None:
+        gate = {
+            "name": entry.get("gate"),
+            "verdict": gate_status.get("verdict"),
+            "message": gate_status.get("message"),
+            "results": gate_status.get("results"),
+            "approval": gate_status.get("approval"),
+            "evalResults": gate_status.get("evalResults"),
+        }
+    return {
+        "pipeline": pipeline.metadata.name,
+        "namespace": pipeline.metadata.namespace,
+        "stage": stage.name,
+        "run": entry.get("run"),
+        "runUid": (run.get("metadata") or {}).get("uid"),
+        "method": stage.run.method,
+        "model": entry.get("model"),
+        "inputModel": entry.get("inputModel"),
+        "dataset": {
+            k: v
+            for k, v in {
+                "source": dataset.source,
+                "config": dataset.config,
+                "split": dataset.split,
+            }.items()
+            if v is not None
+        },
+        "specHash": entry.get("specHash"),
+        "image": entry.get("image"),
+        "startedAt": entry.get("startedAt"),
+        "finishedAt": entry.get("finishedAt"),
+        "trainedSteps": (run_status.get("progress") or {}).get("step"),
+        "gate": gate,
+    }
+
+
+def _parse_run(body: dict[str, Any]) -> TrainingRun | None:
+    try:
+        run = parse_resource(user_document(body))
+    except InvalidResource:
+        return None
+    return run if isinstance(run, TrainingRun) else None
+
+
+def _job_state(job: dict[str, Any]) -> tuple[str, str]:
+    """("Complete" | "Failed" | "Running", why) of a Job, from its batch/v1 conditions."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return "Complete", ""
+        if condition.get("type") == "Failed":
+            reason = condition.get("reason") or "Failed"
+            message = condition.get("message")
+            return "Failed", f"{reason}: {message}" if message else reason
+    return "Running", ""
 
 
 def _retry(

@@ -148,6 +148,7 @@ def pipeline_command(argv: list[str]) -> int:
             code = local_gate.gate_command(judge)
         else:
             console.rule(f"stage {stage.name}")
+            entry["startedAt"] = _now()
             run_argv = [str(stage_file), "--output", str(stage_dir)]
             if args.tiny:
                 run_argv.append("--tiny")
@@ -155,6 +156,7 @@ def pipeline_command(argv: list[str]) -> int:
                     run_argv += ["--set", f"model.source={model}"]
             run_argv += ["--nproc", args.nproc] if args.nproc else []
             code = local.run_command(run_argv)
+            entry["finishedAt"] = _now()
         entry["phase"] = _phase(code, stage, stage_dir)
         if entry["phase"] == "Promoted":
             model = entry["model"] = final_model(stage_dir)
@@ -171,20 +173,18 @@ def pipeline_command(argv: list[str]) -> int:
     return code
 
 
-PROVENANCE_FILE = "provenance.json"
-
-
 def write_provenance(
     pipeline: TrainingPipeline, stage: Stage, stage_dir: Path, entry: dict[str, Any]
 ) -> None:
-    """`provenance.json` beside the promoted model: what made it (input model, data, the
-    stage as it ran, the gate's verdict and who approved), read by `trainyard lineage`."""
+    """`provenance.json` beside the promoted model, the same record the operator's
+    provenance Job writes on a cluster (input model, data and the model itself with what
+    pins their contents, the stage as it ran, the gate's verdict and who approved), read
+    by `trainyard lineage`."""
+    from trainyard.workloads import provenance
+
     spec = stage.model_dump(by_alias=True, mode="json")
-    run = (
-        json.loads((stage_dir / "run.json").read_text())
-        if (stage_dir / "run.json").is_file()
-        else {}
-    )
+    run = _read_json(stage_dir / "run.json")
+    run_spec = run.get("spec") or {}
     gate: dict[str, Any] | None = None
     for path in stage_dir.glob("gate-*.json"):
         status = json.loads(path.read_text())
@@ -196,23 +196,35 @@ def write_provenance(
             "approval": status.get("approval"),
             "decidedAt": status.get("decidedAt"),
         }
-    summary_path = stage_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    provenance = {
+    summary = _read_json(stage_dir / "summary.json")
+    dataset = run_spec.get("dataset") or {}
+    record = {
         "pipeline": pipeline.metadata.name,
         "stage": stage.name,
-        "model": entry["model"],
-        "inputModel": (run.get("spec") or {}).get("model", {}).get("source"),
-        "dataset": (run.get("spec") or {}).get("dataset", {}).get("source"),
+        "run": f"{pipeline.metadata.name}-{stage.name}",
         "method": stage.run.method,
+        "model": entry["model"],
+        "inputModel": (run_spec.get("model") or {}).get("source"),
+        "dataset": {
+            k: dataset.get(k) for k in ("source", "config", "split") if dataset.get(k) is not None
+        },
         "specHash": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16],
+        "image": "local (this machine's Python environment)",
+        "startedAt": entry.get("startedAt"),
+        "finishedAt": entry.get("finishedAt"),
         "trainedSteps": summary.get("steps"),
         "gate": gate,
-        "createdAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    final = stage_dir / "checkpoints" / "final"
-    if final.is_dir():
-        (final / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    if (stage_dir / "checkpoints" / "final").is_dir():
+        provenance.write(provenance.complete(record))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _phase(code: int, stage: Stage, stage_dir: Path) -> str:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from trainyard.api import TrainingRun
 from trainyard.api.base import API_VERSION
 from trainyard.api.pipeline import Stage, TrainingPipeline
-from trainyard.operator.builders.names import run_label_value, short_hash
+from trainyard.operator.builders import pod_settings
+from trainyard.operator.builders.job import DEFAULT_TRAINER_IMAGE
+from trainyard.operator.builders.names import child_name, run_label_value, short_hash
 from trainyard.operator.builders.owner import owner_reference
 
 PIPELINE_LABEL = "trainyard.dev/pipeline"
@@ -24,6 +27,14 @@ STAGE_HASH_ANNOTATION = "trainyard.dev/stage-spec-hash"
 SERVED_MODEL_ANNOTATION = "trainyard.dev/served-model"
 SERVE_STAGE = "serve"
 PREVIOUS = "run://previous"
+PROVENANCE = "provenance"
+"""app.kubernetes.io/component of a stage's provenance ConfigMap and Job."""
+PROVENANCE_CONTAINER = "provenance"
+PROVENANCE_TASK_DIR = "/etc/trainyard"
+PROVENANCE_TASK_KEY = "provenance.json"
+PROVENANCE_TASK_PATH = f"{PROVENANCE_TASK_DIR}/{PROVENANCE_TASK_KEY}"
+PROVENANCE_RETRIES = 2
+"""Pods a failed provenance write gets again (the Job's backoffLimit)."""
 
 
 def stage_run_name(pipeline: str, stage: str) -> str:
@@ -150,3 +161,90 @@ def render_pipeline_server(pipeline: TrainingPipeline, *, uid: str, model: str) 
         "metadata": metadata,
         "spec": spec,
     }
+
+
+def provenance_name(pipeline: str, stage: str) -> str:
+    """The ConfigMap and Job writing a stage's provenance.json: `<pipeline>-<stage>-provenance`.
+
+    >>> provenance_name("assistant-v2", "sft")
+    'assistant-v2-sft-provenance'
+    """
+    return child_name(stage_run_name(pipeline, stage), PROVENANCE)
+
+
+def provenance_image(run: TrainingRun | None, default: str | None) -> str:
+    """The image the stage trained in (the run's, else the operator's default trainer image)."""
+    return (run.spec.image if run is not None else None) or default or DEFAULT_TRAINER_IMAGE
+
+
+def render_provenance(
+    pipeline: TrainingPipeline,
+    stage: Stage,
+    *,
+    uid: str,
+    record: dict[str, Any],
+    run: TrainingRun | None,
+    image: str | None = None,
+) -> list[dict[str, Any]]:
+    """[ConfigMap, Job] writing `provenance.json` beside the stage's promoted model.
+
+    The pod is the stage's own kind of pod (pod_settings: restricted security, no
+    service-account token, the run's storage credentials, env, scheduling and image), so
+    the write uses the user's credentials, never the operator's. The workload adds the
+    fingerprints only a storage reader can take (manifest hashes, ETags) to `record`."""
+    name = provenance_name(pipeline.metadata.name, stage.name)
+    storage = (
+        stage.run.storage.model_dump(by_alias=True, exclude_none=True, mode="json")
+        if (stage.run.storage is not None)
+        else None
+    )
+    task = {"record": record, "storage": storage}
+    metadata = _metadata(pipeline, stage, name, uid)
+    metadata["labels"]["app.kubernetes.io/component"] = PROVENANCE
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {PROVENANCE_TASK_KEY: json.dumps(task, indent=2, sort_keys=True) + "\n"},
+    }
+    groups = [[{"name": "PYTHONUNBUFFERED", "value": "1"}], pod_settings.cache_env()]
+    if run is not None:
+        groups += [pod_settings.s3_env(run), pod_settings.user_env(run)]
+    container: dict[str, Any] = {
+        "name": PROVENANCE_CONTAINER,
+        "image": provenance_image(run, image),
+        "command": ["python", "-m", "trainyard.workloads.provenance", PROVENANCE_TASK_PATH],
+        "env": pod_settings.merge_env(*groups),
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+        "securityContext": pod_settings.container_security_context(),
+        "volumeMounts": [
+            {"name": "provenance-task", "mountPath": PROVENANCE_TASK_DIR, "readOnly": True},
+            *pod_settings.volume_mounts(),
+        ],
+    }
+    if run is not None:
+        container["imagePullPolicy"] = run.spec.image_pull_policy
+    pod_spec = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_settings.pod_security_context(),
+        **(pod_settings.scheduling_fields(run) if run is not None else {}),
+        "containers": [container],
+        "volumes": [
+            {"name": "provenance-task", "configMap": {"name": name}},
+            *pod_settings.volumes(None),
+        ],
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": json.loads(json.dumps(metadata)),
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": PROVENANCE_RETRIES,
+            "template": {"metadata": {"labels": dict(metadata["labels"])}, "spec": pod_spec},
+        },
+    }
+    return [config_map, job]
