@@ -13,6 +13,11 @@ printed, OUTPUT/summary.json and OUTPUT/curves.png are written, and the exit cod
 child's. Ctrl-C is forwarded to the child's process group (twice: SIGTERM, three times:
 SIGKILL), and the runner waits for it, so checkpoints are left consistent.
 
+Out of GPU memory: the workload exits 75 and says so in OUTPUT/termination.log
+(`trainyard.workloads.oom`); with `runPolicy.oomRecovery` the runner starts it again,
+resuming from the newest checkpoint with the per-device batch halved and gradient
+accumulation doubled (`oom_retry`, as the operator does), and summary.json records it.
+
 Chaining runs: the runner sets TRAINYARD_RUNS_URI (the pod contract's runs root) to
 `--runs-root DIR`, else to the folder that holds the output folder, so a spec whose model
 is `run://sft-run` trains from the newest output folder of run `sft-run` next to its own:
@@ -74,6 +79,7 @@ RUN_JSON = RUN_FILE
 TRAIN_LOG = "train.log"
 PROGRESS_FILE = "progress.json"
 SUMMARY_FILE = "summary.json"
+TERMINATION_LOG = "termination.log"
 CURVES_FILE = "curves.png"
 POLL_SECONDS = 0.25
 TAIL_LINES = 40
@@ -599,10 +605,87 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row(
             "resumed from", f"{summary['resumedFrom']} ({trained} steps trained this time)"
         )
+    if summary.get("oomRecovery"):
+        oom = summary["oomRecovery"]
+        table.add_row(
+            "OOM recovery",
+            f"{oom['recoveries']}× out of GPU memory; now perDeviceBatchSize "
+            f"{oom['perDeviceBatchSize']} × gradientAccumulationSteps "
+            f"{oom['gradientAccumulationSteps']}",
+        )
     table.add_row("checkpoint", summary["checkpoint"] or "—")
     table.add_row("curves", summary["curves"] or "— (nothing logged)")
     table.add_row("log", summary["log"])
     return table
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class OOMRetry:
+    """What the runner does after the workload ran out of GPU memory: train `run` (the
+    smaller batch) next, or stop when `run` is None; `message` says which and why."""
+
+    run: TrainingRun | None
+    message: str
+    status: dict[str, int] | None = None
+
+
+def oom_retry(
+    run: TrainingRun, termination: str | None, exit_code: int, recovered: dict[str, int] | None
+) -> OOMRetry | None:
+    """The operator's `runPolicy.oomRecovery` on this machine: after CUDA out-of-memory
+    (the workload's exit status or termination message) the run goes on from its newest
+    checkpoint with the per-device batch halved and gradient accumulation doubled, each
+    retry counted against runPolicy.maxRestarts, down to minPerDeviceBatchSize. None when
+    the workload failed for another reason."""
+    if not contract.is_oom_termination((termination or "").strip(), exit_code):
+        return None
+    training, policy = run.spec.training, run.spec.run_policy
+    at = (
+        f"CUDA out of memory at perDeviceBatchSize {training.per_device_batch_size} × "
+        f"gradientAccumulationSteps {training.gradient_accumulation_steps}"
+    )
+    settings = policy.oom_recovery
+    if settings is None or not settings.enabled:
+        return OOMRetry(None, f"{at}; runPolicy.oomRecovery retries with a smaller batch")
+    smaller = settings.next_batch(
+        training.per_device_batch_size, training.gradient_accumulation_steps
+    )
+    if smaller is None:
+        return OOMRetry(
+            None,
+            f"{at}, and runPolicy.oomRecovery.minPerDeviceBatchSize="
+            f"{settings.min_per_device_batch_size} allows no smaller batch: lower "
+            "training.maxLength, set training.gradientCheckpointing or use a GPU with more memory",
+        )
+    recoveries = (recovered or {}).get("recoveries", 0)
+    if recoveries >= policy.max_restarts:
+        return OOMRetry(
+            None,
+            f"{at}; the restart budget is used up ({recoveries} of runPolicy.maxRestarts="
+            f"{policy.max_restarts})",
+        )
+    per_device, accumulation = smaller
+    smaller_training = training.model_copy(
+        update={"per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation}
+    )
+    return OOMRetry(
+        run.model_copy(update={"spec": run.spec.model_copy(update={"training": smaller_training})}),
+        f"{at}: OOM recovery {recoveries + 1} (restart {recoveries + 1} of "
+        f"{policy.max_restarts}), resuming from the newest checkpoint with perDeviceBatchSize "
+        f"{per_device} × gradientAccumulationSteps {accumulation}, the same effective batch",
+        {
+            "recoveries": recoveries + 1,
+            "perDeviceBatchSize": per_device,
+            "gradientAccumulationSteps": accumulation,
+        },
+    )
 
 
 def run_command(argv: list[str]) -> int:
@@ -711,22 +794,42 @@ def run_command(argv: list[str]) -> int:
         run_json, output_dir, args.nproc, torchrun=run.spec.distributed.deepspeed is not None
     )
     started = time.monotonic()
-    child, log = start_workload(command, output_dir, {contract.Env.RUNS_URI: runs_root})
     follower = Follower(output_dir / PROGRESS_FILE)
-    # Python delivers signals to the main thread only (run_command may run in another).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = child.handle_signals() if in_main_thread else {}
-    try:
-        follow(child, follower, console, run.metadata.name)
-        child.process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        log.close()
-    exit_code = child.exit_code or 0
+    termination = output_dir / TERMINATION_LOG
+    recovered: dict[str, int] | None = None
+    while True:
+        termination.unlink(missing_ok=True)
+        child, log = start_workload(
+            command,
+            output_dir,
+            {contract.Env.RUNS_URI: runs_root, contract.Env.TERMINATION_LOG: str(termination)},
+        )
+        # Python delivers signals to the main thread only (run_command may run in another).
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = child.handle_signals() if in_main_thread else {}
+        try:
+            follow(child, follower, console, run.metadata.name)
+            child.process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            log.close()
+        exit_code = child.exit_code or 0
+        if exit_code == 0 or child.interrupts:
+            break
+        retry = oom_retry(run, read_text(termination), exit_code, recovered)
+        if retry is None:
+            break
+        console.print(retry.message, style="yellow", markup=False, highlight=False, soft_wrap=True)
+        if retry.run is None:
+            break
+        run, recovered = retry.run, retry.status
+        run_json.write_text(json.dumps(run.to_yaml_dict(), indent=2) + "\n")
     wall = time.monotonic() - started
 
     summary = summarize(run, output_dir, follower, exit_code, wall)
+    if recovered is not None:
+        summary["oomRecovery"] = recovered
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     if child.interrupts:
         # The traceback of a KeyboardInterrupt says nothing the user does not know.
