@@ -83,9 +83,10 @@ def test_example_trains_with_tiny_offline(name, tmp_path, offline, monkeypatch, 
     example = REPO / "examples" / f"{name}.yaml"
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "out"
-    code = run_command(
-        [str(example), "--tiny", "--output", str(out), "--set", "training.maxSteps=1"]
-    )
+    options = ["--set", "training.maxSteps=1"]
+    if name == "grpo-code-execution":  # the completions log of its one step
+        options += ["--set", "grpo.logCompletionsEvery=1"]
+    code = run_command([str(example), "--tiny", "--output", str(out), *options])
     printed = capsys.readouterr().out
     log = (out / "train.log").read_text() if (out / "train.log").exists() else ""
     assert code == 0, printed + log[-5000:]
@@ -96,6 +97,15 @@ def test_example_trains_with_tiny_offline(name, tmp_path, offline, monkeypatch, 
     assert run["spec"]["model"]["source"] == "builtin://tiny-qwen2"
     assert run["spec"]["dataset"]["source"].startswith(f"file://{(out / 'tiny-data').resolve()}")
     assert (out / "checkpoints" / "final" / "manifest.json").is_file()
+    if name == "grpo-code-execution":
+        # isolation service: trainyard run started the sandbox server on this machine,
+        # and the completions log says what each stage did to each completion.
+        assert "programs run in the sandbox service http://127.0.0.1:" in log, log[-3000:]
+        lines = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+        assert lines and all(
+            [s["name"] for s in line["extra"]["passes-tests/stages"]][:1] in ([], ["compile"])
+            for line in lines
+        ), lines[0]
     if name != "pretrain-packing":  # TRL's trainers write a model card; transformers' not
         card = (out / "README.md").read_text()
         assert "fine-tuned version of `builtin://tiny-qwen2`" in card and "[None]" not in card

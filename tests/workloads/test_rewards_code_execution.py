@@ -232,3 +232,80 @@ def test_adversarial_batch_scores_compile_credit_only(trainer_port, tmp_path):
     world.rmdir()
     assert sandbox_processes() == [], "no sandboxed process (daemon, bomb) outlives the batch"
     assert os.system("true") == 0, "the trainer can still start processes"
+
+
+def test_home_is_not_the_working_directory():
+    """Tools writing under HOME (opam, dune, pip caches) must not litter the directory
+    the stages work in, which a test may list."""
+    stages = [
+        {
+            "name": "home",
+            "command": [
+                "{python}",
+                "-c",
+                "import os, pathlib\n"
+                "home = pathlib.Path(os.environ['HOME'])\n"
+                "assert home.resolve() != pathlib.Path.cwd().resolve(), home\n"
+                "(home / 'cache').write_text('x')\n"
+                "assert 'cache' not in os.listdir('.'), os.listdir('.')\n",
+            ],
+        }
+    ]
+    assert score([CORRECT], stages=stages) == [1.0]
+
+
+def test_stage_env_path_is_where_its_program_is_looked_up(tmp_path):
+    """A program found only on the stage's env.PATH is accepted when the reward is bound
+    and found when it runs; without that PATH it is refused by name."""
+    from types import SimpleNamespace
+
+    from trainyard.workloads.rewards import build_reward_functions
+
+    bin_dir = tmp_path / "opt-bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "checkcode"
+    tool.write_text("#!/bin/sh\ngrep -q 'return a + b' \"$1\"\n")
+    tool.chmod(0o755)
+    for parent in (tmp_path, *tmp_path.parents):  # a sandbox uid must reach it
+        parent.chmod(parent.stat().st_mode | 0o001)
+    stages = [{"name": "check", "command": ["checkcode", "{file}"]}]
+
+    def bind(env):
+        args = {"stages": stages, "isolation": ISOLATION, "workers": 0, "env": env}
+        spec = SimpleNamespace(
+            name="code", builtin="code_execution", python=None, weight=1.0, args=args
+        )
+        return build_reward_functions([spec])[0][0]
+
+    with pytest.raises(ValueError, match="'checkcode' not found on the sandbox PATH"):
+        bind({})
+    reward = bind({"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert reward(completions=[CORRECT, "def add(a, b):\n    return 0"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("output", "exit_code", "expected"),
+    [
+        pytest.param("", 0, 1.0, id="clean"),
+        pytest.param("Error: a\\nError: b\\n", 1, 0.6, id="two-errors"),
+        pytest.param("Error: a\\n" * 9, 1, 0.0, id="past-the-scale"),
+        pytest.param("Warning: w\\n", 0, 1.0, id="warnings-do-not-count"),
+        pytest.param("Segmentation fault\\n", 1, 0.0, id="failed-without-errors"),
+    ],
+)
+def test_stage_scored_by_count(output, exit_code, expected):
+    """Partial credit scaled by the errors a stage reports, as the OCaml set-up scores
+    its compiler: weight x max(0, 1 - errors / errorScale)."""
+    program = f"import sys\nsys.stderr.write('{output}')\nsys.exit({exit_code})\n"
+    stages = [
+        {
+            "name": "build",
+            "command": ["{python}", "{file}"],
+            "error_pattern": "^Error",
+            "error_scale": 5,
+        }
+    ]
+    extra = {}
+    assert score([program], stages=stages, log_extra=extra.__setitem__) == [expected]
+    (stage,) = extra["stages"][0]
+    assert stage["score"] == pytest.approx(expected) and stage["passed"] == (exit_code == 0)

@@ -1,0 +1,311 @@
+"""Strict code-execution rewards on a cluster whose trainer namespaces enforce the
+restricted Pod Security Standard: the rendered pods checked against the standard, and
+the sandbox service started on this machine with exactly the command and environment
+its rendered pod runs, the reward calling into it over HTTP.
+
+The sandbox server needs root with CAP_SYS_ADMIN (as in its pod); these tests fail,
+saying so, where the machine has neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from trainyard.api import parse_resource
+from trainyard.api.rewards import SANDBOX_URL_ENV
+from trainyard.operator.builders import sandbox
+from trainyard.operator.builders.job import TRAINER_CONTAINER, render_worker_job
+from trainyard.workloads.rewards import build_reward_functions
+from trainyard.workloads.rewards.sandbox import SandboxUnavailable, require_isolation
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "grpo-code-execution.yaml"
+
+# ------------------------------------------------------------ Pod Security Standards
+# The controls of https://kubernetes.io/docs/concepts/security/pod-security-standards/
+# that the rendered pods could touch, per level (restricted includes baseline).
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+    "projected", "secret",
+}  # fmt: skip
+
+
+def pss_violations(pod: dict, level: str) -> list[str]:
+    """What keeps `pod` (a pod spec) out of a namespace enforcing `level`."""
+    found = []
+    if level == "privileged":
+        return found
+    containers = [*pod.get("initContainers", []), *pod["containers"]]
+    pod_context = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found.append(f"{key}")
+    for volume in pod.get("volumes", []):
+        if "hostPath" in volume:
+            found.append(f"hostPath volume {volume['name']}")
+        kinds = set(volume) - {"name"}
+        if level == "restricted" and not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']} of type {sorted(kinds)}")
+    for profile in (pod_context.get("appArmorProfile"),) + tuple(
+        c.get("securityContext", {}).get("appArmorProfile") for c in containers
+    ):
+        if profile and profile.get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"appArmorProfile {profile['type']}")
+    for container in containers:
+        name, context = container["name"], container.get("securityContext", {})
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        added = set(context.get("capabilities", {}).get("add", []))
+        if added - BASELINE_CAPABILITIES:
+            found.append(f"{name}: capabilities {sorted(added - BASELINE_CAPABILITIES)}")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+        if level != "restricted":
+            continue
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if "ALL" not in context.get("capabilities", {}).get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if added - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities {sorted(added - {'NET_BIND_SERVICE'})}")
+        non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+        if non_root is not True:
+            found.append(f"{name}: runAsNonRoot is not true")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {}))
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile is not RuntimeDefault or Localhost")
+    return found
+
+
+def trainer_pod(document: dict) -> dict:
+    job = render_worker_job(parse_resource(document), uid="uid-1")
+    return job["spec"]["template"]["spec"]
+
+
+def example_run() -> dict:
+    return next(d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d["kind"] == "TrainingRun")
+
+
+def by_kind(manifests: list[dict]) -> dict[str, dict]:
+    return {m["kind"]: m for m in manifests}
+
+
+def test_the_example_uses_the_sandbox_service_and_its_trainer_pod_is_restricted():
+    pod = trainer_pod(example_run())
+    assert pss_violations(pod, "restricted") == []
+    (trainer,) = [c for c in pod["containers"] if c["name"] == TRAINER_CONTAINER]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    rendered = by_kind(sandbox.render_sandbox_service(image="trainer:test"))
+    service = rendered["Service"]
+    port = service["spec"]["ports"][0]["port"]
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert env[SANDBOX_URL_ENV] == f"http://{name}.{namespace}.svc:{port}"
+    # The NetworkPolicy lets exactly these pods in.
+    allowed = rendered["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    pod_labels = render_worker_job(parse_resource(example_run()), uid="u")["spec"]["template"][
+        "metadata"
+    ]["labels"]
+    assert allowed["matchLabels"].items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "namespace_level", "refused_by"),
+    [
+        pytest.param("namespaces", "privileged", {"baseline", "restricted"}, id="jail-in-pod"),
+        pytest.param("gvisor", "restricted", set(), id="gvisor"),
+    ],
+)
+def test_sandbox_pods_are_admitted_where_their_namespace_says(runtime, namespace_level, refused_by):
+    rendered = by_kind(sandbox.render_sandbox_service(image="trainer:test", runtime=runtime))
+    labels = rendered["Namespace"]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == namespace_level
+    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    for level in ("privileged", "baseline", "restricted"):
+        assert bool(pss_violations(pod, level)) == (level in refused_by), (level, pod)
+    assert pss_violations(pod, namespace_level) == []
+    assert pod["automountServiceAccountToken"] is False
+    if runtime == "namespaces":
+        assert pod["hostUsers"] is False, "root and SYS_ADMIN only inside the pod's user namespace"
+        assert rendered["NetworkPolicy"]["spec"]["egress"] == []
+    else:
+        assert pod["runtimeClassName"] == "gvisor"
+        assert "rlimits" in pod["containers"][0]["args"]
+
+
+def test_a_jail_sidecar_in_the_trainer_pod_would_be_refused_under_restricted():
+    """Why the jail is not a sidecar: admission judges the whole pod."""
+    pod = trainer_pod(example_run())
+    jail = copy.deepcopy(
+        by_kind(sandbox.render_sandbox_service(image="t"))["Deployment"]["spec"]["template"][
+            "spec"
+        ]["containers"][0]
+    )
+    pod["containers"].append(jail)
+    assert any("SYS_ADMIN" in v for v in pss_violations(pod, "restricted"))
+    assert any("SYS_ADMIN" in v for v in pss_violations(pod, "baseline"))
+
+
+# ---------------------------------------------------- the rendered command, run here
+def strict_problem() -> str | None:
+    try:
+        require_isolation("strict")
+    except SandboxUnavailable as error:
+        return str(error)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sandbox_service():
+    """The sandbox Deployment's container, started here with its rendered command, args
+    and env (only the port swapped for a free one, and PYTHONPATH for this checkout)."""
+    problem = strict_problem()
+    if problem:
+        pytest.fail(f"the sandbox server needs what its pod has: {problem}")
+    deployment = by_kind(sandbox.render_sandbox_service(image="trainer:test", workers=2))[
+        "Deployment"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = list(container["args"])
+    port = free_port()
+    args[args.index("--port") + 1] = str(port)
+    command = [sys.executable if c == "python" else c for c in container["command"]]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env["PATH"] = os.environ["PATH"]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "workloads")])
+    env["HOME"] = tempfile.mkdtemp(prefix="trainyard-sandbox-home-")
+    process = subprocess.Popen(
+        [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    line = process.stdout.readline()
+    assert line.startswith("listening on "), process.stderr.read()
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, env=env, process=process)
+    process.terminate()
+    assert process.wait(timeout=60) == 0, "SIGTERM stops the server cleanly"
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_rendered_server_reports_strict_isolation(sandbox_service):
+    health = get_json(sandbox_service.url + "/healthz")
+    assert health["isolation"] == "strict" and health["workers"] == 2
+
+
+TESTS = "from solution import add\nassert add(2, 3) == 5\nimport os\nassert 10000 <= os.getuid() <= 65535, os.getuid()\n"
+CORRECT = "```python\ndef add(a, b):\n    return a + b\n```"
+
+
+def service_reward(args_overrides: dict | None = None):
+    """The example's code-execution reward, bound as the trainer binds it."""
+    spec = example_run()["spec"]["grpo"]["rewards"][0]
+    args = {**spec["args"], **(args_overrides or {})}
+    functions, _ = build_reward_functions(
+        [
+            SimpleNamespace(
+                name=spec["name"], builtin="code_execution", python=None, weight=1.0, args=args
+            )
+        ]
+    )
+    return functions[0]
+
+
+def test_reward_scores_through_the_rendered_server(sandbox_service, monkeypatch, tmp_path):
+    monkeypatch.setenv(SANDBOX_URL_ENV, sandbox_service.url)
+    reward = service_reward()
+    trainer_port = free_port()
+    listener = socket.create_server(("127.0.0.1", trainer_port))
+    outside = tmp_path / "escaped.txt"
+    tmp_path.chmod(0o777)
+    attacks = [
+        f"import socket\nsocket.create_connection(('127.0.0.1', {trainer_port}), timeout=2)",
+        f"open({str(outside)!r}, 'w').write('escaped')",
+    ]
+    completions = [
+        CORRECT,
+        "def add(a, b):\n    return a - b",
+        *[f"```python\n{code}\ndef add(a, b):\n    return a + b\n```" for code in attacks],
+    ]
+    extra = {}
+    scores = reward(
+        completions=completions,
+        test_code=[TESTS] * len(completions),
+        log_extra=extra.__setitem__,
+    )
+    listener.close()
+    # The sandbox uid comes from the rendered TRAINYARD_SANDBOX_UIDS range (the tests
+    # assert it), the network and the filesystem outside the sandbox are out of reach.
+    assert scores == [1.0, 0.2, 0.2, 0.2], extra
+    assert not outside.exists()
+    stages = extra["passes-tests/stages"]
+    assert [[s["name"], s["passed"]] for s in stages[1]] == [["compile", True], ["tests", False]]
+    assert "AssertionError" in stages[1][1]["reason"]
+
+
+def test_missing_program_is_refused_by_the_service_at_bind_time(sandbox_service, monkeypatch):
+    monkeypatch.setenv(SANDBOX_URL_ENV, sandbox_service.url)
+    stages = [{"name": "build", "command": ["ocamlfind-missing", "{file}"]}]
+    with pytest.raises(ValueError, match="in the sandbox service .*ocamlfind-missing.*not found"):
+        service_reward({"stages": stages})
+
+
+def test_count_scored_stage_through_the_service(sandbox_service, monkeypatch):
+    monkeypatch.setenv(SANDBOX_URL_ENV, sandbox_service.url)
+    # Like dune/ocamlc: each error on a line of its own starting with "Error".
+    report = "import sys\nsys.stderr.write('Error: a\\nError: b\\n')\nsys.exit(1)\n"
+    stages = [
+        {
+            "name": "build",
+            "command": ["{python}", "{file}"],
+            "errorPattern": "^Error",
+            "errorScale": 4,
+        }
+    ]
+    reward = service_reward({"stages": stages, "testField": None, "testFileName": None})
+    assert reward(completions=[report, "print('fine')"]) == [0.5, 1.0]
+
+
+def test_unreachable_service_is_an_error_not_a_zero_score(monkeypatch):
+    monkeypatch.setenv(SANDBOX_URL_ENV, f"http://127.0.0.1:{free_port()}")
+    from trainyard.workloads.rewards import code_execution
+
+    started = time.monotonic()
+    with pytest.raises(SandboxUnavailable, match="unreachable after 2 tries"):
+        code_execution._request(os.environ[SANDBOX_URL_ENV] + "/healthz", None, 5, attempts=2)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
+def test_sandbox_manifests_match_the_kubernetes_openapi_schema(runtime):
+    import kubernetes_validate
+
+    for manifest in sandbox.render_sandbox_service(image="trainer:test", runtime=runtime):
+        for version in ("1.33", kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(manifest, version, strict=True)
