@@ -303,10 +303,13 @@ class CompletionLog:
         prompts: Sequence[Any],
         completions: Sequence[Any],
         rewards: Mapping[str, Sequence[float]],
+        extra: Mapping[str, Sequence[Any]] | None = None,
     ) -> int:
         """Write one line per completion when step is sampled; returns lines written.
 
-        rewards maps a reward function's name to one score per completion.
+        rewards maps a reward function's name to one score per completion; extra the
+        columns rewards logged per completion through TRL's log_extra (a code-execution
+        reward's `NAME/stages`: what each stage did to that completion).
         """
         if step % self.sample_every:
             return 0
@@ -317,12 +320,13 @@ class CompletionLog:
             if row >= self.max_rows:
                 break
             scores = {name: _plain(values[row]) for name, values in rewards.items()}
-            lines.append(
-                json.dumps(
-                    {"step": step, "prompt": prompt, "completion": completion, "rewards": scores},
-                    default=str,
-                )
-            )
+            line = {"step": step, "prompt": prompt, "completion": completion, "rewards": scores}
+            columns = {
+                name: values[row] for name, values in (extra or {}).items() if row < len(values)
+            }
+            if columns:
+                line["extra"] = columns
+            lines.append(json.dumps(line, default=str))
         with self._lock, open(self.path, "a") as handle:
             handle.write("".join(line + "\n" for line in lines))
         return len(lines)

@@ -314,8 +314,9 @@ class CompletionLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or not logs.get("prompt"):
             return control
         rewards = {name: list(values) for name, values in logs["rewards"].items()}
+        extra = {name: list(values) for name, values in logs.get("extra", {}).items()}
         self.written += self.log.record(
-            state.global_step, list(logs["prompt"]), list(logs["completion"]), rewards
+            state.global_step, list(logs["prompt"]), list(logs["completion"]), rewards, extra
         )
         return control
 
