@@ -204,3 +204,27 @@ async def test_an_oom_pod_restarts_with_half_the_batch_and_fails_at_the_floor(
         assert "perDeviceBatchSize 2 × gradientAccumulationSteps 4" in failed["message"]
         assert kubelet.status("oom")["restarts"] == 1  # the failed try was not a restart
         await eventually(lambda: not kubelet.jobs("oom"))
+
+
+def test_the_recovered_batch_outlives_the_children_and_yields_to_a_smaller_spec():
+    """Children deleted (or the operator restarted): the next config still has the
+    recovered batch from status; an author who lowers the spec below it takes over."""
+    from test_reconcile import World
+
+    def config_training(world: World) -> dict:
+        plan = world.reconcile()
+        config = next(m for m in plan.creates if m["kind"] == "ConfigMap")
+        return json.loads(config["data"]["run.json"])["spec"]["training"]
+
+    recovered = {"recoveries": 1, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 2}
+    world = World(training={"perDeviceBatchSize": 8}).with_status(
+        restartAttempt=1, oomRecovery=recovered
+    )
+    training = config_training(world)
+    assert (training["perDeviceBatchSize"], training["gradientAccumulationSteps"]) == (4, 2)
+
+    world = World(training={"perDeviceBatchSize": 2}).with_status(
+        restartAttempt=1, oomRecovery=recovered
+    )
+    training = config_training(world)
+    assert (training["perDeviceBatchSize"], training["gradientAccumulationSteps"]) == (2, 1)
