@@ -74,6 +74,10 @@ RESTART_ATTEMPT_ENV = Env.RESTART_ATTEMPT
 DEFAULT_OUTPUT = "trainyard-output"
 FINAL_DIR = "final"
 MERGED_DIR = "final-merged"
+STACKED_BASE_DIR = "base"
+"""final/base/: the base a stacked adapter was trained on (an earlier adapter merged into
+its own base), saved with the adapter so the adapter can be loaded and served anywhere."""
+MERGED_MARKER = "trainyard-merged.json"
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
 COMPLETIONS_FILE = "completions.jsonl"
@@ -129,8 +133,11 @@ def node_lock(path: Path):
 def merged_adapter_path(adapter_dir: str, method: str) -> str:
     """A LoRA checkpoint (an adapter directory from an earlier stage) merged into its base.
 
-    The next stage trains a plain model (and maybe a new adapter); the merged copy is
-    cached, so the ranks of a node merge once.
+    The next stage trains a plain model (LoRA → full: the adapter is merged in), or a new
+    adapter on the merged model (LoRA → LoRA: stacked; `export_stacked_base` saves the
+    merged base beside the new adapter). The base is the adapter's `base/` folder when
+    it has one (a stacked adapter), else its `base_model_name_or_path`. The merged copy
+    is cached, so the ranks of a node merge once.
     """
     key = hashlib.sha256(f"{Path(adapter_dir).resolve()}:{method}".encode()).hexdigest()[:16]
     target = sources.cache_dir("merged") / key
@@ -144,15 +151,39 @@ def merged_adapter_path(adapter_dir: str, method: str) -> str:
             if method == "reward"
             else AutoPeftModelForCausalLM
         )
-        model = loader.from_pretrained(adapter_dir).merge_and_unload()
+        stacked_base = Path(adapter_dir) / STACKED_BASE_DIR
+        if (stacked_base / "config.json").is_file():
+            from peft import PeftModel
+
+            base = loader._target_class.from_pretrained(str(stacked_base))
+            model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        else:
+            model = loader.from_pretrained(adapter_dir).merge_and_unload()
         staging = target.with_name(key + ".partial")
         model.save_pretrained(staging)
+        (staging / MERGED_MARKER).write_text(json.dumps({"adapter": str(adapter_dir)}))
         with contextlib.suppress(Exception):
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
         staging.rename(target)
     return str(target)
+
+
+def export_stacked_base(model_path: str, final: Path) -> bool:
+    """A LoRA adapter trained on a merged adapter (stacked): copy that merged base into
+    final/base/ and name it as the adapter's base, so the adapter loads (PEFT) and
+    serves (vLLM: base + --lora-modules) without the cache of the pod that trained it."""
+    import shutil
+
+    if not (Path(model_path) / MERGED_MARKER).is_file():
+        return False
+    shutil.copytree(model_path, final / STACKED_BASE_DIR, dirs_exist_ok=True)
+    config_path = final / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str((final / STACKED_BASE_DIR).resolve())
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return True
 
 
 def load_tokenizer(spec: Any, model_path: str, model_kwargs: dict[str, Any]):
@@ -543,6 +574,8 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if trainer.is_world_process_zero():
             if ctx.tokenizer is not None:
                 ctx.tokenizer.save_pretrained(str(final))
+            if spec.peft is not None and export_stacked_base(ctx.model, final):
+                result["stackedOn"] = str(final / STACKED_BASE_DIR)
             if observers.sync is not None:
                 observers.sync.export_final(final, step=trainer.state.global_step)
                 if spec.checkpoint.export_merged and spec.peft is not None:
