@@ -14,8 +14,15 @@ from trainyard.workloads.local import run_command
 pytestmark = pytest.mark.slow
 
 
-def pipeline_file(tmp_path: Path, *, sft_gate: dict, dpo_gate: dict | None = None) -> Path:
-    def stage(name: str, method: str, source: str, fmt: str, gate: dict | None) -> dict:
+LORA = {"r": 4, "alpha": 8}
+
+
+def pipeline_file(
+    tmp_path: Path, *, sft_gate: dict, dpo_gate: dict | None = None, dpo_lora: bool = False
+) -> Path:
+    """sft (LoRA) → dpo (the full model, or with dpo_lora a new adapter stacked on sft's)."""
+
+    def stage(name: str, method: str, source: str, fmt: str, gate: dict | None, lora) -> dict:
         body = {
             "name": name,
             "run": {
@@ -25,6 +32,8 @@ def pipeline_file(tmp_path: Path, *, sft_gate: dict, dpo_gate: dict | None = Non
                 "checkpoint": {"uri": f"s3://ckpt/local/{name}"},
             },
         }
+        if lora:
+            body["run"]["peft"] = LORA
         if gate is not None:
             body["gate"] = gate
         return body
@@ -35,8 +44,8 @@ def pipeline_file(tmp_path: Path, *, sft_gate: dict, dpo_gate: dict | None = Non
         "metadata": {"name": "local"},
         "spec": {
             "stages": [
-                stage("sft", "sft", "builtin://tiny-qwen2", "chat", sft_gate),
-                stage("dpo", "dpo", "run://previous", "preference", dpo_gate),
+                stage("sft", "sft", "builtin://tiny-qwen2", "chat", sft_gate, True),
+                stage("dpo", "dpo", "run://previous", "preference", dpo_gate, dpo_lora),
             ]
         },
     }
@@ -47,6 +56,16 @@ def pipeline_file(tmp_path: Path, *, sft_gate: dict, dpo_gate: dict | None = Non
 
 def state(output: Path) -> dict:
     return json.loads((output / "pipeline.json").read_text())
+
+
+def generates(model) -> None:
+    """The model answers a prompt (its weights load and run)."""
+    import torch
+
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == 5
 
 
 def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_path):
@@ -77,6 +96,13 @@ def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_p
     assert records[1]["startedAt"] <= records[1]["finishedAt"] <= records[0]["startedAt"]
     assert records[2] == {"model": "builtin://tiny-qwen2", "origin": True}
     assert records[2] == {"model": "builtin://tiny-qwen2", "origin": True}
+    # LoRA → full model: sft's adapter was merged into its base, dpo trained all of it
+    from transformers import AutoModelForCausalLM
+
+    sft_dir, dpo_dir = (output / s / "checkpoints" / "final" for s in ("sft", "dpo"))
+    assert (sft_dir / "adapter_config.json").is_file()
+    assert not (dpo_dir / "adapter_config.json").exists() and not (dpo_dir / "base").exists()
+    generates(AutoModelForCausalLM.from_pretrained(dpo_dir))
     logs = {s: (output / s / "train.log").stat().st_mtime_ns for s in ("sft", "dpo")}
     assert run_command([str(path), "--tiny", "--output", str(output)]) == 0
     assert {s: (output / s / "train.log").stat().st_mtime_ns for s in logs} == logs, (
@@ -92,7 +118,7 @@ def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(t
     assert not (output / "dpo").exists(), "the next stage never started"
 
     waiting = pipeline_file(
-        tmp_path, sft_gate={"criteria": ["loss <= 100"], "manualApproval": True}
+        tmp_path, sft_gate={"criteria": ["loss <= 100"], "manualApproval": True}, dpo_lora=True
     )
     output = tmp_path / "waiting"
     assert run_command([str(waiting), "--tiny", "--output", str(output)]) == 3
@@ -102,3 +128,19 @@ def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(t
     assert code == 0
     assert (output / "sft" / "train.log").stat().st_mtime_ns == trained, "judged, not retrained"
     assert state(output)["dpo"]["phase"] == "Promoted"
+    # LoRA → LoRA: dpo's adapter is stacked on sft's (merged into its base); that merged
+    # base is saved with the adapter, so the adapter loads anywhere and vLLM can serve it
+    # (base/ as the model, the adapter by name)
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dpo_dir = output / "dpo" / "checkpoints" / "final"
+    assert (dpo_dir / "adapter_config.json").is_file()
+    assert (dpo_dir / "base" / "config.json").is_file()
+    stacked = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(dpo_dir / "base"), dpo_dir
+    )
+    generates(stacked)
+    generates(AutoPeftModelForCausalLM.from_pretrained(dpo_dir))
+    record = json.loads((dpo_dir / "provenance.json").read_text())
+    assert record["stackedOn"] == (dpo_dir / "base").as_uri()

@@ -150,8 +150,30 @@ def complete(record: dict[str, Any], storage: dict[str, Any] | None = None) -> d
     dataset = dict(record.get("dataset") or {})
     dataset["fingerprint"] = dataset_fingerprint(dataset.get("source"), storage)
     done["dataset"] = dataset
+    base = stacked_base(str(record.get("model") or ""), storage)
+    if base is not None:
+        done["stackedOn"] = base
     done["writtenAt"] = now()
     return done
+
+
+STACKED_BASE = "base"
+"""A stacked adapter's folder holding the merged base it was trained on (train.py)."""
+
+
+def stacked_base(model: str, storage: dict[str, Any] | None = None) -> str | None:
+    """`<model>/base` when the model is an adapter saved with its merged base (LoRA
+    stacked on LoRA): serve that as the model and the adapter by name."""
+    if not model:
+        return None
+    folder = _local_path(model)
+    if folder is not None:
+        found = (folder / STACKED_BASE / "config.json").is_file()
+    elif model.startswith("s3://"):
+        found = _s3_store(model, storage).get_bytes(f"{STACKED_BASE}/config.json") is not None
+    else:
+        return None
+    return f"{model.rstrip('/')}/{STACKED_BASE}" if found else None
 
 
 def write(record: dict[str, Any], storage: dict[str, Any] | None = None) -> str:
