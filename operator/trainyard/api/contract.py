@@ -245,6 +245,8 @@ class Metric:
     CHECKPOINT_UPLOAD_SECONDS = "trainyard_checkpoint_upload_seconds"
     CHECKPOINT_UPLOAD_BYTES = "trainyard_checkpoint_upload_bytes"
     CHECKPOINT_UPLOAD_FAILURES = "trainyard_checkpoint_upload_failures"
+    CHECKPOINT_UPLOADS_SKIPPED = "trainyard_checkpoint_uploads_skipped"
+    """Checkpoints not uploaded because a newer one came first (coalesced, newest wins)."""
 
 
 COMPONENT_LABEL = "component"

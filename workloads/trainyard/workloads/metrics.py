@@ -112,6 +112,11 @@ class TrainingMetrics:
             "Checkpoint uploads that failed.",
             registry=self.registry,
         )
+        self.checkpoint_uploads_skipped = Counter(
+            Metric.CHECKPOINT_UPLOADS_SKIPPED,
+            "Checkpoints not uploaded because a newer one came first (newest wins).",
+            registry=self.registry,
+        )
         # Unknown until the trainer reports it; NaN says so, 0 would be a lie.
         for metric in [
             self.total_steps,
@@ -222,7 +227,9 @@ class TrainingMetrics:
         """Hook for CheckpointSync(on_upload=...): takes a checkpoint.UploadResult."""
         with self._lock:
             checkpoint = self.summary["checkpoint"]
-            checkpoint["skippedSteps"].extend(getattr(result, "coalesced", ()))
+            skipped = tuple(getattr(result, "coalesced", ()))
+            checkpoint["skippedSteps"].extend(skipped)
+            self.checkpoint_uploads_skipped.inc(len(skipped))
             if result.error is not None:
                 self.checkpoint_upload_failures.inc()
                 checkpoint["failures"] += 1
