@@ -103,6 +103,10 @@ FIXTURES: dict[str, tuple[Doc, Doc]] = {
         spec("dpo").set("dpo.syncRefModel", True),
         spec("dpo").set("dpo.syncRefModel", True).set("dpo.precomputeRefLogProbs", True),
     ),
+    "lora-targets-something": (
+        Doc({"targetModules": [], "targetParameters": ["mlp.experts.down_proj"]}),
+        Doc({"targetModules": []}),
+    ),
     "rollout-needs-online-rl": (
         spec("grpo").set("rollout.vllm.mode", "colocate"),
         spec("dpo").set("rollout.vllm.mode", "server"),

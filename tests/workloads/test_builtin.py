@@ -107,7 +107,7 @@ def test_prompts_carry_references_for_rewards():
 @pytest.mark.parametrize(
     ("call", "name", "message"),
     [
-        ("model_path", "tiny-gpt", "builtin://tiny-llama, builtin://tiny-qwen2"),
+        ("model_path", "tiny-gpt", "builtin://tiny-llama, builtin://tiny-qwen2, builtin://tiny-qwen3-moe"),
         ("build_dataset_rows", "pairs", "builtin://datasets/preference"),
     ],
 )

@@ -160,3 +160,75 @@ def test_training_extra_reaches_the_trl_config(method, data, extra, tmp_path):
 
     args = build_trainer(ctx).args
     assert {key: getattr(args, key) for key in extra} == extra
+
+
+# ----------------------------------------------------------------- LoRA on experts
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def test_lora_on_the_expert_weights_of_a_mixture_of_experts_model(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = {
+        "method": "sft",
+        "model": {"source": "builtin://tiny-qwen3-moe"},
+        "dataset": {"source": "builtin://datasets/chat"},
+        "peft": {
+            "r": 2,
+            "alpha": 4,
+            "dropout": 0.0,
+            "targetModules": [],
+            "targetParameters": EXPERTS,
+        },
+        "training": {
+            "maxSteps": 2,
+            "perDeviceBatchSize": 2,
+            "learningRate": 1e-2,
+            "loggingSteps": 1,
+        },
+    }
+    result = train(run(spec), tmp_path)
+
+    assert result["globalStep"] == 2
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(EXPERTS)
+    adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    # Both layers' experts got adapters, nothing else did, and training moved them.
+    assert {k.split(".layers.")[1].split(".")[0] for k in adapter} == {"0", "1"}
+    assert all(".mlp.experts." in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize(
+    ("peft", "problem"),
+    [
+        (
+            {"targetModules": ["q_proj", "qproj"]},
+            "peft.targetModules: 'qproj' matches no module of the model; did you mean 'q_proj'? "
+            "Its modules: ",
+        ),
+        (
+            {"targetModules": [], "targetParameters": ["mlp.experts.up_proj"]},
+            "peft.targetParameters: 'mlp.experts.up_proj' matches no parameter of the model (an "
+            "entry is a parameter's dotted name or its last parts); its parameters: ",
+        ),
+    ],
+    ids=["module", "parameter"],
+)
+def test_a_lora_target_that_matches_nothing_is_refused_with_the_names(peft, problem, tmp_path):
+    from trainyard.workloads.methods.common import SpecError
+    from trainyard.workloads.train import build_trainer
+
+    spec = {
+        "method": "sft",
+        "model": {"source": "builtin://tiny-qwen3-moe"},
+        "dataset": {"source": "builtin://datasets/chat"},
+        "peft": peft,
+    }
+    ctx = build_context(run(spec), tmp_path, detect_environment())
+    with pytest.raises(SpecError) as error:
+        build_trainer(ctx)
+    message = str(error.value)
+    assert message.startswith(problem)
+    assert "model.layers.*.mlp.experts.gate_up_proj" in message or "q_proj, " in message

@@ -142,7 +142,7 @@ class LoraSpec(ApiModel):
     """Scaling numerator (`lora_alpha`)."""
     dropout: float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input (`lora_dropout`)."""
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
     """Modules that get adapters (`target_modules`); [all-linear] for every linear layer but the output head. Each entry names a module by its full dotted name or its last parts (q_proj matches model.layers.0.self_attn.q_proj); an entry that matches no module of the model is refused when training starts, with the names that exist."""
     target_parameters: list[str] | None = Field(default=None, min_length=1)
     """Parameters (not modules) that get adapters (`target_parameters`), e.g. the fused expert weights of a mixture-of-experts model (mlp.experts.gate_up_proj, mlp.experts.down_proj), which are not linear layers; an entry that matches no parameter is refused when training starts."""
@@ -154,6 +154,16 @@ class LoraSpec(ApiModel):
     """Rank-stabilized scaling alpha/sqrt(r) (`use_rslora`)."""
     use_dora: bool = False
     """Weight-decomposed adapters (`use_dora`)."""
+
+    rules = (
+        Rule(
+            name="lora-targets-something",
+            cel="!has(self.targetModules) || size(self.targetModules) > 0 || has(self.targetParameters)",
+            message="targetModules may only be empty when targetParameters names what to adapt",
+            field="targetModules",
+            check=lambda p: bool(p.target_modules) or p.target_parameters is not None,
+        ),
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

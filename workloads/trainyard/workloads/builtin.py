@@ -62,6 +62,22 @@ MODELS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 2048,
         "tie_word_embeddings": True,
     },
+    # Mixture of experts: the experts' weights are fused 3-D parameters
+    # (mlp.experts.gate_up_proj, mlp.experts.down_proj), reached by LoRA's targetParameters.
+    "tiny-qwen3-moe": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
     "tiny-llama": {
         "model_type": "llama",
         "hidden_size": 64,

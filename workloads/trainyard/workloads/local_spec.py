@@ -268,6 +268,7 @@ def localize(document: dict[str, Any], options: LocalOptions) -> LocalRun:
 # ------------------------------------------------------------------ --tiny
 
 TINY_MODEL = "builtin://tiny-qwen2"
+TINY_MOE_MODEL = "builtin://tiny-qwen3-moe"
 TINY_MAX_STEPS = 2
 TINY_BATCH = 2
 TINY_GENERATIONS = 2
@@ -342,10 +343,14 @@ def tiny(document: dict[str, Any], output_dir: Path) -> tuple[LocalRun, TinyData
     data_dir = (output_dir / TINY_DATA_DIR).resolve()
 
     model = spec.setdefault("model", {})
-    if model.get("source") != TINY_MODEL:
-        notes.append(f"model.source: {TINY_MODEL} instead of {model.get('source')} (--tiny)")
-    kept = {k: v for k, v in model.items() if k in ("quantization", "trustRemoteCode")}
-    spec["model"] = {"source": TINY_MODEL, **kept}
+    # LoRA on expert weights (peft.targetParameters) needs a mixture-of-experts model.
+    tiny_model = TINY_MOE_MODEL if (spec.get("peft") or {}).get("targetParameters") else TINY_MODEL
+    if model.get("source") != tiny_model:
+        notes.append(f"model.source: {tiny_model} instead of {model.get('source')} (--tiny)")
+    kept = {k: v for k, v in model.items() if k in ("quantization", "trustRemoteCode", "init")}
+    if model.get("config"):
+        notes.append("model.config: the tiny model's architecture instead (--tiny)")
+    spec["model"] = {"source": tiny_model, **kept}
     if spec.pop("tokenizer", None) is not None:
         notes.append("tokenizer: the tiny model's own (--tiny)")
 
@@ -364,6 +369,7 @@ def tiny(document: dict[str, Any], output_dir: Path) -> tuple[LocalRun, TinyData
     ]
     if rl is not None:
         _add_reward_columns(renamed, rl)
+        _add_template_columns(renamed, rl)
     data.files["train.jsonl"] = renamed
     notes.append(
         f"dataset.source: built-in {'code problems' if code else builtin_name} rows "
@@ -415,6 +421,21 @@ def tiny(document: dict[str, Any], output_dir: Path) -> tuple[LocalRun, TinyData
         + " (--tiny; --set overrides any of it)"
     )
     return LocalRun(document=doc, notes=notes), data
+
+
+def _add_template_columns(rows: list[dict[str, Any]], rl: dict[str, Any]) -> None:
+    """The columns the spec's prompt template reads (`prompt.template`), filled from the
+    built-in rows' prompt."""
+    from trainyard.api.training_run import template_fields
+
+    template = (rl.get("prompt") or {}).get("template")
+    try:
+        names = template_fields(template) if isinstance(template, str) else []
+    except ValueError:
+        return  # the spec's validation says what is wrong with it
+    for row in rows:
+        for name in names:
+            row.setdefault(name, row.get("prompt", ""))
 
 
 def _add_reward_columns(rows: list[dict[str, Any]], rl: dict[str, Any]) -> None:

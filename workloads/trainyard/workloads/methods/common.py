@@ -388,12 +388,86 @@ def lora_config(peft: Any, method: str):
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
         target_modules=target[0] if target == ["all-linear"] else target,
+        target_parameters=peft.target_parameters,
         bias=peft.bias,
         use_rslora=peft.use_rslora,
         use_dora=peft.use_dora,
         modules_to_save=modules_to_save or None,
         task_type="SEQ_CLS" if method == "reward" else "CAUSAL_LM",
     )
+
+
+def unmatched_lora_targets(
+    peft: Any, module_names: list[str], parameter_names: list[str]
+) -> list[str]:
+    """A problem line for each `peft.targetModules` / `peft.targetParameters` entry that
+    matches nothing, as PEFT matches them: the whole dotted name, or its last parts.
+    PEFT itself ignores an entry that matches nothing as long as another one matches.
+
+    >>> from types import SimpleNamespace as S
+    >>> names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.experts"]
+    >>> unmatched_lora_targets(S(target_modules=["q_proj", "qproj"], target_parameters=None),
+    ...                        names, ["model.layers.0.mlp.experts.down_proj"])
+    ["peft.targetModules: 'qproj' matches no module of the model; did you mean 'q_proj'? Its modules: experts, q_proj"]
+    """
+    import difflib
+    import re
+
+    def matches(entry: str, names: list[str]) -> bool:
+        return any(name == entry or name.endswith("." + entry) for name in names)
+
+    def layer_pattern(name: str) -> str:
+        return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+    problems = []
+    modules = [name for name in module_names if name]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in modules if not name[-1].isdigit()})
+    for entry in peft.target_modules:
+        if entry == "all-linear" or matches(entry, modules):
+            continue
+        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(
+            f"peft.targetModules: {entry!r} matches no module of the model; {hint}"
+            f"Its modules: {', '.join(leaves)}"
+        )
+    parameters = sorted({layer_pattern(name) for name in parameter_names})
+    for entry in peft.target_parameters or []:
+        if matches(entry, parameter_names):
+            continue
+        problems.append(
+            f"peft.targetParameters: {entry!r} matches no parameter of the model (an entry "
+            f"is a parameter's dotted name or its last parts); its parameters: "
+            f"{', '.join(parameters)}"
+        )
+    return problems
+
+
+def check_lora_targets(ctx: TrainContext) -> None:
+    """Refuse `peft` targets that match nothing in the model, before any weight is loaded:
+    the model is built from its config on the meta device to read its names."""
+    peft = ctx.spec.peft
+    if peft is None or (peft.target_modules == ["all-linear"] and not peft.target_parameters):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    trust = bool(ctx.model_init_kwargs.get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(
+        ctx.model, trust_remote_code=trust, revision=ctx.model_init_kwargs.get("revision")
+    )
+    auto = (
+        AutoModelForSequenceClassification if ctx.spec.method == "reward" else AutoModelForCausalLM
+    )
+    with init_empty_weights():
+        model = auto.from_config(config, trust_remote_code=trust)
+    problems = unmatched_lora_targets(
+        peft,
+        [name for name, _ in model.named_modules()],
+        [name for name, _ in model.named_parameters()],
+    )
+    if problems:
+        raise SpecError("\n".join(problems))
 
 
 def quantization_config(model: Any):
@@ -437,6 +511,7 @@ def length_options(spec: Any) -> dict[str, Any]:
 def build_trainer(trainer_class: type, config: Any, ctx: TrainContext, **extra: Any):
     """A TRL trainer with what every method passes the same way (model, data, tokenizer,
     callbacks, PEFT, quantization); `extra` holds the method's own arguments."""
+    check_lora_targets(ctx)
     config.model_init_kwargs = ctx.model_init_kwargs
     return trainer_class(
         model=ctx.model,
