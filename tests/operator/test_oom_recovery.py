@@ -137,6 +137,27 @@ def test_next_batch_never_goes_below_the_floor():
                 assert smaller[0] * smaller[1] == per_device * 3  # the same effective batch
 
 
+def test_grpo_that_evaluates_keeps_whole_prompt_groups_per_batch():
+    """TRL's GRPO evaluation batch is the per-device batch; over all processes it must
+    hold whole groups of numGenerations completions, so recovery skips batches that don't."""
+    doc = training_run(
+        "g",
+        method="grpo",
+        dataset={"source": "s3://data/prompts.jsonl", "evalSplit": 0.1},
+        training={"perDeviceBatchSize": 8},
+        grpo={"numGenerations": 4, "rewards": [{"name": "r", "builtin": "regex", "args": {"pattern": "a"}}]},
+    )
+    grpo = parse_resource(doc).spec  # 2 nodes × 1 GPU
+    recovery = OOMRecovery()
+    assert recovery.next_batch(8, 1, grpo) == (4, 2)
+    assert recovery.next_batch(4, 2, grpo) == (2, 4)
+    assert recovery.next_batch(2, 4, grpo) is None  # 1 × 2 processes holds half a group
+    without_eval = grpo.model_copy(
+        update={"dataset": grpo.dataset.model_copy(update={"eval_split": None})}
+    )
+    assert recovery.next_batch(2, 4, without_eval) == (1, 8)
+
+
 def rendered_training(api, run: str, attempt: int) -> dict:
     config = api.get(CONFIGMAPS, NAMESPACE, f"{run}-config-{attempt}")
     return json.loads(config["data"]["run.json"])["spec"]["training"]

@@ -17,6 +17,7 @@ from trainyard.api.common import (
     EnvVar,
     ModelSource,
     ObjectMeta,
+    Quantization,  # noqa: F401  (resolves ModelSource's forward reference in TrainedModel)
     Resources,
     Scheduling,
     Storage,
@@ -78,6 +79,27 @@ RUN_CONDITION_MEANINGS: dict[RunCondition, str] = {
     RunCondition.FAILED: "the run stopped for good (restart budget, deadline)",
     RunCondition.CLEANED_UP: "the children were deleted after runPolicy.ttlSecondsAfterFinished",
 }
+
+
+class TrainedModel(ModelSource):
+    """The model a run trains: a checkpoint, or (init random) an architecture with random weights."""
+
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: load the source's weights. random: build the architecture (the source's config.json with config over it) with random weights seeded by training.seed, e.g. to pretrain from scratch; only the source's config.json and tokenizer are read."""
+    config: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """transformers config options under config.json's names, laid over the source's config.json (e.g. {num_hidden_layers: 4, hidden_size: 256}); with model_type the whole architecture is written here and the source only gives the tokenizer (vocab_size defaults to the tokenizer's size). Needs init random."""
+
+    rules = (
+        Rule(
+            name="model-config-needs-random-init",
+            cel="!has(self.config) || (has(self.init) && self.init == 'random')",
+            message="config builds a new architecture: it needs init random",
+            field="config",
+            check=lambda m: m.config is None or m.init == "random",
+        ),
+    )
 
 
 class DatasetSpec(ApiModel):
@@ -562,18 +584,37 @@ class OOMRecovery(ApiModel):
     min_per_device_batch_size: int = Field(default=1, ge=1)
     """Smallest per-device batch tried; out of memory at this size fails the run."""
 
-    def next_batch(self, per_device: int, accumulation: int) -> tuple[int, int] | None:
+    def next_batch(
+        self, per_device: int, accumulation: int, spec: TrainingRunSpec | None = None
+    ) -> tuple[int, int] | None:
         """(perDeviceBatchSize, gradientAccumulationSteps) of the next try: the batch halved
         (for an odd batch its largest divisor up to half, so the effective batch stays the
-        same), or None when that would go below the floor.
+        same), or None when that would go below the floor. For a grpo/rloo `spec` that
+        evaluates, the batch over all processes stays a multiple of numGenerations (TRL's
+        evaluation batch is the per-device batch and must hold whole prompt groups).
 
         >>> OOMRecovery().next_batch(8, 1), OOMRecovery().next_batch(6, 2), OOMRecovery().next_batch(3, 1)
         ((4, 2), (3, 4), (1, 3))
         >>> OOMRecovery(min_per_device_batch_size=4).next_batch(4, 2) is None
         True
         """
-        smaller = max((d for d in range(1, per_device // 2 + 1) if per_device % d == 0), default=0)
-        if smaller < self.min_per_device_batch_size:
+        group = 1
+        if (
+            spec is not None
+            and spec.online_rl is not None
+            and (spec.dataset.eval_source is not None or spec.dataset.eval_split is not None)
+        ):
+            group = spec.online_rl.num_generations
+        world = spec.world_size if spec is not None else 1
+        smaller = next(
+            (
+                d
+                for d in range(per_device // 2, self.min_per_device_batch_size - 1, -1)
+                if d >= 1 and per_device % d == 0 and (d * world) % group == 0
+            ),
+            None,
+        )
+        if smaller is None:
             return None
         return smaller, accumulation * (per_device // smaller)
 
@@ -809,8 +850,8 @@ class TrainingRunSpec(ApiModel):
 
     method: Method
     """Training method: sft, dpo (and IPO via dpo.lossType), kto, reward (a reward model), grpo, rloo, pretrain."""
-    model: ModelSource
-    """The model trained (the policy)."""
+    model: TrainedModel
+    """The model trained (the policy): a checkpoint, or a configuration initialised at random (init random)."""
     tokenizer: ModelSource | None = None
     """Tokenizer, when it is not the model's own."""
     dataset: DatasetSpec

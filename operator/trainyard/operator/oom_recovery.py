@@ -100,7 +100,7 @@ def recover(
     at_batch = failure_policy.Disruption(
         disruption.kind, disruption.reason, f"{disruption.message} at {batch}"
     )
-    smaller = settings.next_batch(batch.per_device, batch.accumulation)
+    smaller = settings.next_batch(batch.per_device, batch.accumulation, spec)
     if smaller is None:
         return Recovery(
             Outcome(

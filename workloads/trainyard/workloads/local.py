@@ -655,7 +655,7 @@ def oom_retry(
     if settings is None or not settings.enabled:
         return OOMRetry(None, f"{at}; runPolicy.oomRecovery retries with a smaller batch")
     smaller = settings.next_batch(
-        training.per_device_batch_size, training.gradient_accumulation_steps
+        training.per_device_batch_size, training.gradient_accumulation_steps, run.spec
     )
     if smaller is None:
         return OOMRetry(
