@@ -321,3 +321,30 @@ def test_a_model_without_storage_keeps_its_provenance_in_status_only():
     plan = pipeline.step()
     assert created(plan) == ["TrainingRun/p-dpo"]
     assert plan.status["stages"][0]["provenance"]["written"] is False
+
+
+def test_a_promoted_lora_adapter_is_served_by_name_on_the_model_it_was_trained_on():
+    pipeline = Pipeline(stage("sft", source="hf://org/base"), stage("dpo"), stage("full"))
+    for name in ("sft", "dpo"):  # LoRA, then LoRA stacked on it, then the full model
+        pipeline.body["spec"]["stages"][("sft", "dpo").index(name)]["run"]["peft"] = {"r": 8}
+    pipeline.body["spec"]["serve"] = {"gpus": 1, "servedModelName": "assistant"}
+    pipeline.step()
+    pipeline.run_phase("p-sft", "Succeeded")
+    pipeline.promote("sft")
+    server = pipeline.child("InferenceServer", "p-serve")["spec"]
+    assert server["model"] == {"source": "hf://org/base"}
+    assert server["adapters"] == [{"name": "assistant", "source": "s3://ckpt/p/sft/final"}]
+    assert server["servedModelName"] == "assistant-base"
+    pipeline.run_phase("p-dpo", "Succeeded")
+    pipeline.step()
+    (rolled,) = pipeline.provenance("dpo").reconcile().updates
+    assert rolled["spec"]["model"] == {"source": "s3://ckpt/p/dpo/final/base"}, (
+        "stacked: the merged base saved beside the adapter"
+    )
+    assert rolled["spec"]["adapters"][0]["source"] == "s3://ckpt/p/dpo/final"
+    pipeline.step()
+    pipeline.run_phase("p-full", "Succeeded")
+    pipeline.step()
+    (rolled,) = pipeline.provenance("full").reconcile().updates
+    assert rolled["spec"]["model"] == {"source": "s3://ckpt/p/full/final"}
+    assert "adapters" not in rolled["spec"] and rolled["spec"]["servedModelName"] == "assistant"

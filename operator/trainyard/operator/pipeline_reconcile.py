@@ -46,6 +46,7 @@ from trainyard.operator import reasons
 from trainyard.operator.builders.pipeline import (
     SERVED_MODEL_ANNOTATION,
     STAGE_HASH_ANNOTATION,
+    hands_on_adapter,
     promoted_model,
     provenance_image,
     provenance_name,
@@ -54,6 +55,7 @@ from trainyard.operator.builders.pipeline import (
     render_stage_gate,
     render_stage_run,
     serve_server_name,
+    serving_source,
     stage_gate_name,
     stage_hash,
     stage_run_name,
@@ -106,6 +108,8 @@ def _walk(
     if retry is not None:
         deletes += retry
     previous_model: str | None = None
+    served: tuple[str, str | None] | None = None  # (model, adapter) of the newest promotion
+    adapter_before = False  # whether the model handed to this stage is a LoRA adapter
     stages: list[dict[str, Any]] = []
     edited: list[str] = []
     phase, message, current = "Running", "", None
@@ -161,6 +165,8 @@ def _walk(
                 message = f"stage {stage.name}: writing provenance.json beside {entry['model']}"
                 break
             previous_model = entry["model"]
+            served = serving_source(stage, entry["model"], entry["inputModel"], adapter_before)
+            adapter_before = hands_on_adapter(stage)
             continue
         if gate is None:
             manifest = render_stage_gate(pipeline, stage, uid=uid)
@@ -183,6 +189,8 @@ def _walk(
                 message = f"stage {stage.name}: writing provenance.json beside {entry['model']}"
                 break
             previous_model = entry["model"]
+            served = serving_source(stage, entry["model"], entry["inputModel"], adapter_before)
+            adapter_before = hands_on_adapter(stage)
             continue
         if verdict == "Failed":
             entry.update(phase="Rejected", message=gate_status.get("message") or "the gate failed")
@@ -229,7 +237,7 @@ def _walk(
         status.clear(
             PipelineCondition.SPEC_APPLIED, reasons.SPEC_APPLIED, "every stage runs its spec"
         )
-    updates = _serve(pipeline, uid, by_name, previous_model, status, creates)
+    updates = _serve(pipeline, uid, by_name, served, status, creates)
     status.data.update(phase=phase, message=message, stages=stages)
     if current is None:
         status.data.pop("currentStage", None)
@@ -242,19 +250,24 @@ def _serve(
     pipeline: TrainingPipeline,
     uid: str,
     by_name: dict[tuple[str, str], dict[str, Any]],
-    model: str | None,
+    served: tuple[str, str | None] | None,
     status: StatusDraft,
     creates: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The `serve` block: an InferenceServer for the newest promoted model, made when the
     first stage is promoted and rolled (replaced whole; the server controller rolls its
-    Deployment, old model served until the new one is ready) on every later promotion."""
-    if pipeline.spec.serve is None or model is None:
+    Deployment, old model served until the new one is ready) on every later promotion.
+    A LoRA stage's adapter is served by name on the model it was trained on."""
+    if pipeline.spec.serve is None or served is None:
         return []
     name = serve_server_name(pipeline.metadata.name)
-    manifest = render_pipeline_server(pipeline, uid=uid, model=model)
+    model, adapter = served
+    manifest = render_pipeline_server(pipeline, uid=uid, model=model, adapter=adapter)
     server = by_name.get(("InferenceServer", name))
     status.data["serving"] = {"server": name, "model": model}
+    if adapter is not None:
+        status.data["serving"]["adapter"] = adapter
+    model = adapter or model
     if server is None:
         creates.append(manifest)
         return []

@@ -130,17 +130,59 @@ def promoted_model(stage: Stage, run_name: str, gate_status: dict[str, Any] | No
     return f"run://{run_name}"
 
 
+def hands_on_adapter(stage: Stage) -> bool:
+    """Whether the model a stage promotes is a LoRA adapter (PEFT, no merged export)."""
+    checkpoint = stage.run.checkpoint
+    return stage.run.peft is not None and not (checkpoint is not None and checkpoint.export_merged)
+
+
+def serving_source(
+    stage: Stage, model: str, input_model: str | None, adapter_before: bool
+) -> tuple[str, str | None]:
+    """(model, adapter) that serve a stage's promoted model in vLLM.
+
+    A full model is served as it is; a LoRA stage with checkpoint.exportMerged by its
+    merged export (`final/merged`); an adapter by name on the model it was trained on:
+    the stage's input model, or, when that was an adapter too (LoRA stacked on LoRA),
+    the merged base the workload saved beside the new adapter (`<model>/base`).
+
+    >>> from trainyard.api.pipeline import Stage
+    >>> lora = Stage.model_validate({"name": "dpo", "run": {"method": "dpo",
+    ...     "model": {"source": "run://previous"}, "dataset": {"source": "s3://b/d.jsonl"},
+    ...     "peft": {"r": 8}}})
+    >>> serving_source(lora, "s3://c/dpo/final", "s3://c/sft/final", adapter_before=False)
+    ('s3://c/sft/final', 's3://c/dpo/final')
+    >>> serving_source(lora, "s3://c/dpo/final", "s3://c/sft/final", adapter_before=True)
+    ('s3://c/dpo/final/base', 's3://c/dpo/final')
+    """
+    if stage.run.peft is None:
+        return model, None
+    if not hands_on_adapter(stage):
+        return f"{model.rstrip('/')}/merged", None
+    if adapter_before or input_model is None:
+        return f"{model.rstrip('/')}/base", model
+    return input_model, model
+
+
 def serve_server_name(pipeline: str) -> str:
     return f"{pipeline}-{SERVE_STAGE}"
 
 
-def render_pipeline_server(pipeline: TrainingPipeline, *, uid: str, model: str) -> dict[str, Any]:
-    """The InferenceServer of the pipeline's `serve` block, serving `model`; the served
-    model is also an annotation, so the pipeline sees what its server was told to serve."""
+def render_pipeline_server(
+    pipeline: TrainingPipeline, *, uid: str, model: str, adapter: str | None = None
+) -> dict[str, Any]:
+    """The InferenceServer of the pipeline's `serve` block, serving `model` (and `adapter`,
+    a promoted LoRA adapter, under the name clients ask for: the template's
+    servedModelName, else the server's name; the base model is then `<that>-base`). The
+    promoted model is also an annotation, so the pipeline sees what its server serves."""
     assert pipeline.spec.serve is not None
     spec = pipeline.spec.serve.model_dump(by_alias=True, exclude_unset=True, mode="json")
     spec["model"] = {"source": model}
     name = serve_server_name(pipeline.metadata.name)
+    if adapter is not None:
+        served = pipeline.spec.serve.served_model_name or name
+        spec["servedModelName"] = f"{served}-base"
+        spec["adapters"] = [{"name": served, "source": adapter}, *(spec.get("adapters") or [])]
     metadata: dict[str, Any] = {
         "name": name,
         "labels": {
@@ -150,7 +192,7 @@ def render_pipeline_server(pipeline: TrainingPipeline, *, uid: str, model: str) 
             PIPELINE_LABEL: run_label_value(pipeline.metadata.name),
             STAGE_LABEL: SERVE_STAGE,
         },
-        "annotations": {SERVED_MODEL_ANNOTATION: model},
+        "annotations": {SERVED_MODEL_ANNOTATION: adapter or model},
         "ownerReferences": [owner_reference("TrainingPipeline", pipeline.metadata.name, uid)],
     }
     if pipeline.metadata.namespace:
