@@ -107,6 +107,16 @@ FIXTURES: dict[str, tuple[Doc, Doc]] = {
         Doc({"targetModules": [], "targetParameters": ["mlp.experts.down_proj"]}),
         Doc({"targetModules": []}),
     ),
+    "model-config-needs-random-init": (
+        Doc(
+            {
+                "source": "hf://Qwen/Qwen2.5-0.5B",
+                "init": "random",
+                "config": {"num_hidden_layers": 2},
+            }
+        ),
+        Doc({"source": "hf://Qwen/Qwen2.5-0.5B", "config": {"num_hidden_layers": 2}}),
+    ),
     "rollout-needs-online-rl": (
         spec("grpo").set("rollout.vllm.mode", "colocate"),
         spec("dpo").set("rollout.vllm.mode", "server"),

@@ -232,3 +232,91 @@ def test_a_lora_target_that_matches_nothing_is_refused_with_the_names(peft, prob
     message = str(error.value)
     assert message.startswith(problem)
     assert "model.layers.*.mlp.experts.gate_up_proj" in message or "q_proj, " in message
+
+
+# ----------------------------------------------------------------- random initialisation
+
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
+def test_pretraining_from_an_inline_configuration(tmp_path):
+    spec = {
+        "method": "pretrain",
+        # The source gives the tokenizer only: config names the whole architecture.
+        "model": {"source": "builtin://tiny-qwen2", "init": "random", "config": LLAMA},
+        "dataset": {"source": "builtin://datasets/text"},
+        "pretrain": {"blockSize": 32},
+        "training": {"maxSteps": 2, "perDeviceBatchSize": 2, "loggingSteps": 1},
+    }
+    result = train(run(spec), tmp_path)
+
+    assert result["globalStep"] == 2
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == (
+        "llama",
+        1,
+        32,
+    )
+    assert config["vocab_size"] == len(tokenizer)
+
+
+def test_random_init_from_the_sources_configuration_is_seeded(tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainyard.workloads.methods.common import random_init_model
+
+    spec = run(
+        {
+            "method": "pretrain",
+            "model": {
+                "source": "builtin://tiny-qwen2",
+                "init": "random",
+                "config": {"num_hidden_layers": 1},
+            },
+            "dataset": {"source": "builtin://datasets/text"},
+        }
+    ).spec
+    source = builtin.model_path("tiny-qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    path = random_init_model(spec.model, str(source), {}, tokenizer, seed=7)
+
+    assert random_init_model(spec.model, str(source), {}, tokenizer, seed=7) == path  # cached
+    built = AutoModelForCausalLM.from_pretrained(path)
+    config = AutoConfig.from_pretrained(source)
+    assert (built.config.model_type, built.config.num_hidden_layers) == ("qwen2", 1)
+    assert built.config.hidden_size == config.hidden_size
+    config.num_hidden_layers = 1
+    torch.manual_seed(7)
+    expected = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    pretrained = AutoModelForCausalLM.from_pretrained(source)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights = dict(built.named_parameters())[name]
+    assert weights.equal(dict(expected.named_parameters())[name])
+    assert not weights.equal(dict(pretrained.named_parameters())[name])
+
+
+def test_a_configuration_that_cannot_be_built_is_refused(tmp_path):
+    from trainyard.workloads.methods.common import SpecError
+
+    spec = {
+        "method": "pretrain",
+        "model": {
+            "source": "builtin://tiny-qwen2",
+            "init": "random",
+            "config": {"model_type": "lama"},
+        },
+        "dataset": {"source": "builtin://datasets/text"},
+    }
+    with pytest.raises(
+        SpecError, match="^model.config: cannot build a model configuration: .*lama"
+    ):
+        build_context(run(spec), tmp_path, detect_environment())

@@ -60,6 +60,7 @@ from trainyard.workloads.methods.common import (
     lora_config,
     model_init_kwargs,
     quantization_config,
+    random_init_model,
     read_trainer_options,
     training_arguments,
 )
@@ -389,6 +390,9 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
         path = merged_adapter_path(path, spec.method)
     init_kwargs = model_init_kwargs(spec.model, env, kwargs)
     tokenizer = load_tokenizer(spec, path, kwargs)
+    if spec.model.init == "random":
+        path = random_init_model(spec.model, path, kwargs, tokenizer, spec.training.seed)
+        init_kwargs = model_init_kwargs(spec.model, env, {})
     train_dataset, eval_dataset = load_datasets(spec)
     check_dataset_size(spec, len(train_dataset), env.world_size)
     ctx = TrainContext(

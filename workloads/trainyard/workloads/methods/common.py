@@ -470,6 +470,74 @@ def check_lora_targets(ctx: TrainContext) -> None:
         raise SpecError("\n".join(problems))
 
 
+def random_init_model(
+    model: Any, path: str, kwargs: dict[str, Any], tokenizer: Any, seed: int
+) -> str:
+    """A directory with the architecture `model` describes and random weights (`init:
+    random`): `path`'s config.json with `model.config` laid over it, or `model.config`
+    alone when it names a model_type. The weights are seeded with `seed`, so every rank
+    and node builds the same ones; the directory is cached by config and seed.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainyard.workloads.sources import cache_dir
+
+    overrides = dict(model.config or {})
+    trust = bool(model.trust_remote_code)
+    try:
+        if "model_type" in overrides:
+            model_type = overrides.pop("model_type")
+            overrides.setdefault("vocab_size", len(tokenizer))
+            overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
+            overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+            config = AutoConfig.for_model(model_type, **overrides)
+        else:
+            base = AutoConfig.from_pretrained(path, trust_remote_code=trust, **kwargs)
+            values = {**base.to_dict(), **overrides}
+            if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+                values.pop("layer_types", None)  # derived from the number of layers
+            config = type(base).from_dict(values)
+    except Exception as error:  # transformers' and huggingface_hub's config checks
+        raise SpecError(f"model.config: cannot build a model configuration: {error}") from None
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab < len(tokenizer):
+        raise SpecError(
+            f"model.config: vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} "
+            "tokens; leave vocab_size out or make it at least that"
+        )
+    key = hashlib.sha256(f"{config.to_json_string()}\n{seed}".encode()).hexdigest()[:16]
+    target = cache_dir("random-init") / key
+    if (target / "config.json").exists():
+        return str(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        try:
+            built = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, trust_remote_code=trust
+            )
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise SpecError(f"model.config: the architecture cannot be built: {error}") from None
+        built.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another rank renamed its copy first; built from the same seed, it is the same.
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
 def quantization_config(model: Any):
     """transformers `BitsAndBytesConfig` from `model.quantization` (QLoRA)."""
     quant = model.quantization
