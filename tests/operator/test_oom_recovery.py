@@ -145,7 +145,10 @@ def test_grpo_that_evaluates_keeps_whole_prompt_groups_per_batch():
         method="grpo",
         dataset={"source": "s3://data/prompts.jsonl", "evalSplit": 0.1},
         training={"perDeviceBatchSize": 8},
-        grpo={"numGenerations": 4, "rewards": [{"name": "r", "builtin": "regex", "args": {"pattern": "a"}}]},
+        grpo={
+            "numGenerations": 4,
+            "rewards": [{"name": "r", "builtin": "regex", "args": {"pattern": "a"}}],
+        },
     )
     grpo = parse_resource(doc).spec  # 2 nodes × 1 GPU
     recovery = OOMRecovery()
