@@ -309,3 +309,25 @@ def test_sandbox_manifests_match_the_kubernetes_openapi_schema(runtime):
     for manifest in sandbox.render_sandbox_service(image="trainer:test", runtime=runtime):
         for version in ("1.33", kubernetes_validate.latest_version()):
             kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_validate_says_which_isolation_each_code_reward_will_have(tmp_path):
+    import io
+
+    from trainyard.cli.validate import validate_command
+
+    document = example_run()
+    strict = copy.deepcopy(document)
+    strict["metadata"]["name"] = "code-grpo-strict"
+    strict["spec"]["grpo"]["rewards"][0]["args"]["isolation"] = "strict"
+    path = tmp_path / "runs.yaml"
+    path.write_text(yaml.safe_dump_all([document, strict]))
+    out = io.StringIO()
+    assert validate_command([str(path)], out) == 0
+    lines = out.getvalue().splitlines()
+    assert (
+        "reward 'passes-tests': isolation service: strict jail in the sandbox service at "
+        in (lines[1])
+    )
+    assert "trainyard-sandbox.trainyard-sandbox.svc:8750" in lines[1]
+    assert "isolation strict" in lines[3] and "refused by a namespace enforcing" in lines[3]

@@ -39,4 +39,20 @@ def validate_command(argv: list[str], out: TextIO | None = None) -> int:
                     print(f"  {problem}", file=out)
             elif not args.quiet:
                 print(f"{document.label}: ok", file=out)
+                for line in isolation_lines(document.body):
+                    print(f"  {line}", file=out)
     return 1 if failed else 0
+
+
+def isolation_lines(body: dict) -> list[str]:
+    """What isolation each code_execution reward of a valid TrainingRun will have."""
+    if body.get("kind") != "TrainingRun":
+        return []
+    from trainyard.api import parse_resource
+    from trainyard.api.rewards import code_execution_isolation
+
+    rl = parse_resource(body).spec.online_rl
+    return [
+        f"reward {name!r}: isolation {isolation}: {meaning}"
+        for name, isolation, meaning in code_execution_isolation((rl.rewards if rl else None) or [])
+    ]

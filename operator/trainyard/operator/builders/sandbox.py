@@ -42,7 +42,6 @@ from trainyard.api.rewards import (
     SANDBOX_NAMESPACE,
     SANDBOX_SERVICE_PORT,
     SANDBOX_URL_ENV,
-    code_execution_isolation,
     parse_reward_args,
     sandbox_server_args,
 )
@@ -210,12 +209,3 @@ def trainer_env(run: TrainingRun) -> list[dict]:
     """TRAINYARD_SANDBOX_URL for a trainer whose rewards use the sandbox service."""
     url = sandbox_service_url(run)
     return [{"name": SANDBOX_URL_ENV, "value": url}] if url else []
-
-
-def isolation_summary(run: TrainingRun) -> list[str]:
-    """One line per code_execution reward: the isolation its programs will have."""
-    rl = run.spec.online_rl
-    return [
-        f"reward {name!r}: isolation {isolation}: {meaning}"
-        for name, isolation, meaning in code_execution_isolation((rl.rewards if rl else None) or [])
-    ]
