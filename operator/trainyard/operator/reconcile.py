@@ -19,7 +19,7 @@ from typing import Any
 from trainyard.api import InvalidResource, parse_resource
 from trainyard.api.training_run import RunCondition, RunPhase, TrainingRun
 from trainyard.operator import deadline, failure_policy, oom_recovery, reasons, stall, suspend, ttl
-from trainyard.operator.builders import UnrenderableRun, child_names, render_children
+from trainyard.operator.builders import UnrenderableRun, child_names, render_children, sandbox
 from trainyard.operator.builders import names as builder_names
 from trainyard.operator.builders.labels import ATTEMPT_LABEL
 from trainyard.operator.outcome import Outcome
@@ -257,7 +257,12 @@ POLICIES: tuple[tuple[str, Callable[[_Facts], Outcome | None]], ...] = (
 def _reconcile_valid(observed: Observed, run: TrainingRun, status: _Status, now: datetime) -> Plan:
     meta = observed.run.get("metadata") or {}
     uid = meta.get("uid", "")
-    status.condition(RunCondition.VALID, True, reasons.SPEC_VALID, "the spec is valid")
+    status.condition(
+        RunCondition.VALID,
+        True,
+        reasons.SPEC_VALID,
+        "the spec is valid" + sandbox.isolation_note(run),  # which jail code rewards get
+    )
     status.data["observedGeneration"] = meta.get("generation")
     facts = _Facts(
         observed=observed,

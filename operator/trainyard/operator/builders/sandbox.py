@@ -42,6 +42,7 @@ from trainyard.api.rewards import (
     SANDBOX_NAMESPACE,
     SANDBOX_SERVICE_PORT,
     SANDBOX_URL_ENV,
+    code_execution_isolation,
     parse_reward_args,
     sandbox_server_args,
 )
@@ -209,3 +210,14 @@ def trainer_env(run: TrainingRun) -> list[dict]:
     """TRAINYARD_SANDBOX_URL for a trainer whose rewards use the sandbox service."""
     url = sandbox_service_url(run)
     return [{"name": SANDBOX_URL_ENV, "value": url}] if url else []
+
+
+def isolation_note(run: TrainingRun) -> str:
+    """For the run's Valid condition: the isolation each code_execution reward's programs
+    will have ("" without such rewards)."""
+    rl = run.spec.online_rl
+    found = code_execution_isolation((rl.rewards if rl else None) or [])
+    return "".join(
+        f"; reward {name!r} runs programs with isolation {isolation}: {meaning}"
+        for name, isolation, meaning in found
+    )
