@@ -331,3 +331,20 @@ def test_validate_says_which_isolation_each_code_reward_will_have(tmp_path):
     )
     assert "trainyard-sandbox.trainyard-sandbox.svc:8750" in lines[1]
     assert "isolation strict" in lines[3] and "refused by a namespace enforcing" in lines[3]
+
+
+def test_the_runs_valid_condition_says_which_isolation_its_code_rewards_have():
+    from datetime import UTC, datetime
+
+    from trainyard.operator.reconcile import Observed, reconcile
+    from trainyard.operator.status import find_condition
+
+    document = example_run()
+    document["metadata"].update(uid="uid-1", generation=1, namespace="team")
+    plan = reconcile(
+        Observed(run=document, children=[], pods=[], metrics=None, now=datetime.now(UTC))
+    )
+    valid = find_condition(plan.status["conditions"], "Valid")
+    assert valid["status"] == "True"
+    assert valid["message"].startswith("the spec is valid; reward 'passes-tests' runs programs ")
+    assert "isolation service: strict jail in the sandbox service at http://" in valid["message"]
