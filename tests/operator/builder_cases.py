@@ -455,6 +455,30 @@ CASES: list[Case] = [
         },
     ),
     Case(
+        # Reporting and trainer options reach the pod in run.json; a tracker's key comes
+        # from a Secret (a literal WANDB_API_KEY is refused by the spec rules).
+        "report-to-and-extra-options",
+        run("sft")
+        .set("spec.training.reportTo", ["tensorboard", "wandb"])
+        .set("spec.training.extra", {"torch_compile": True, "use_liger_kernel": True})
+        .set(
+            "spec.env",
+            [
+                {"name": "WANDB_PROJECT", "value": "sprints"},
+                {
+                    "name": "WANDB_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}},
+                },
+            ],
+        ),
+        {
+            "run_json.spec.training.reportTo": ["tensorboard", "wandb"],
+            "run_json.spec.training.extra": {"torch_compile": True, "use_liger_kernel": True},
+            "job_env.WANDB_PROJECT": "sprints",
+            "job_env.WANDB_API_KEY": {"secretKeyRef": {"name": "wandb", "key": "api-key"}},
+        },
+    ),
+    Case(
         "cpu-only",
         run("sft").set("spec.distributed.gpusPerNode", 0),
         {"job_args[3]": "1", "job_container.resources": {}},

@@ -8,6 +8,7 @@ the pod runs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -320,3 +321,64 @@ def test_a_configuration_that_cannot_be_built_is_refused(tmp_path):
         SpecError, match="^model.config: cannot build a model configuration: .*lama"
     ):
         build_context(run(spec), tmp_path, detect_environment())
+
+
+# ----------------------------------------------------------------- reporting
+
+
+def test_tensorboard_events_are_uploaded_beside_the_checkpoints(tmp_path, s3_endpoint, s3_bucket):
+    import boto3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = {
+        "method": "sft",
+        "dataset": {"source": "builtin://datasets/alpaca"},
+        "training": {
+            "maxSteps": 2,
+            "perDeviceBatchSize": 2,
+            "loggingSteps": 1,
+            "reportTo": ["tensorboard"],
+        },
+        "checkpoint": {"uri": f"s3://{s3_bucket}/runs/tb", "everySteps": 1},
+        "storage": {"s3": {"endpoint": s3_endpoint}},
+    }
+    result = train(run(spec), tmp_path / "out")
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/tb/").get("Contents", [])
+    ]
+    events = [k for k in keys if k.startswith("runs/tb/tensorboard/") and "tfevents" in k]
+    assert events and "runs/tb/step-2/manifest.json" in keys
+    # The uploaded file is the whole log: both steps' losses, as the trainer logged them.
+    local = tmp_path / "copy" / events[0].rsplit("/", 1)[1]
+    local.parent.mkdir()
+    s3.download_file(s3_bucket, events[0], str(local))
+    accumulator = EventAccumulator(str(local))
+    accumulator.Reload()
+    losses = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+    logged = [(e["step"], e["loss"]) for e in result["logHistory"] if "loss" in e]
+    assert [step for step, _ in losses] == [1, 2]
+    assert [value for _, value in losses] == pytest.approx([value for _, value in logged])
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_loading():
+    from trainyard.workloads.methods.common import Environment, SpecError, check_environment
+
+    spec = run(
+        {
+            "method": "sft",
+            "dataset": {"source": "builtin://datasets/alpaca"},
+            "training": {"reportTo": ["tensorboard", "wandb"]},
+        }
+    ).spec
+    if importlib.util.find_spec("wandb") is not None:
+        check_environment(spec, Environment(cuda=False))  # this machine has it: accepted
+        return
+    with pytest.raises(SpecError) as error:
+        check_environment(spec, Environment(cuda=False))
+    assert str(error.value) == (
+        "training.reportTo: wandb needs the wandb package, which is not installed in this "
+        "image; install it (pip install wandb) or leave wandb out"
+    )

@@ -55,7 +55,6 @@ MODELLED: dict[str, str] = {
     "fp16": "training.precision",
     "use_cpu": "training.precision (CPU runs train in fp32)",
     "report_to": "training.reportTo",
-    "logging_dir": "training.reportTo (event files go to tensorboard/ beside the checkpoints)",
     "save_strategy": "checkpoint.everySteps",
     "save_steps": "checkpoint.everySteps",
     "save_total_limit": "checkpoint.keepLast",

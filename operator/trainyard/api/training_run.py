@@ -258,7 +258,7 @@ class TrainingSpec(ApiModel):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, max_length=3
     )
-    """Experiment trackers that get the trainer's logs (`report_to`, transformers' names); TensorBoard event files are written to tensorboard/ in the output directory and uploaded beside the checkpoints (checkpoint.uri/tensorboard/). Credentials come from env (valueFrom.secretKeyRef), e.g. WANDB_API_KEY, MLFLOW_TRACKING_URI; Prometheus metrics are exported either way."""
+    """Experiment trackers that get the trainer's logs (`report_to`, transformers' names); TensorBoard event files are written to runs/ in the output directory (transformers' place) and uploaded beside the checkpoints, to checkpoint.uri/tensorboard/, at each save and at the end. Credentials come from env (valueFrom.secretKeyRef), e.g. WANDB_API_KEY, MLFLOW_TRACKING_URI; Prometheus metrics are exported either way."""
     extra: dict[str, Any] = Field(
         default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )

@@ -345,3 +345,72 @@ def _plain(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+TENSORBOARD_PREFIX = "tensorboard"
+"""Where TensorBoard event files go in the checkpoint store: checkpoint.uri/tensorboard/."""
+
+
+class TensorBoardUpload(TrainerCallback):
+    """Uploads the TensorBoard event files (transformers writes them under OUTPUT/runs/)
+    to the checkpoint store's tensorboard/ at each save and at the end of training, so
+    `tensorboard --logdir s3://…/tensorboard` (or a copy) shows the run beside its
+    checkpoints. Only files that changed since the last upload are sent; a failed upload
+    is logged and tried again at the next save, never stopping training.
+    """
+
+    def __init__(self, store: Any, runs_dir: str | os.PathLike[str]) -> None:
+        self.store = store
+        self.runs_dir = Path(runs_dir)
+        self.sent: dict[str, tuple[int, int]] = {}
+        self.uploads = 0
+        self.trainer = None
+        """Set by the training entrypoint: its TensorBoard writer is flushed before a save's upload."""
+
+    def _flush_writers(self) -> None:
+        handler = getattr(self.trainer, "callback_handler", None)
+        for callback in getattr(handler, "callbacks", []):
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.flush()
+
+    def upload(self) -> int:
+        """Send the new or grown event files; returns how many were sent."""
+        changed: dict[str, Path] = {}
+        if self.runs_dir.is_dir():
+            for path in sorted(self.runs_dir.rglob("*")):
+                if not path.is_file():
+                    continue
+                stat = path.stat()
+                key = f"{TENSORBOARD_PREFIX}/{path.relative_to(self.runs_dir).as_posix()}"
+                if self.sent.get(key) != (stat.st_size, stat.st_mtime_ns):
+                    changed[key] = path
+                    self.sent[key] = (stat.st_size, stat.st_mtime_ns)
+        if changed:
+            self.store.upload_files(changed)
+            self.uploads += 1
+        return len(changed)
+
+    def _safe_upload(self, state: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        try:
+            self.upload()
+        except Exception as error:  # the event files stay on disk for the next try
+            import logging
+
+            self.sent.clear()
+            logging.getLogger("trainyard.metrics").warning(
+                "TensorBoard event files not uploaded: %s", error
+            )
+
+    def on_save(self, args, state, control, **kwargs):
+        self._flush_writers()
+        self._safe_upload(state)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # transformers' TensorBoardCallback (a default callback, so called before this one)
+        # has closed its writer, which flushed it.
+        self._safe_upload(state)
+        return control

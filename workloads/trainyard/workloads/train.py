@@ -317,6 +317,12 @@ def build_observers(spec: Any, output_dir: Path, env: Environment) -> Observers:
         )
         observers.checkpoints = CheckpointSyncCallback(observers.sync)
         observers.callbacks.append(observers.checkpoints)
+        if main_process and "tensorboard" in spec.training.report_to:
+            from trainyard.workloads.metrics import TensorBoardUpload
+            from trainyard.workloads.storage import open_store
+
+            store = open_store(spec.checkpoint.uri, **options)
+            observers.callbacks.append(TensorBoardUpload(store, output_dir / "runs"))
     return observers
 
 

@@ -132,6 +132,9 @@ def apply_trainer_options(
     return {**options, **trainer_options}
 
 
+REPORT_TO_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""The package each training.reportTo tracker needs in the trainer image."""
+
 BITSANDBYTES_OPTIMIZERS = ("8bit", "paged_")
 """Parts of transformers `optim` names whose optimizers need bitsandbytes."""
 
@@ -190,6 +193,13 @@ def check_environment(spec: Any, env: Environment) -> None:
             f"training.optim: {optim} needs bitsandbytes, which is not installed here "
             "(and needs a CUDA GPU); use adamw_torch (`--set training.optim=adamw_torch`)"
         )
+    for tracker in spec.training.report_to:
+        module = REPORT_TO_MODULES[tracker]
+        if not installed(module):
+            raise SpecError(
+                f"training.reportTo: {tracker} needs the {module} package, which is not installed "
+                f"in this image; install it (pip install {module}) or leave {tracker} out"
+            )
     if spec.model.quantization is not None and not env.cuda:
         raise SpecError(
             "model.quantization: quantization needs a CUDA GPU (bitsandbytes); this machine has "
@@ -229,8 +239,10 @@ def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str
         "data_seed": training.seed,
         "logging_steps": training.logging_steps,
         "logging_first_step": True,
-        # Metrics go to Prometheus through Trainyard's own callback, not to a tracker.
-        "report_to": "none",
+        # Metrics go to Prometheus through Trainyard's own callback, and to the trackers
+        # training.reportTo names (TensorBoard writes OUTPUT/runs/, uploaded beside the
+        # checkpoints by `trainyard.workloads.metrics.TensorBoardUpload`).
+        "report_to": list(training.report_to) or "none",
         "save_only_model": False,
     }
     if training.warmup_steps is not None:
