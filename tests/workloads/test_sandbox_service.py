@@ -303,10 +303,19 @@ def test_unreachable_service_is_an_error_not_a_zero_score(monkeypatch):
 
 
 @pytest.mark.parametrize("runtime", ["namespaces", "gvisor"])
-def test_sandbox_manifests_match_the_kubernetes_openapi_schema(runtime):
+def test_trainyard_sandbox_prints_manifests_the_kubernetes_schema_accepts(runtime, capsys):
+    """What the platform team applies: `trainyard sandbox | kubectl apply -f -`."""
     import kubernetes_validate
 
-    for manifest in sandbox.render_sandbox_service(image="trainer:test", runtime=runtime):
+    from trainyard.cli.main import main
+
+    assert main(["sandbox", "--runtime", runtime, "--image", "registry/trainer:1"]) == 0
+    printed = capsys.readouterr().out
+    assert "&id" not in printed, "plain YAML, no anchors shared between objects"
+    manifests = list(yaml.safe_load_all(printed))
+    assert [m["kind"] for m in manifests] == ["Namespace", "Deployment", "Service", "NetworkPolicy"]
+    assert manifests == sandbox.render_sandbox_service(image="registry/trainer:1", runtime=runtime)
+    for manifest in manifests:
         for version in ("1.33", kubernetes_validate.latest_version()):
             kubernetes_validate.validate(manifest, version, strict=True)
 

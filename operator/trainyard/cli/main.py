@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lineage", help="how a promoted model came to be: stages, data, gates", add_help=False
     )
     commands.add_parser(
+        "sandbox", help="print the sandbox service code-execution rewards call", add_help=False
+    )
+    commands.add_parser(
         "operator", help="run the operator against the current cluster", add_help=False
     )
     if not args or args[0] in ("-h", "--help"):
@@ -70,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainyard.cli.serve import serve_command
 
         return serve_command(rest)
+    if command == "sandbox":
+        from trainyard.cli.sandbox_service import sandbox_command
+
+        return sandbox_command(rest)
     if command == "lineage":
         from trainyard.cli.lineage import lineage_command
 

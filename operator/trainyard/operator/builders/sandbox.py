@@ -101,10 +101,18 @@ def render_sandbox_service(
     trainer image does). `workers` is the pool size of each replica (its CPU count when
     left out)."""
     isolation = "strict" if runtime == "namespaces" else "rlimits"
-    metadata = {"name": SANDBOX_NAME, "namespace": namespace, "labels": _labels()}
-    selector = {"app.kubernetes.io/name": "trainyard", labels.COMPONENT_LABEL: SANDBOX_COMPONENT}
+
+    # Fresh dicts for every use: no manifest shares (or lets a caller mutate) another's.
+    def metadata() -> dict:
+        return {"name": SANDBOX_NAME, "namespace": namespace, "labels": _labels()}
+
+    def selector() -> dict:
+        return {"app.kubernetes.io/name": "trainyard", labels.COMPONENT_LABEL: SANDBOX_COMPONENT}
+
+    def probe(**more: int) -> dict:
+        return {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, **more}
+
     port = {"name": "http", "containerPort": SANDBOX_SERVICE_PORT, "protocol": "TCP"}
-    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10}
     container: dict = {
         "name": SANDBOX_CONTAINER,
         "image": image,
@@ -117,8 +125,8 @@ def render_sandbox_service(
             {"name": "HOME", "value": "/tmp"},
         ],
         "ports": [port],
-        "readinessProbe": probe,
-        "livenessProbe": {**probe, "failureThreshold": 6},
+        "readinessProbe": probe(),
+        "livenessProbe": probe(failureThreshold=6),
         "resources": resources or {"requests": {"cpu": "2", "memory": "4Gi"}},
     }
     pod: dict = {
@@ -146,28 +154,28 @@ def render_sandbox_service(
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata,
+        "metadata": metadata(),
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": selector},
+            "selector": {"matchLabels": selector()},
             "template": {"metadata": {"labels": _labels()}, "spec": pod},
         },
     }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata,
+        "metadata": metadata(),
         "spec": {
-            "selector": selector,
+            "selector": selector(),
             "ports": [{"name": "http", "port": SANDBOX_SERVICE_PORT, "targetPort": "http"}],
         },
     }
     network_policy = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": metadata,
+        "metadata": metadata(),
         "spec": {
-            "podSelector": {"matchLabels": selector},
+            "podSelector": {"matchLabels": selector()},
             "policyTypes": ["Ingress", "Egress"],
             # Only trainer pods of any namespace; nothing out (not even DNS).
             "ingress": [
