@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -48,6 +49,18 @@ ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of every waited-for child so far (the CLI's runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -168,7 +181,7 @@ def time_crt(endpoint: str, bucket: str, directory: Path, prefix: str) -> float 
         return f"failed: {type(error).__name__}: {str(error)[:80]}"
 
 
-def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
+def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int, moto_pid: int) -> dict:
     import boto3
 
     from trainyard.workloads.checkpoint import CheckpointSync
@@ -187,6 +200,9 @@ def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
     sync.submit(directory, 0)
     sync.wait()
     ours, cli, manager, crt = [], [], [], []
+    # CPU seconds per upload: the S3 server's and the client's (the uploader process
+    # for ours, the CLI process for the CLI)
+    cpu = {"moto_ours": [], "moto_cli": [], "client_ours": [], "client_cli": []}
 
     def clear() -> None:
         # moto keeps objects in memory; drop them between uploads
@@ -196,13 +212,20 @@ def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
         order = ["ours", "cli"] if i % 2 == 0 else ["cli", "ours"]
         for who in order:
             clear()
+            moto_before = cpu_seconds(moto_pid)
             if who == "ours":
+                uploader = sync._uploader.process.pid
+                client_before = cpu_seconds(uploader)
                 started = time.perf_counter()
                 sync.submit(directory, i + 1)
                 sync.wait()
                 ours.append(time.perf_counter() - started)
+                cpu["client_ours"].append(cpu_seconds(uploader) - client_before)
             else:
+                client_before = children_cpu_seconds()
                 cli.append(time_cli(endpoint, bucket, directory, f"cli/step-{i}"))
+                cpu["client_cli"].append(children_cpu_seconds() - client_before)
+            cpu[f"moto_{who}"].append(cpu_seconds(moto_pid) - moto_before)
         clear()
         manager.append(time_transfer_manager(endpoint, bucket, directory, f"tm/{i}"))
         clear()
@@ -245,6 +268,7 @@ def bench_upload(endpoint: str, work: Path, total_mb: int, rounds: int) -> dict:
         "cli_startup": startup,
         "down_ours": down_ours,
         "down_cli": down_cli,
+        "cpu": cpu,
     }
 
 
@@ -276,6 +300,7 @@ def make_trainer(output_dir: Path, hidden: int, layers: int, vocab: int):
 
 def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int, rounds: int):
     import boto3
+    import torch
 
     from trainyard.workloads.checkpoint import CheckpointSync
     from trainyard.workloads.checkpoint_snapshot import AsyncSaves
@@ -289,14 +314,35 @@ def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int,
     saves = AsyncSaves(fast, on_written=lambda directory, step: sync.submit(directory, step))
     assert saves.install()
 
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4]] * 2),
+        "labels": torch.tensor([[1, 2, 3, 4]] * 2),
+    }
+    next_step_s = {"sync": [], "async": []}
+
     def save(trainer, step: int) -> float:
+        """Seconds training is held up by the save: the save call, and for async saves
+        also the time the next optimizer step waits for the host copy that runs beside
+        its forward and backward passes (AsyncSaves' step hook). The next step is run
+        for both (a real forward, backward and AdamW step) and timed on its own."""
         trainer.state.global_step = step
         # Start each timed save with the earlier saves' dirty pages on disk: otherwise
         # the kernel's writeback of one save lands in the next one's time.
         os.sync()
         started = time.perf_counter()
         trainer._save_checkpoint(trainer.model, None)
-        return time.perf_counter() - started
+        held = time.perf_counter() - started
+        started = time.perf_counter()
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        took = time.perf_counter() - started
+        if trainer is fast:
+            blocked = saves.stats[-1].blocked_seconds
+            next_step_s["async"].append(took - blocked)
+            return held + blocked
+        next_step_s["sync"].append(took)
+        return held
 
     save(plain, 1)  # the first save pays one-off costs (allocator, imports)
     save(fast, 1)
@@ -334,6 +380,9 @@ def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int,
         "async": async_s,
         "busy": busy_s,
         "write": write_s,
+        "next_step": next_step_s,
+        "copy": [s.copy_seconds for s in saves.stats if s.copy_seconds is not None],
+        "call": [s.snapshot_seconds for s in saves.stats],
         "skipped": skipped,
         "uploads": [r.seconds for r in sync.results],
     }
@@ -356,7 +405,7 @@ def main() -> None:
     process, endpoint = start_moto()
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     try:
-        upload = bench_upload(endpoint, work, options.mb, options.rounds)
+        upload = bench_upload(endpoint, work, options.mb, options.rounds, process.pid)
         stall = bench_stall(
             endpoint, work, options.hidden, options.layers, options.vocab, options.rounds
         )
@@ -389,7 +438,18 @@ def main() -> None:
         print(f"  {label:34}{med(times):>10.2f}{mb / med(times):>10.1f}")
     if not crt_times:
         print(f"  boto3[crt] transfer client: {upload['crt'][0]}")
-    print(f"  aws CLI start-up alone: {upload['cli_startup']:.2f}s")
+    startup = upload["cli_startup"]
+    print(f"  aws CLI start-up alone (aws s3 ls): {startup:.2f}s")
+    warm = [(c - startup) / o for o, c in zip(upload["ours"], upload["cli"], strict=True)]
+    print(f"  per round (cli - its start-up)/ours: {show(warm)}; median {med(warm):.2f}")
+    cpu = upload["cpu"]
+    for who, times in [("ours", upload["ours"]), ("cli", upload["cli"])]:
+        busy = [m / t for m, t in zip(cpu[f"moto_{who}"], times, strict=True)]
+        print(
+            f"  {who}: S3 server CPU {med(cpu[f'moto_{who}']):.2f}s per upload "
+            f"({med(busy) * 100:.0f}% of a core while it ran), client CPU "
+            f"{med(cpu[f'client_{who}']):.2f}s"
+        )
     print(f"  runs (s): ours {show(upload['ours'])}, cli {show(upload['cli'])}")
     upload_ratios = [c / o for o, c in zip(upload["ours"], upload["cli"], strict=True)]
     print(f"  per round cli/ours: {show(upload_ratios)}")
@@ -412,6 +472,18 @@ def main() -> None:
         ("async snapshot, previous still busy", "busy"),
     ]:
         print(f"  {label:40}{med(stall[key]):>10.3f}{med(stall[key]) / sync_median:>9.2f}x")
+    print(
+        "  (async: the save call plus the next optimizer step's wait for the host copy, "
+        "which runs beside that step's forward and backward)"
+    )
+    print(
+        f"  save call alone (async): median {med(stall['call']):.3f}s; host copy "
+        f"(beside the next step): median {med(stall['copy']):.3f}s"
+    )
+    print(
+        f"  next step without its wait: after a sync save {med(stall['next_step']['sync']):.3f}s, "
+        f"after an async save {med(stall['next_step']['async']):.3f}s"
+    )
     print(f"  background write per save (s): {show(stall['write'])}")
     print(f"  uploads (s): {show(stall['uploads'])}; coalesced (skipped) steps: {stall['skipped']}")
     stall_ratios = [a / s for a, s in zip(stall["async"], stall["sync"], strict=True)]

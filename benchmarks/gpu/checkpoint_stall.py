@@ -4,10 +4,13 @@ A Qwen2.5-1.5B-shaped model (random weights from its config, nothing downloaded)
 the GPU in bf16 with AdamW state after one real training step, saved by
 `Trainer._save_checkpoint` as transformers ships it, then by the same call with
 `trainyard.workloads.checkpoint_snapshot.AsyncSaves` installed (weights and optimizer
-state copied into reused pinned host buffers, written by a background thread). Paired
-rounds, alternating order; the writer is drained between rounds so each async save
-is measured idle, and one more save per round is measured while the previous one is
-still being written ("busy").
+state copied into reused pinned host buffers on a side CUDA stream beside the next
+step's forward and backward, written by a forked writer process). Each save is
+followed by one real training step (forward, backward, AdamW step); the stall of an
+async save is the save call plus the time that step's optimizer waited for the copy,
+and the step's own time is printed for both ways. Paired rounds, alternating order;
+the writer is drained between rounds so each async save is measured idle, and one more
+save per round is measured while the previous one is still being written ("busy").
 
     python benchmarks/gpu/checkpoint_stall.py --workdir /tmp/ckpt [--rounds 5]
     python benchmarks/gpu/checkpoint_stall.py --tiny     # the code path on CPU
@@ -82,6 +85,10 @@ def main() -> None:
     saves = AsyncSaves(fast)
     assert saves.install(), "async saves were refused for this trainer"
 
+    tokens = torch.tensor([list(range(1, 129))] * 2)
+    batch = {"input_ids": tokens, "labels": tokens}
+    next_step = {"sync": [], "async": []}
+
     def save(trainer, step: int) -> float:
         trainer.state.global_step = step
         # Start each timed save with the earlier saves' dirty pages on disk: otherwise
@@ -93,7 +100,20 @@ def main() -> None:
         trainer._save_checkpoint(trainer.model, None)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - started
+        held = time.perf_counter() - started
+        started = time.perf_counter()
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        took = time.perf_counter() - started
+        if trainer is fast:
+            blocked = saves.stats[-1].blocked_seconds
+            next_step["async"].append(took - blocked)
+            return held + blocked
+        next_step["sync"].append(took)
+        return held
 
     save(plain, 1)
     save(fast, 1)
@@ -128,6 +148,15 @@ def main() -> None:
         ("async snapshot, previous still writing", busy_s),
     ]:
         print(f"  {label:40}{med(values):>10.3f}{med(values) / med(sync_s):>9.2f}x")
+    copies = [s.copy_seconds for s in saves.stats if s.copy_seconds is not None]
+    print(
+        f"  save call alone (async): median {med(s.snapshot_seconds for s in saves.stats):.3f}s; "
+        f"host copy beside the next step: median {med(copies):.3f}s"
+    )
+    print(
+        f"  next training step without its wait: after a sync save {med(next_step['sync']):.3f}s, "
+        f"after an async save {med(next_step['async']):.3f}s"
+    )
     writes = [s.write_seconds for s in saves.stats if s.write_seconds is not None]
     print(f"  background write per save: median {med(writes):.2f}s; dropped: {saves.skipped}")
     stall = med(a / s for a, s in zip(async_s, sync_s, strict=True))

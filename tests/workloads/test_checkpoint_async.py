@@ -12,11 +12,13 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import transformers
@@ -24,7 +26,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerState
 
 from trainyard.api import TrainingRun
+from trainyard.api.contract import Metric
 from trainyard.workloads.checkpoint import CheckpointSync, CheckpointSyncCallback
+from trainyard.workloads.checkpoint_snapshot import AsyncSaves
+from trainyard.workloads.checkpoint_writer import WriterError
 from trainyard.workloads.methods.common import detect_environment
 from trainyard.workloads.metrics import TrainingMetrics
 from trainyard.workloads.storage import FileStore, S3Store
@@ -115,6 +120,7 @@ def test_async_checkpoints_equal_synchronous_ones_file_for_file(lora, tmp_path):
         run, tmp_path / "async", FileStore(tmp_path / "s2"), async_saves=True
     )
     assert sync_cb.saves is None and async_cb.saves is not None
+    assert async_cb.saves.writer == "process"  # the default on Linux: off this process's GIL
     assert async_cb.saves.written == [1, 2, 3] and async_cb.saves.skipped == []
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     for step in (1, 2, 3):
@@ -253,6 +259,8 @@ def test_slow_network_coalesces_uploads_and_still_uploads_the_last(
     assert sorted(s for r in sync.results for s in r.coalesced) == sorted(sync.skipped)
     progress = json.loads((tmp_path / "progress.json").read_text())["checkpoint"]
     assert sorted(progress["skippedSteps"]) == sorted(sync.skipped)
+    skipped_total = metrics.registry.get_sample_value(f"{Metric.CHECKPOINT_UPLOADS_SKIPPED}_total")
+    assert skipped_total == len(sync.skipped)
     assert progress["lastStep"] == 6
     assert [f.result() is None for f in futures] == [s in sync.skipped for s in range(1, 7)]
     assert (
@@ -296,6 +304,93 @@ def test_a_save_dropped_for_a_newer_one_leaves_no_directory(tmp_path):
     assert latest == 6
 
 
+def tiny_trainer(output: Path, hidden: int = 16, vocab: int = 64) -> transformers.Trainer:
+    """A plain Trainer after one AdamW step (so optimizer state exists); tied embeddings
+    unless `vocab` is large."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=2 * hidden, tie_word_embeddings=vocab <= 64,
+        )
+    )  # fmt: skip
+    data = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 2, "labels": [[1, 2, 3]] * 2})
+    args = transformers.TrainingArguments(
+        output_dir=str(output), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+def test_the_writer_process_and_thread_write_the_same_bytes(tmp_path):
+    """The writer process (fork, shared buffers) and the in-process thread (where fork
+    or memfd are missing) write the files a synchronous save writes, tied weights too."""
+    written = {}
+    for writer in ("sync", "thread", "process"):
+        trainer = tiny_trainer(tmp_path / writer)
+        trainer.state.global_step = 7
+        saves = AsyncSaves(trainer, writer=writer) if writer != "sync" else None
+        assert saves is None or saves.install()
+        trainer._save_checkpoint(trainer.model, None)
+        if saves is not None:
+            saves.close()
+        directory = tmp_path / writer / "checkpoint-7"
+        written[writer] = {p.name: sha256(p) for p in directory.iterdir()}
+    # training_args.bin and trainer_state.json name the output directory
+    same = ["model.safetensors", "optimizer.pt", "config.json", "scheduler.pt"]
+    for writer in ("thread", "process"):
+        assert written[writer].keys() == written["sync"].keys()
+        assert [written[writer][n] for n in same] == [written["sync"][n] for n in same]
+
+
+def test_the_next_optimizer_step_waits_for_the_copy_of_the_save(tmp_path):
+    """The host copy runs beside the next step's forward and backward; the optimizer's
+    step, the first write to the state, waits for it: the checkpoint holds the weights
+    and optimizer state of its own step though the step came right after the save."""
+    trainer = tiny_trainer(tmp_path / "out", hidden=256, vocab=32000)  # ~130 MB to copy
+    saves = AsyncSaves(trainer)
+    assert saves.install()
+    optimizer = trainer.optimizer.optimizer  # the torch optimizer inside accelerate's
+    seen = []
+    # Registered after the save's own hook, so it runs after it: was the copy done?
+    trainer.state.global_step = 1
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {i: s["exp_avg"].clone() for i, s in enumerate(optimizer.state.values())}
+    trainer._save_checkpoint(trainer.model, None)
+    optimizer.register_step_pre_hook(lambda *_: seen.append(saves._copying is None))
+    trainer.model.lm_head.weight.grad = torch.ones_like(trainer.model.lm_head.weight)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2  # the schedule of the one-step training ended at 0
+    trainer.optimizer.step()  # writes the weights and the moments
+    saves.close()
+    assert seen == [True]
+    saved = load_file(str(tmp_path / "out" / "checkpoint-1" / "model.safetensors"))
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, before[name]), name
+    assert not torch.equal(trainer.model.lm_head.weight, before["lm_head.weight"])
+    state = torch.load(tmp_path / "out" / "checkpoint-1" / "optimizer.pt")["state"]
+    for i, moment in moments.items():
+        assert torch.equal(state[i]["exp_avg"], moment), i
+
+
+def test_a_dead_writer_process_fails_the_next_save_saying_so(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    saves = AsyncSaves(trainer, writer="process")
+    assert saves.install()
+    trainer.state.global_step = 1
+    trainer._save_checkpoint(trainer.model, None)
+    saves.wait()
+    os.kill(saves._writer.pid, signal.SIGKILL)
+    trainer.state.global_step = 2
+    trainer._save_checkpoint(trainer.model, None)
+    with pytest.raises(WriterError, match="writer process died: killed by signal 9"):
+        saves.wait()
+    saves.close()
+    assert not (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+
+
 # ------------------------------------------------------------------ crashes
 
 
@@ -332,6 +427,11 @@ def test_a_killed_trainer_never_leaves_a_latest_that_does_not_load(
     finally:
         process.kill()
         process.wait()
+    # Its writer process (forked from it, same command line) dies with it.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and processes_running(str(run_file)):
+        time.sleep(0.1)
+    assert not processes_running(str(run_file))
 
     store = S3Store(s3_bucket, "runs/killed", endpoint=s3_endpoint)
     raw = store.get_bytes("latest")
@@ -353,3 +453,19 @@ def test_a_killed_trainer_never_leaves_a_latest_that_does_not_load(
     )
     if raw is not None:
         assert resumed["resumedFrom"] is not None
+
+
+def processes_running(argument: str) -> list[int]:
+    """Live (not zombie) processes with `argument` on their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if argument.encode() in arguments and state != "Z":
+            found.append(int(entry.name))
+    return found

@@ -501,7 +501,9 @@ class CheckpointSyncCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.saves is not None:
-            self.saves.wait()
+            # Every write done; the writer process stops and the host buffers are freed
+            # (the final save_model after training is synchronous).
+            self.saves.close()
         if self._uploads(state):
             # Raises CheckpointUploadError: a run whose checkpoints did not reach
             # storage must not look successful.

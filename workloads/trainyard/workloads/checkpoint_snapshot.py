@@ -4,9 +4,19 @@
 override included: model card, GRPO's entropy state, stateful callbacks, rotation) run
 as always, with its two heavy writes deferred: `_save` (the model's weights) and
 `_save_optimizer_and_scheduler` (the optimizer state) copy the tensors into host memory
-(pinned where CUDA is present) and return; one background thread writes them with the
-same calls transformers makes (`save_pretrained(state_dict=...)`, `torch.save`), so the
-checkpoint-N/ layout and `resume_from_checkpoint` stay exactly transformers'.
+(reused buffers, pinned where CUDA is present) and return; a writer *process* forked
+from this one (checkpoint_writer.WriterProcess; the buffers are shared memory) writes
+them with the same calls transformers makes (`save_pretrained(state_dict=...)`,
+`torch.save`), so the checkpoint-N/ layout and `resume_from_checkpoint` stay exactly
+transformers', and serializing never holds the training process's GIL. A background
+thread hands each save to it, uploads and rotates.
+
+The host copy itself runs beside the next step where it can (`overlap`, plain torch
+optimizers): the save builds the snapshot's structure and returns; a copy thread (on
+CUDA a side stream) copies the tensors while the next step's forward and backward
+passes only read them, and a step pre-hook on the optimizer makes its step, the first
+write to the weights and moments, wait for the copy (CheckFreq's pipelined snapshot).
+Under DeepSpeed or FSDP the copy is made during the save.
 
 Why not torch.distributed.checkpoint's `async_save`: it writes DCP's own `.distcp`
 layout, which `Trainer.train(resume_from_checkpoint=...)` does not read; it fits FSDP
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -44,61 +55,24 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from trainyard.workloads.checkpoint_writer import (
+    PARTIAL_SUFFIX,
+    WRITER_NICENESS,
+    WRITER_PROCESS_SUPPORTED,
+    Arena,
+    Rotated,
+    Snapshot,
+    WriterProcess,
+    WriterThread,
+    copy_tensors,
+    copy_to_host,
+)
+
+__all__ = ["PARTIAL_SUFFIX", "WRITER_NICENESS", "AsyncSaves", "SaveStats", "copy_to_host"]
+
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "optimizer.pt"
-# The writer thread runs this much nicer than training (Linux schedules threads one by
-# one), so serializing a checkpoint takes idle CPU before the step's.
-WRITER_NICENESS = 10
-PARTIAL_SUFFIX = ".writing"
-
-
-HostBuffers = dict[tuple, torch.Tensor]
-
-
-def copy_to_host(value: Any, pin: bool = False, buffers: HostBuffers | None = None) -> Any:
-    """A copy of value with every tensor copied into (pinned) host memory; dicts, lists
-    and tuples rebuilt, anything else shared (ints, strings: immutable).
-
-    `buffers` (path in the structure → tensor) are reused when shape and dtype match
-    and filled in otherwise: a fresh allocation of GBs costs a page fault per page (and
-    pinning costs more), a reused buffer only the copy. A tensor that appears twice
-    (tied weights) is copied once and stays shared, so save_pretrained sees the tie."""
-    buffers = {} if buffers is None else buffers
-    copies: dict[tuple, torch.Tensor] = {}
-
-    def copy(item: Any, path: tuple) -> Any:
-        if isinstance(item, torch.Tensor):
-            # state_dict() detaches each entry anew: tied weights are two tensor objects
-            # over one storage, so they are known by where their data lies.
-            where = (
-                item.device,
-                item.untyped_storage().data_ptr(),
-                item.storage_offset(),
-                tuple(item.shape),
-                item.stride(),
-                item.dtype,
-            )
-            if where not in copies:
-                source = item.detach()
-                target = buffers.get(path)
-                if target is None or target.shape != source.shape or target.dtype != source.dtype:
-                    target = torch.empty(
-                        source.shape, dtype=source.dtype, pin_memory=pin and source.is_cuda
-                    )
-                    buffers[path] = target
-                copies[where] = target.copy_(source, non_blocking=pin and source.is_cuda)
-            return copies[where]
-        if isinstance(item, dict):
-            return type(item)((k, copy(v, (*path, k))) for k, v in item.items())
-        if isinstance(item, list | tuple):
-            return type(item)(copy(v, (*path, i)) for i, v in enumerate(item))
-        return item
-
-    result = copy(value, ())
-    if pin and torch.cuda.is_available():
-        torch.cuda.synchronize()  # the non-blocking copies must land before the step goes on
-    return result
 
 
 @dataclass
@@ -106,7 +80,9 @@ class SaveStats:
     """What the training step paid and what the writer did, per save (seconds)."""
 
     step: int
-    snapshot_seconds: float = 0.0
+    snapshot_seconds: float = 0.0  # the save call itself
+    copy_seconds: float | None = None  # the host copy (overlapped: beside the next step)
+    blocked_seconds: float = 0.0  # how long the next optimizer step waited for that copy
     write_seconds: float | None = None
     skipped: bool = False
 
@@ -115,14 +91,15 @@ class SaveStats:
 class _PendingSave:
     step: int
     directory: Path
-    buffers: HostBuffers
-    writes: list[Callable[[], None]] = field(default_factory=list)
+    buffers: dict[str, Arena]
+    # What the writer does, in order (checkpoint_writer.run_ops; a Snapshot is sent as
+    # its pickled structure)
+    ops: list[tuple] = field(default_factory=list)
     stats: SaveStats | None = None
     keep_last: int | None = None
-
-
-class _Rotated(Exception):
-    """The trainer's rotation removed a checkpoint while it was being written."""
+    # Overlapped copy: (host buffer, live tensor) pairs copied beside the next step
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    copied: threading.Event = field(default_factory=threading.Event)
 
 
 class AsyncSaves:
@@ -140,8 +117,27 @@ class AsyncSaves:
         on_written: Callable[[Path, int], None] | None = None,
         on_skip: Callable[[int], None] | None = None,
         coalesce: bool = True,
+        writer: str = "auto",
+        overlap: bool = True,
     ) -> None:
+        if writer not in ("auto", "process", "thread"):
+            raise ValueError(f"writer: {writer!r} is not one of 'auto', 'process', 'thread'")
+        if writer == "process" and not WRITER_PROCESS_SUPPORTED:
+            raise ValueError("writer: 'process' needs os.fork and os.memfd_create (Linux)")
         self.trainer = trainer
+        # "process": the writes run in a process forked on the first save (off this
+        # process's GIL); "thread": on a thread of this process; "auto": process where
+        # supported.
+        self.writer = "process" if writer == "auto" and WRITER_PROCESS_SUPPORTED else writer
+        # Copy the state beside the next step's forward and backward passes, which
+        # only read it; the optimizer's step (the first write) waits for the copy.
+        self.overlap = overlap
+        self._copying: _PendingSave | None = None
+        self._hooked: Any = None  # the optimizer whose step waits for copies
+        self._hook_handle: Any = None
+        self._writer: WriterProcess | WriterThread | None = None
+        self._writer_model: Any = None
+        self._released: list[int] = []
         # False: never drop a save; a save that finds one still waiting for the writer
         # waits until the writer takes it (every node of a multi-node run must write
         # the same steps: node 0 commits a step only with every node's part).
@@ -154,7 +150,7 @@ class AsyncSaves:
         self._waiting: _PendingSave | None = None  # sealed, not yet started
         self._writing = False
         self.writing_step: int | None = None  # the save the writer works on now
-        self._free: list[HostBuffers] = []
+        self._free: list[dict[str, Arena]] = []
         self._closed = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -189,6 +185,7 @@ class AsyncSaves:
 
         def _save_checkpoint(model, trial):
             started = time.perf_counter()
+            self._wait_copy()
             step = trainer.state.global_step
             directory = Path(trainer._get_output_dir(trial=trial)) / (
                 f"{PREFIX_CHECKPOINT_DIR}-{step}"
@@ -256,7 +253,7 @@ class AsyncSaves:
                     for k, v in state_dict.items()
                     if k in trainable or "lora_" in k or "modules_to_save" in k
                 }
-        snapshot = copy_to_host(state_dict, self.pin, pending.buffers.setdefault(("model",), {}))
+        snapshot = self._copy(state_dict, pending, "model")
         directory.mkdir(parents=True, exist_ok=True)
         # The small files are written now, as transformers does, so the directory holds
         # the same files whichever way it was saved.
@@ -267,25 +264,20 @@ class AsyncSaves:
             processing.save_pretrained(str(directory))
         torch.save(trainer.args, directory / "training_args.bin")
 
-        def write() -> None:
-            staging = _staging(directory)
-            if isinstance(model, PreTrainedModel) or _is_peft(model):
-                model.save_pretrained(str(staging), state_dict=snapshot)
-            else:
-                import safetensors.torch
-
-                safetensors.torch.save_file(
-                    snapshot, str(staging / "model.safetensors"), metadata={"format": "pt"}
-                )
-            _move_into(staging, directory)
-
-        pending.writes.append(write)
+        if isinstance(model, PreTrainedModel) or _is_peft(model):
+            # The writer's model is this one as of its first save: bring what
+            # save_pretrained writes besides the weights up to date.
+            names = ["peft_config"] if _is_peft(model) else ["config", "generation_config"]
+            attrs = {n: getattr(model, n) for n in names if getattr(model, n, None) is not None}
+            with contextlib.suppress(Exception):  # not picklable: the writer's own copy
+                pending.ops.append(("attrs", pickle.dumps(attrs)))
+            pending.ops.append(("pretrained", str(directory), snapshot))
+        else:
+            pending.ops.append(("safetensors", str(directory), "model.safetensors", snapshot))
 
     def _defer_optimizer(self, pending: _PendingSave, directory: Path) -> None:
         trainer = self.trainer
-        snapshot = copy_to_host(
-            trainer.optimizer.state_dict(), self.pin, pending.buffers.setdefault(("optimizer",), {})
-        )
+        snapshot = self._copy(trainer.optimizer.state_dict(), pending, "optimizer")
         directory.mkdir(parents=True, exist_ok=True)
         # Scheduler and scaler state are small: write them the trainer's way, now.
         import warnings
@@ -297,15 +289,122 @@ class AsyncSaves:
                 torch.save(trainer.lr_scheduler.state_dict(), directory / "scheduler.pt")
             reissue_pt_warnings(caught)
 
-        def write() -> None:
-            staging = _staging(directory)
-            torch.save(snapshot, staging / OPTIMIZER_NAME)
-            _move_into(staging, directory)
+        pending.ops.append(("torch", str(directory), OPTIMIZER_NAME, snapshot))
 
-        pending.writes.append(write)
+    def _copy(self, value: Any, pending: _PendingSave, key: str) -> Snapshot:
+        old = pending.buffers.get(key)
+        snapshot = copy_to_host(
+            value,
+            pending.buffers,
+            key,
+            shared=self.writer == "process",
+            pin=self.pin,
+            deferred=pending.copies if self._overlapping() else None,
+        )
+        if old is not None and old is not snapshot.arena:
+            with self._changed:
+                self._released.append(old.id)
+        return snapshot
+
+    def _overlapping(self) -> bool:
+        """Whether this save's copy may run beside the next step: only where every
+        write to the state goes through one torch optimizer's step (not DeepSpeed or
+        FSDP, whose engines update parameters their own way)."""
+        trainer = self.trainer
+        if not self.overlap or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            return False
+        optimizer = _torch_optimizer(getattr(trainer, "optimizer", None))
+        if optimizer is None:
+            return False
+        if self._hooked is not optimizer:
+            if self._hook_handle is not None:
+                self._hook_handle.remove()
+            self._hook_handle = optimizer.register_step_pre_hook(
+                lambda *_: self._wait_copy(blocking_step=True)
+            )
+            self._hooked = optimizer
+        return True
+
+    def _start_copy(self, pending: _PendingSave) -> None:
+        ready = None
+        if any(source.is_cuda for _, source in pending.copies):
+            ready = torch.cuda.Event()
+            ready.record()  # the copies start once the training stream got here
+        self._copying = pending
+
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                copy_tensors(pending.copies, ready)
+            except BaseException as error:
+                logger.exception("copying checkpoint-%d to host memory failed", pending.step)
+                with self._changed:
+                    self._error = self._error or error
+                pending.ops.clear()  # nothing to write
+            finally:
+                pending.stats.copy_seconds = time.perf_counter() - started
+                pending.copies.clear()
+                pending.copied.set()
+
+        threading.Thread(target=run, name="ckpt-copy", daemon=True).start()
+
+    def _wait_copy(self, blocking_step: bool = False) -> None:
+        """Until the last save's copy is done (the next step may then write)."""
+        pending = self._copying
+        if pending is None:
+            return
+        if not pending.copied.is_set():
+            started = time.perf_counter()
+            pending.copied.wait()
+            if blocking_step:
+                pending.stats.blocked_seconds += time.perf_counter() - started
+        if self._copying is pending:
+            self._copying = None
+
+    def _model(self) -> Any:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model, keep_torch_compile=False)
+
+    def _start_writer(self) -> None:
+        """The writer for this trainer's model (on the training thread: a forked
+        child dies with the thread that forked it)."""
+        model = self._model()
+        if self._writer is not None and self._writer_model is model:
+            return
+        if self._writer is not None:  # a new model object: a writer that holds it
+            self.wait()
+            self._writer.close()
+        self._writer_model = model
+        if self.writer == "thread":
+            self._writer = WriterThread(model)
+            return
+        trainer = self.trainer
+        plain = not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
+
+        def free_inherited() -> None:
+            # The child writes from the shared buffers only: let go of its copy of the
+            # weights and optimizer state (CPU training: otherwise each page the trainer
+            # writes next would be copied for this process to keep).
+            if not plain or any(p.device.type != "cpu" for p in model.parameters()):
+                return
+            with contextlib.suppress(Exception):
+                model.to("meta")
+            optimizer = getattr(trainer, "optimizer", None)
+            optimizer = getattr(optimizer, "optimizer", optimizer)
+            with contextlib.suppress(Exception):
+                optimizer.state.clear()
+
+        self._writer = WriterProcess(model, free_inherited)
 
     def _seal(self, seconds: float) -> None:
         dropped = None
+        if self._current is not None and self._current.ops:
+            try:
+                self._start_writer()
+            except BaseException:
+                with self._changed:
+                    self._free.append(self._current.buffers)
+                    self._current = None
+                raise
         with self._changed:
             pending, self._current = self._current, None
             if pending is None:
@@ -316,6 +415,12 @@ class AsyncSaves:
                 error, self._error = self._error, None
                 raise error
             dropped, self._waiting = self._waiting, pending
+            if pending.copies:
+                self._start_copy(pending)
+            else:
+                pending.copied.set()
+                if pending.stats.copy_seconds is None:
+                    pending.stats.copy_seconds = 0.0
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ckpt-write", daemon=True)
                 self._thread.start()
@@ -353,10 +458,17 @@ class AsyncSaves:
                 self._writing = True
                 self._changed.notify_all()
                 self.writing_step = pending.step
+            pending.copied.wait()
             started = time.perf_counter()
             try:
-                for write in pending.writes:
-                    write()
+                if pending.ops:
+                    with self._changed:
+                        released, self._released = self._released, []
+                    ops = [
+                        tuple(x.dumps() if isinstance(x, Snapshot) else x for x in op)
+                        for op in pending.ops
+                    ]
+                    self._writer.write(ops, list(pending.buffers.values()), released)
                 pending.stats.write_seconds = time.perf_counter() - started
                 self.written.append(pending.step)
                 if self.on_written is not None:
@@ -368,7 +480,7 @@ class AsyncSaves:
                         best_model_checkpoint=self.trainer.state.best_model_checkpoint,
                         use_mtime=False,
                     )
-            except _Rotated:
+            except Rotated:
                 logger.info("checkpoint-%d was rotated away while it was written", pending.step)
                 pending.stats.skipped = True
                 shutil.rmtree(pending.directory, ignore_errors=True)
@@ -381,7 +493,7 @@ class AsyncSaves:
                 with self._changed:
                     self._error = self._error or error
             finally:
-                pending.writes.clear()
+                pending.ops.clear()
                 with self._changed:
                     self._free.append(pending.buffers)
                     self._writing = False
@@ -390,6 +502,7 @@ class AsyncSaves:
 
     def wait(self) -> None:
         """Block until every sealed save is written; raise the first write error."""
+        self._wait_copy()
         with self._changed:
             while self._waiting is not None or self._writing:
                 self._changed.wait()
@@ -398,6 +511,8 @@ class AsyncSaves:
                 raise error
 
     def close(self) -> None:
+        """Wait for the writes, then stop the writer and free the host buffers (a later
+        save starts them again)."""
         try:
             self.wait()
         finally:
@@ -406,6 +521,32 @@ class AsyncSaves:
                 self._changed.notify_all()
             if self._thread is not None:
                 self._thread.join()
+            with self._changed:
+                self._thread = None
+                self._closed = False
+                free, self._free = self._free, []
+                self._released.clear()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+                self._writer_model = None
+            if self._hook_handle is not None:
+                self._hook_handle.remove()
+                self._hook_handle = self._hooked = None
+            for buffers in free:
+                for arena in buffers.values():
+                    arena.release()
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The innermost torch optimizer (accelerate's wrapper is one too, but its step
+    does not run the step hooks; the optimizer it wraps does), or None."""
+    found = None
+    while optimizer is not None:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            found = optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return found
 
 
 def _is_peft(model: Any) -> bool:
@@ -414,35 +555,3 @@ def _is_peft(model: Any) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
-
-
-def _staging(directory: Path) -> Path:
-    """A fresh hidden sibling to write into; renamed file by file when complete."""
-    staging = directory.parent / f".{directory.name}{PARTIAL_SUFFIX}-{threading.get_ident()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _move_into(staging: Path, directory: Path) -> None:
-    """Rename each written file into directory (atomic per file), then drop staging.
-
-    The directory keeps its modification time: the trainer's rotation orders
-    checkpoints by it, and an older checkpoint finished late must not look newest."""
-    try:
-        try:
-            times = directory.stat()
-        except FileNotFoundError:
-            raise _Rotated(str(directory)) from None
-        for path in sorted(staging.rglob("*")):
-            if path.is_file():
-                target = directory / path.relative_to(staging)
-                if target.parent != directory:  # an adapter saved under its own name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(path, target)
-                except FileNotFoundError:
-                    raise _Rotated(str(directory)) from None
-        os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
