@@ -179,10 +179,46 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def sandbox_service():
+# Root of a new user namespace whose uids and gids 0-65535 are 65536 unprivileged ids of
+# this machine, in a mount namespace of its own: what the kubelet gives a pod with
+# `hostUsers: false` (ids 1-65535 at HOST_BASE+1..; 0 stays 0 here, as the image's
+# idmapped files are owned by the pod's root there). SIGTERM is passed on.
+USER_NAMESPACE = """
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+base, command = int(sys.argv[1]), sys.argv[2:]
+ready, go = os.pipe(), os.pipe()
+pid = os.fork()
+if pid == 0:
+    if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+        os._exit(99)
+    os.write(ready[1], b"u")
+    os.read(go[0], 1)
+    os.setgid(0); os.setuid(0); os.setgroups([])
+    os.execv(command[0], command)
+if os.read(ready[0], 1) != b"u":
+    sys.exit("unshare(CLONE_NEWUSER) failed")
+for name in ("uid_map", "gid_map"):
+    with open(f"/proc/{pid}/{name}", "w") as handle:
+        handle.write(f"0 0 1\\n1 {base + 1} 65535\\n")
+signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
+os.write(go[1], b"g")
+while True:
+    try:
+        _, status = os.waitpid(pid, 0)
+        break
+    except InterruptedError:
+        continue
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.fixture(scope="module", params=["host", "user-namespace"])
+def sandbox_service(request, tmp_path_factory):
     """The sandbox Deployment's container, started here with its rendered command, args
-    and env (only the port swapped for a free one, and PYTHONPATH for this checkout)."""
+    and env (only the port swapped for a free one, and PYTHONPATH for this checkout):
+    as root of this machine, and as root of a pod's own user namespace (hostUsers:
+    false), where only the rendered TRAINYARD_SANDBOX_UIDS exist."""
     problem = strict_problem()
     if problem:
         pytest.fail(f"the sandbox server needs what its pod has: {problem}")
@@ -194,17 +230,22 @@ def sandbox_service():
     port = free_port()
     args[args.index("--port") + 1] = str(port)
     command = [sys.executable if c == "python" else c for c in container["command"]]
+    if request.param == "user-namespace":
+        assert deployment["spec"]["template"]["spec"]["hostUsers"] is False
+        command = [sys.executable, "-c", USER_NAMESPACE, "2000000", *command]
     env = {e["name"]: e["value"] for e in container["env"]}
     env["PATH"] = os.environ["PATH"]
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "operator"), str(REPO / "workloads")])
     env["HOME"] = tempfile.mkdtemp(prefix="trainyard-sandbox-home-")
-    process = subprocess.Popen(
-        [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    log_path = tmp_path_factory.mktemp("sandbox-server") / "stderr.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, *args], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
     line = process.stdout.readline()
-    assert line.startswith("listening on "), process.stderr.read()
+    assert line.startswith("listening on "), log_path.read_text()
     url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, env=env, process=process)
+    yield SimpleNamespace(url=url, env=env, process=process, mode=request.param)
     process.terminate()
     assert process.wait(timeout=60) == 0, "SIGTERM stops the server cleanly"
 
@@ -217,6 +258,13 @@ def get_json(url: str) -> dict:
 def test_the_rendered_server_reports_strict_isolation(sandbox_service):
     health = get_json(sandbox_service.url + "/healthz")
     assert health["isolation"] == "strict" and health["workers"] == 2
+    if sandbox_service.mode == "user-namespace":
+        pid = sandbox_service.process.pid
+        (server,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert Path(f"/proc/{server}/uid_map").read_text().split() == [
+            *("0", "0", "1"),
+            *("1", "2000001", "65535"),
+        ]
 
 
 TESTS = "from solution import add\nassert add(2, 3) == 5\nimport os\nassert 10000 <= os.getuid() <= 65535, os.getuid()\n"
