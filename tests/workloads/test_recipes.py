@@ -382,3 +382,81 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_loading():
         "training.reportTo: wandb needs the wandb package, which is not installed in this "
         "image; install it (pip install wandb) or leave wandb out"
     )
+
+
+# ----------------------------------------------------------------- reward models from anywhere
+
+
+def test_embedding_reward_model_from_s3(tmp_path, s3_endpoint, s3_bucket):
+    import boto3
+
+    encoder = builtin.model_path("tiny-qwen2")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in encoder.iterdir():
+        s3.upload_file(str(path), s3_bucket, f"encoders/tiny/{path.name}")
+    spec = {
+        "method": "grpo",
+        "dataset": {"source": "builtin://datasets/prompts"},
+        "storage": {"s3": {"endpoint": s3_endpoint}},
+        "grpo": {
+            "numGenerations": 2,
+            "rewards": [
+                {
+                    "name": "semantic",
+                    "builtin": "reference_similarity",
+                    "args": {
+                        "referenceField": "reference",
+                        "separator": "\n",
+                        "method": "embedding",
+                        "model": f"s3://{s3_bucket}/encoders/tiny",
+                    },
+                }
+            ],
+        },
+    }
+    ctx = build_context(run(spec), tmp_path, detect_environment())
+
+    (semantic,) = ctx.reward_funcs
+    reference = "fix the payment timeout\nadd address validation"
+    same, other = semantic(completions=[reference, "banana"], reference=[reference, reference])
+    assert same == pytest.approx(1.0, abs=1e-3) and 0.0 <= other < same
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (
+            {"model": "gs://models/minilm"},
+            "model: 'gs://models/minilm' is not a source URI; allowed: hf://org/name[@revision], "
+            "s3://bucket/key, file://path, builtin://NAME, run://RUN[/step-N|final|latest]",
+        ),
+        (
+            {"model": "hf://sentence-transformers/all-MiniLM-L6-v2", "modelPath": "/models/m"},
+            "method embedding needs exactly one of model (a model source: hf://, s3://, file://, "
+            "builtin://, run://) or modelPath (a local directory); got model and modelPath",
+        ),
+    ],
+    ids=["scheme", "both"],
+)
+def test_embedding_reward_model_sources_are_checked_at_validation(args, problem):
+    from trainyard.api import validate_resource
+
+    reward = {
+        "name": "semantic",
+        "builtin": "reference_similarity",
+        "args": {"referenceField": "reference", "method": "embedding", **args},
+    }
+    document = {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "similarity"},
+        "spec": {
+            "method": "grpo",
+            "model": {"source": "builtin://tiny-qwen2"},
+            "dataset": {"source": "builtin://datasets/prompts"},
+            "training": {"perDeviceBatchSize": 8},
+            "grpo": {"rewards": [reward]},
+        },
+    }
+    (line,) = validate_resource(document)
+    assert line.startswith("spec.grpo.rewards[0].args") and problem in line

@@ -143,19 +143,33 @@ class ReferenceSimilarityArgs(ApiModel):
     """Splits the completion into items; `separator` when the completion contains it, else non-empty lines."""
     method: Literal["coverage", "token_f1", "embedding"] = "coverage"
     """coverage: mean over reference items of the best token F1 with any completion item; token_f1: token F1 of the whole texts; embedding: like coverage with cosine similarity of sentence embeddings."""
+    model: str | None = None
+    """The sentence-embedding model (transformers format) as a model source, like model.source: hf://org/name[@revision], s3://bucket/prefix, file://path, builtin://NAME or run://RUN; fetched when training starts (S3 with the run's storage settings)."""
     model_path: str | None = None
-    """Local directory of a sentence-embedding model (transformers format); required by method embedding."""
+    """Local directory of a sentence-embedding model already on the trainer's filesystem; instead of model."""
     ignore_case: bool = True
     """Lower-case tokens before comparing (lexical methods)."""
 
+    @field_validator("model")
+    @classmethod
+    def _model_source(cls, value: str | None) -> str | None:
+        if value is not None:
+            from trainyard.api.common import check_source
+
+            check_source(value)
+        return value
+
     @model_validator(mode="after")
     def _embedding(self) -> ReferenceSimilarityArgs:
-        if self.method == "embedding" and not self.model_path:
+        given = [name for name, v in (("model", self.model), ("modelPath", self.model_path)) if v]
+        if self.method == "embedding" and len(given) != 1:
             raise ValueError(
-                "method embedding needs modelPath: a local sentence-embedding model directory"
+                "method embedding needs exactly one of model (a model source: hf://, s3://, "
+                "file://, builtin://, run://) or modelPath (a local directory)"
+                + (f"; got {' and '.join(given)}" if given else "")
             )
-        if self.method != "embedding" and self.model_path:
-            raise ValueError(f"modelPath is only used by method embedding, not {self.method}")
+        if self.method != "embedding" and given:
+            raise ValueError(f"{given[0]} is only used by method embedding, not {self.method}")
         return self
 
 

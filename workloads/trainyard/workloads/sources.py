@@ -394,6 +394,23 @@ def resolve_model(
     return str(local), {}
 
 
+def local_model_dir(
+    uri: str,
+    *,
+    storage: Any = None,
+    checkpoint_uri: str | None = None,
+    field: str = "model.source",
+) -> str:
+    """A model source as a local directory: `resolve_model`, with a hub model downloaded
+    into the hub cache (for code that loads with `local_files_only`)."""
+    path, kwargs = resolve_model(uri, storage=storage, checkpoint_uri=checkpoint_uri, field=field)
+    if parse_source(uri, field).scheme == "hf":
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, revision=kwargs.get("revision"))
+    return path
+
+
 def adapter_base(path: str) -> str | None:
     """The base model an adapter directory was trained on, or None for a full model."""
     config = Path(path) / "adapter_config.json"

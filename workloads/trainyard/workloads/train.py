@@ -430,7 +430,7 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
         )
 
         check_vllm_installed(spec.rollout)
-        funcs, weights = build_reward_sources(rl)
+        funcs, weights = build_reward_sources(rl, spec)
         processing: list[Any] = [None] * len(funcs)
         if rl.reward_model is not None:
             reward_path, reward_kwargs = sources.resolve_model(

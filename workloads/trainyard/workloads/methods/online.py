@@ -135,15 +135,40 @@ def check_vllm_installed(rollout: Any) -> None:
             ) from None
 
 
-def build_reward_sources(rl: Any) -> tuple[list[Any], list[float]]:
-    """Reward functions and their weights from `rewards` (the rewards library)."""
+def fetch_reward_models(rl: Any, spec: Any) -> list[Any]:
+    """`rl.rewards` with each embedding reward's `args.model` (a model source) fetched
+    like any model (hub, S3 with the run's storage settings, a run's checkpoint) and
+    handed to the reward as `modelPath`, a local directory."""
+    from trainyard.workloads import sources
+
+    fetched = []
+    for index, reward in enumerate(rl.rewards):
+        model = (
+            (reward.args or {}).get("model") if reward.builtin == "reference_similarity" else None
+        )
+        if isinstance(model, str):
+            field = f"{spec.method}.rewards[{index}].args.model"
+            path = sources.local_model_dir(
+                model,
+                storage=spec.storage,
+                checkpoint_uri=spec.checkpoint.uri if spec.checkpoint else None,
+                field=field,
+            )
+            args = {k: v for k, v in reward.args.items() if k != "model"}
+            reward = reward.model_copy(update={"args": {**args, "modelPath": path}})
+        fetched.append(reward)
+    return fetched
+
+
+def build_reward_sources(rl: Any, spec: Any = None) -> tuple[list[Any], list[float]]:
+    """Reward functions and their weights from `rewards` (the rewards library); with the
+    run's `spec`, reward models named by source are fetched first."""
     if not rl.rewards:
         return [], []
     from trainyard.workloads.rewards import build_reward_functions
 
-    funcs, weights = build_reward_functions(
-        rl.rewards, rl.strip_thinking, workers=rl.reward_workers
-    )
+    rewards = fetch_reward_models(rl, spec) if spec is not None else rl.rewards
+    funcs, weights = build_reward_functions(rewards, rl.strip_thinking, workers=rl.reward_workers)
     prefix = rl.prompt.assistant_prefix if rl.prompt is not None else None
     if prefix:
         funcs = [prefixed_reward(f, prefix) for f in funcs]

@@ -25,6 +25,7 @@ def reference_similarity_reward(
     separator: str | None = None,
     completion_separator: str | None = None,
     method: Literal["coverage", "token_f1", "embedding"] = "coverage",
+    model: str | None = None,
     model_path: str | None = None,
     ignore_case: bool = True,
     encoder: Encoder | None = None,
@@ -47,9 +48,7 @@ def reference_similarity_reward(
     texts = completion_texts(completions)
     references = column_values(columns, reference_field, "reference_similarity", len(texts))
     if method == "embedding" and encoder is None:
-        if model_path is None:
-            raise ValueError("reference_similarity: method embedding needs model_path")
-        encoder = load_sentence_encoder(model_path)
+        encoder = load_sentence_encoder(model_path, model)
     scores = []
     for text, reference in zip(texts, references, strict=True):
         reference = str(reference or "")
@@ -112,9 +111,19 @@ class SentenceEncoder:
         return torch.nn.functional.normalize(pooled, dim=-1).tolist()
 
 
-def load_sentence_encoder(model_path: str) -> SentenceEncoder:
+def load_sentence_encoder(model_path: str | None, model: str | None = None) -> SentenceEncoder:
     """The encoder of `model_path`, or an error that says what to do; called when rewards are
-    built, so a missing model fails the run at start, not at the first scored batch."""
+    built, so a missing model fails the run at start, not at the first scored batch. A
+    `model` source (hf://, s3://…) is fetched by the trainer first
+    (`trainyard.workloads.methods.online.fetch_reward_models`), which sets model_path."""
+    if model_path is None:
+        raise ValueError(
+            f"reference_similarity: model {model!r} is a model source the trainer fetches when "
+            "training starts; outside a training run give modelPath, a local directory"
+            if model
+            else "reference_similarity: method embedding needs model (a model source) or "
+            "modelPath (a local directory)"
+        )
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise ValueError(
