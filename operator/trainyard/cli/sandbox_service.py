@@ -4,7 +4,7 @@ Code-execution rewards with `isolation: service` send programs to this service; 
 installed once per cluster (see `trainyard.operator.builders.sandbox` for why it lives
 in a namespace of its own):
 
-    trainyard sandbox --image ghcr.io/trainyard/trainer:0.1.0 | kubectl apply -f -
+    trainyard sandbox [--image IMAGE] | kubectl apply -f -
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from trainyard.api.rewards import SANDBOX_NAMESPACE
 
 
 def sandbox_command(argv: list[str], out: TextIO | None = None) -> int:
-    from trainyard.operator.builders.job import DEFAULT_TRAINER_IMAGE
-    from trainyard.operator.builders.sandbox import render_sandbox_service
+    from trainyard.operator.builders.sandbox import DEFAULT_SANDBOX_IMAGE, render_sandbox_service
 
     parser = argparse.ArgumentParser(
         prog="trainyard sandbox",
@@ -29,9 +28,9 @@ def sandbox_command(argv: list[str], out: TextIO | None = None) -> int:
     )
     parser.add_argument(
         "--image",
-        default=DEFAULT_TRAINER_IMAGE,
-        help="image with Trainyard's workloads and every program the stages run "
-        "(default: the trainer image, %(default)s)",
+        default=DEFAULT_SANDBOX_IMAGE,
+        help="image with Trainyard and every program the stages run (default: "
+        "images/sandbox.Dockerfile's, %(default)s, which has Python; build on it for compilers)",
     )
     parser.add_argument("--namespace", default=SANDBOX_NAMESPACE, help="default: %(default)s")
     parser.add_argument(

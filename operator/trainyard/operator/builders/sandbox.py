@@ -48,6 +48,7 @@ from trainyard.api.rewards import (
 )
 from trainyard.operator.builders import labels, pod_settings
 
+DEFAULT_SANDBOX_IMAGE = "ghcr.io/trainyard/sandbox:0.1.0"  # images/sandbox.Dockerfile
 SANDBOX_NAME = "trainyard-sandbox"
 SANDBOX_COMPONENT = "sandbox"
 SANDBOX_CONTAINER = "sandbox"
@@ -87,7 +88,7 @@ def jail_security_context() -> dict:
 
 def render_sandbox_service(
     *,
-    image: str,
+    image: str = DEFAULT_SANDBOX_IMAGE,
     namespace: str = SANDBOX_NAMESPACE,
     runtime: Runtime = "namespaces",
     runtime_class_name: str = "gvisor",
@@ -98,7 +99,7 @@ def render_sandbox_service(
     """Namespace, Deployment, Service and NetworkPolicy of the sandbox service.
 
     `image` must hold Trainyard's workloads and every program the stages run (the
-    trainer image does). `workers` is the pool size of each replica (its CPU count when
+    sandbox image has Python; build on it for compilers). `workers` is the pool size of each replica (its CPU count when
     left out)."""
     isolation = "strict" if runtime == "namespaces" else "rlimits"
 
