@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -405,3 +406,43 @@ def test_the_runs_valid_condition_says_which_isolation_its_code_rewards_have():
     assert valid["status"] == "True"
     assert valid["message"].startswith("the spec is valid; reward 'passes-tests' runs programs ")
     assert "isolation service: strict jail in the sandbox service at http://" in valid["message"]
+
+
+def post(url: str, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_protocol_refuses_bad_requests_and_keeps_serving(sandbox_service):
+    from dataclasses import replace
+
+    from trainyard.workloads.rewards.code_execution import ProgramJob, Stage, job_to_json
+    from trainyard.workloads.rewards.sandbox import SandboxLimits
+
+    url = sandbox_service.url
+    job = ProgramJob(
+        code="print('hi')",
+        tests=None,
+        stages=(Stage("run", ("{python}", "{file}")),),
+        file_name="main.py",
+        test_file_name=None,
+        stop_on_failure=True,
+        python="",
+        limits=SandboxLimits(timeout_seconds=5),
+        isolation="strict",
+    )
+    status, answer = post(url + "/v1/score", {"jobs": [{"code": "x"}]})
+    assert status == 400 and "bad request" in answer["error"]
+    greedy = replace(job, limits=SandboxLimits(timeout_seconds=10_000))
+    status, answer = post(url + "/v1/score", {"jobs": [job_to_json(greedy)]})
+    assert status == 400 and "above 600" in answer["error"]
+    status, answer = post(url + "/v1/nothing", {})
+    assert status == 404
+    status, answer = post(url + "/v1/score", {"jobs": [job_to_json(job)]})
+    assert status == 200 and answer["scores"][0]["stages"][0]["passed"] is True

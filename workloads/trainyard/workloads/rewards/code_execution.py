@@ -202,7 +202,15 @@ def score_program(job: ProgramJob) -> ProgramScore:
 _pools: dict[tuple[int, Isolation], tuple[Executor, str | None]] = {}
 
 
+_pools_lock = threading.Lock()  # the sandbox server scores requests from several threads
+
+
 def _pool(workers: int, isolation: Isolation) -> Executor:
+    with _pools_lock:
+        return _pool_locked(workers, isolation)
+
+
+def _pool_locked(workers: int, isolation: Isolation) -> Executor:
     if (workers, isolation) not in _pools:
         # spawn: the trainer has threads (and maybe CUDA); forking it is unsafe.
         context = multiprocessing.get_context("spawn")

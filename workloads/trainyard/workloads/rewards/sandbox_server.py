@@ -71,6 +71,7 @@ class SandboxServer(ThreadingHTTPServer):
         jobs = []
         for data in body["jobs"]:
             job = job_from_json(data)
+            _check_limits(job)
             python = job.python
             if self.isolation == "strict":
                 python = sandbox_python(python or None)
@@ -85,6 +86,17 @@ class SandboxServer(ThreadingHTTPServer):
             except ValueError as error:
                 problems.append(str(error))
         return {"problems": problems}
+
+
+def _check_limits(job: Any) -> None:
+    """Refuse limits past the API's maxima: the service is shared, its callers untrusted
+    as to what they ask for (ValueError: HTTP 400)."""
+    limits = job.limits
+    stage_timeouts = [s.timeout_seconds or 0 for s in job.stages]
+    if max([limits.timeout_seconds, *stage_timeouts]) > 600 or limits.cpu_seconds > 3600:
+        raise ValueError("timeouts above 600 s or cpuSeconds above 3600 are refused")
+    if limits.max_processes > 4096 or limits.max_open_files > 65536:
+        raise ValueError("maxProcesses above 4096 or maxOpenFiles above 65536 are refused")
 
 
 class SandboxHandler(BaseHTTPRequestHandler):
