@@ -1,7 +1,9 @@
 """Running untrusted programs (model completions) so that they cannot escape.
 
-Isolation `strict` (the default; needs root with CAP_SYS_ADMIN, as in the trainer
-container) gives every program, between fork and exec:
+Isolation `strict` (the default; needs root with CAP_SYS_ADMIN, which a trainer pod under
+the restricted Pod Security Standard never has: there, `service` sends the programs to the
+sandbox server, `sandbox_server.py`, which applies this same isolation in a pod of its own)
+gives every program, between fork and exec:
 
 - a new network namespace: no interfaces but a down loopback, so every connect fails,
   including to services of the trainer on 127.0.0.1;
@@ -12,7 +14,8 @@ container) gives every program, between fork and exec:
   the uid also makes RLIMIT_NPROC a per-sandbox fork-bomb limit and lets the cleanup
   kill every process the program left behind, even ones that escaped its session;
 - rlimits: CPU seconds, address space, file size, processes, open files, no core dumps;
-- an environment of its own (the trainer's, with its credentials, is never passed).
+- an environment of its own (the trainer's, with its credentials, is never passed), with
+  HOME a fresh directory beside the working one, so caches never land among its files.
 
 The parent enforces a wall-clock timeout and an output cap, killing the process group
 and then every process of the sandbox uid. Isolation `rlimits` keeps the limits,
