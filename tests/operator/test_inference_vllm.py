@@ -5,9 +5,11 @@
    parser `vllm serve` builds and its own checks, and the engine arguments it yields
    are the spec's (model, revision, tensor parallel, memory, length, dtype, adapters).
 2. A real server on 127.0.0.1, started with the Deployment's container command, its
-   arguments and its environment: a tiny model built here and a LoRA adapter of it
-   (both `file://`), asked for a completion by the base model's served name and by the
-   adapter's name, as clients of the Service would.
+   arguments and its environment, serving what a pipeline promoted: `trainyard run
+   PIPELINE.yaml` trains a LoRA stage on a tiny model built here and its gate passes;
+   the pipeline's serve block makes the InferenceServer (the base model, the promoted
+   adapter by name); the test asks for a completion by the base model's served name
+   and by the adapter's name, as clients of the Service would.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.operator.test_inference_builders import CASES, example_servers, server
 from tests.operator.test_vllm_args import (
@@ -135,38 +138,63 @@ def test_the_lora_ranks_the_builder_allows_are_vllms(parsed):
 # ---------------------------------------------------------------- a real server on CPU
 
 
-def build_tiny_adapter(model_dir: Path, directory: Path) -> None:
-    """A LoRA adapter (rank 8, attention projections) of the tiny model, as PEFT saves it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+PIPELINE = """
+apiVersion: trainyard.dev/v1alpha1
+kind: TrainingPipeline
+metadata: {name: served}
+spec:
+  stages:
+    - name: sft
+      run:
+        method: sft
+        model: {source: "file://MODEL"}
+        dataset: {source: builtin://datasets/chat, format: chat}
+        peft: {r: 8, alpha: 16}
+        training: {maxSteps: 2, perDeviceBatchSize: 2, loggingSteps: 1, precision: fp32}
+        checkpoint: {uri: "file://CKPT"}
+      gate:
+        criteria: ["loss <= 100"]
+  serve:
+    gpus: 0
+    servedModelName: tiny
+    vllm: {maxModelLen: 256, maxLoraRank: 8}
+"""
 
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+
+def promoted_by_a_pipeline(tmp_path: Path):
+    """`trainyard run PIPELINE.yaml`: one LoRA stage on a tiny model vLLM's CPU attention
+    takes (head size 64; the built-in tiny-qwen2's 16 it does not), its gate passed; the
+    InferenceServer the pipeline's serve block makes for the promoted adapter."""
+    from trainyard.operator.builders.pipeline import render_pipeline_server, serving_source
+    from trainyard.workloads.local import run_command
+
+    model_dir = tmp_path / "model"
+    build_tiny_model(model_dir)
+    text = PIPELINE.replace("MODEL", str(model_dir)).replace("CKPT", str(tmp_path / "ckpt"))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    assert run_command([str(path), "--output", str(tmp_path / "out")]) == 0
+    state = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    promoted = state["sft"]["model"]
+    assert promoted == (tmp_path / "ckpt" / "final").as_uri()
+    pipeline = parse_resource(yaml.safe_load(text))
+    (stage,) = pipeline.spec.stages
+    model, adapter = serving_source(stage, promoted, stage.run.model.source, adapter_before=False)
+    assert (model, adapter) == (model_dir.as_uri(), promoted)
+    return parse_resource(
+        {
+            **render_pipeline_server(pipeline, uid=UID, model=model, adapter=adapter),
+            "metadata": {"name": "served-serve", "namespace": "ml"},
+        }
     )
-    peft.save_pretrained(directory)
 
 
 @pytest.mark.slow
-def test_the_deployment_command_serves_the_model_and_its_adapter(tmp_path):
-    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
-    build_tiny_model(model_dir)
-    build_tiny_adapter(model_dir, adapter_dir)
-    tiny = parse_resource(
-        {
-            "apiVersion": "trainyard.dev/v1alpha1",
-            "kind": "InferenceServer",
-            "metadata": {"name": "tiny", "namespace": "ml"},
-            "spec": {
-                "model": {"source": f"file://{model_dir}"},
-                "adapters": [{"name": "tiny-lora", "source": f"file://{adapter_dir}"}],
-                "gpus": 0,
-                "vllm": {"maxModelLen": 256, "maxLoraRank": 8},
-            },
-        }
-    )
+def test_the_deployment_command_serves_the_model_a_pipeline_promoted(tmp_path):
+    tiny = promoted_by_a_pipeline(tmp_path)
+    assert [(a.name, a.source) for a in tiny.spec.adapters] == [
+        ("tiny", (tmp_path / "ckpt" / "final").as_uri())
+    ]
     deployment = render_server_deployment(tiny, uid=UID)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["vllm", "serve"]
@@ -202,8 +230,8 @@ def test_the_deployment_command_serves_the_model_and_its_adapter(tmp_path):
 
         status, models = http_json(f"{base}/v1/models")
         assert status == 200
-        assert {m["id"] for m in models["data"]} == {"tiny", "tiny-lora"}
-        for name in ("tiny", "tiny-lora"):
+        assert {m["id"] for m in models["data"]} == {"tiny-base", "tiny"}
+        for name in ("tiny-base", "tiny"):  # the base model, and the promoted adapter by name
             status, completion = http_json(
                 f"{base}/v1/completions", {"model": name, "prompt": "2 + 2 =", "max_tokens": 2}
             )

@@ -103,6 +103,15 @@ def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_p
     assert (sft_dir / "adapter_config.json").is_file()
     assert not (dpo_dir / "adapter_config.json").exists() and not (dpo_dir / "base").exists()
     generates(AutoModelForCausalLM.from_pretrained(dpo_dir))
+    # one plot of the whole pipeline: dpo's curves follow sft's on the same step axis
+    from trainyard.api import parse_resource
+    from trainyard.workloads.local_pipeline import plot_pipeline
+
+    assert (output / "curves.png").stat().st_size > 1000
+    pipeline = parse_resource(yaml.safe_load(path.read_text()))
+    drawn = plot_pipeline(pipeline, stages, output, tmp_path / "again.png")
+    losses = {curve: (first, last) for panel, curve, first, last in drawn if panel == "loss"}
+    assert losses["sft: train loss"][1] < losses["dpo: train loss"][0]
     logs = {s: (output / s / "train.log").stat().st_mtime_ns for s in ("sft", "dpo")}
     assert run_command([str(path), "--tiny", "--output", str(output)]) == 0
     assert {s: (output / s / "train.log").stat().st_mtime_ns for s in logs} == logs, (
@@ -110,7 +119,7 @@ def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_p
     )
 
 
-def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(tmp_path):
+def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(tmp_path, capsys):
     rejected = pipeline_file(tmp_path, sft_gate={"criteria": ["loss <= 0.0001"]})
     output = tmp_path / "rejected"
     assert run_command([str(rejected), "--tiny", "--output", str(output)]) == 1
@@ -121,7 +130,11 @@ def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(t
         tmp_path, sft_gate={"criteria": ["loss <= 100"], "manualApproval": True}, dpo_lora=True
     )
     output = tmp_path / "waiting"
-    assert run_command([str(waiting), "--tiny", "--output", str(output)]) == 3
+    capsys.readouterr()
+    assert run_command([str(waiting), "--tiny", "--output", str(output)]) == 3, (
+        "stdin is no terminal and nobody passed --approve: the pipeline pauses"
+    )
+    assert "--approve NAME" in capsys.readouterr().out.replace("\n", "")
     assert state(output)["sft"]["phase"] == "Gating"
     trained = (output / "sft" / "train.log").stat().st_mtime_ns
     code = run_command([str(waiting), "--tiny", "--output", str(output), "--approve", "alice"])
@@ -144,3 +157,36 @@ def test_a_rejected_gate_stops_the_pipeline_and_a_person_answers_a_waiting_one(t
     generates(AutoPeftModelForCausalLM.from_pretrained(dpo_dir))
     record = json.loads((dpo_dir / "provenance.json").read_text())
     assert record["stackedOn"] == (dpo_dir / "base").as_uri()
+
+
+@pytest.mark.parametrize(
+    ("typed", "decision"),
+    [
+        ("a\nalice\n", ("--approve", "alice")),
+        ("r\n\n", ("--reject", "runner")),
+        ("\n", None),
+    ],
+    ids=["approve as a name", "reject as the login name", "decide later"],
+)
+def test_a_waiting_gate_is_answered_at_a_terminal(typed, decision, monkeypatch, tmp_path):
+    """A real terminal (a pseudo-terminal) on stdin: the person is asked; a pipe is not."""
+    import io
+    import os
+
+    from trainyard.api import parse_resource
+    from trainyard.workloads import local_pipeline
+
+    path = pipeline_file(tmp_path, sft_gate={"criteria": ["loss <= 1"], "manualApproval": True})
+    pipeline = parse_resource(yaml.safe_load(path.read_text()))
+    stage = pipeline.spec.stages[0]
+    monkeypatch.setattr("getpass.getuser", lambda: "runner")
+    leader, follower = os.openpty()
+    os.write(leader, typed.encode())
+    with open(follower, encoding="utf-8") as terminal, io.StringIO() as shown:
+        monkeypatch.setattr("sys.stdin", terminal)
+        monkeypatch.setattr("sys.stdout", shown)
+        assert local_pipeline._ask(stage, pipeline) == decision
+        assert "gate local-sft-gate waits for a person" in shown.getvalue()
+    os.close(leader)
+    monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    assert local_pipeline._ask(stage, pipeline) is None, "no terminal: nobody is asked"

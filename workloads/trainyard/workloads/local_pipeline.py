@@ -9,6 +9,12 @@ command again resumes: promoted stages are not trained again, a stage that waits
 person is judged again (`--approve NAME` / `--reject NAME` answer it), and a failed or
 rejected stage trains again.
 
+A gate that waits for a person is answered at the terminal when stdin is one (approve,
+reject, or decide later), else by `--approve NAME` / `--reject NAME`; without either the
+pipeline pauses and prints the command that answers it. At the end: a table of every
+stage and its gate, and OUTPUT/curves.png, every stage's curves on one step axis with
+each gate's verdict marked.
+
 Exit codes: 0 every stage promoted, 1 a stage failed or was rejected (or a bad file),
 3 a gate waits for a person.
 """
@@ -21,7 +27,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from rich.console import Console
@@ -97,13 +103,20 @@ def stage_documents(
 
 
 def final_model(stage_dir: Path) -> str:
-    """Where `trainyard run` leaves a run's exported model."""
-    return (stage_dir / "checkpoints" / "final").resolve().as_uri()
+    """Where `trainyard run` left the stage's exported model: `<checkpoint.uri>/final` of
+    the run as it ran (run.json: a file:// checkpoint.uri is kept, s3:// becomes
+    STAGE/checkpoints unless --keep-storage), else STAGE/final (no checkpoint.uri)."""
+    run = _read_json(stage_dir / "run.json")
+    uri = ((run.get("spec") or {}).get("checkpoint") or {}).get("uri") or ""
+    if uri.startswith("file://"):
+        return (Path(uri.removeprefix("file://")) / "final").resolve().as_uri()
+    if uri.startswith("s3://"):
+        return f"{uri.rstrip('/')}/final"
+    return (stage_dir / "final").resolve().as_uri()
 
 
 def pipeline_command(argv: list[str]) -> int:
     from trainyard.workloads import local
-    from trainyard.workloads.evaluate import local_gate
 
     args, _ = _parser().parse_known_args(argv)
     console = Console()
@@ -139,13 +152,10 @@ def pipeline_command(argv: list[str]) -> int:
         stage_file = stage_dir / STAGE_FILE
         stage_file.write_text(yaml.safe_dump_all(stage_documents(pipeline, stage, model)))
         entry["inputModel"] = model if stage.run.model.source == PREVIOUS else None
+        decision = _decision(args)
         if entry.get("phase") == "Gating":  # trained; its gate waited for a person
-            gate_file = stage_dir / "gate.yaml"  # the gate alone: judged, nothing trained
-            gate_file.write_text(yaml.safe_dump_all(stage_documents(pipeline, stage, model)[1:]))
-            judge = [str(gate_file), "--output", str(stage_dir)]
-            judge += ["--approve", args.approve] if args.approve else []
-            judge += ["--reject", args.reject] if args.reject else []
-            code = local_gate.gate_command(judge)
+            decision = decision or _ask(stage, pipeline)
+            code = _judge(pipeline, stage, stage_dir, model, decision)
         else:
             console.rule(f"stage {stage.name}")
             entry["startedAt"] = _now()
@@ -157,6 +167,10 @@ def pipeline_command(argv: list[str]) -> int:
             run_argv += ["--nproc", args.nproc] if args.nproc else []
             code = local.run_command(run_argv)
             entry["finishedAt"] = _now()
+            if code == AWAITING_PERSON:  # answered now: --approve/--reject, or at the terminal
+                decision = decision or _ask(stage, pipeline)
+                if decision is not None:
+                    code = _judge(pipeline, stage, stage_dir, model, decision)
         entry["phase"] = _phase(code, stage, stage_dir)
         if entry["phase"] == "Promoted":
             model = entry["model"] = final_model(stage_dir)
@@ -165,6 +179,9 @@ def pipeline_command(argv: list[str]) -> int:
         if entry["phase"] != "Promoted":
             break
     console.print(_summary(pipeline, state, output))
+    plot = plot_pipeline(pipeline, state, output, output / PLOT_FILE)
+    if plot:
+        console.print(f"curves of every stage: {output / PLOT_FILE}")
     if code == AWAITING_PERSON:
         console.print(
             f"a gate waits for a person: trainyard run {args.file} --output {output} "
@@ -215,12 +232,140 @@ def write_provenance(
         "trainedSteps": summary.get("steps"),
         "gate": gate,
     }
-    if (stage_dir / "checkpoints" / "final").is_dir():
-        provenance.write(provenance.complete(record))
+    provenance.write(provenance.complete(record))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+PLOT_FILE = "curves.png"
+
+
+def _decision(args: argparse.Namespace) -> tuple[str, str] | None:
+    if args.approve:
+        return "--approve", args.approve
+    if args.reject:
+        return "--reject", args.reject
+    return None
+
+
+def ask_at_terminal(gate: str, stdin: TextIO, stdout: TextIO, user: str) -> tuple[str, str] | None:
+    """Ask a person at the terminal to decide a gate that waits for one: ("--approve",
+    NAME), ("--reject", NAME), or None (decide later: the pipeline pauses)."""
+    stdout.write(
+        f"gate {gate} waits for a person. approve (a), reject (r), or decide later (Enter)? "
+    )
+    stdout.flush()
+    answer = stdin.readline().strip().lower()
+    if answer not in ("a", "approve", "r", "reject"):
+        return None
+    stdout.write(f"your name [{user}]: ")
+    stdout.flush()
+    name = stdin.readline().strip() or user
+    return ("--approve" if answer.startswith("a") else "--reject"), name
+
+
+def _ask(stage: Stage, pipeline: TrainingPipeline) -> tuple[str, str] | None:
+    """A terminal's answer when stdin is one (never in CI, pipes or cron: those pause)."""
+    if not sys.stdin.isatty():
+        return None
+    import getpass
+
+    gate = f"{pipeline.metadata.name}-{stage.name}-gate"
+    return ask_at_terminal(gate, sys.stdin, sys.stdout, getpass.getuser())
+
+
+def _judge(
+    pipeline: TrainingPipeline,
+    stage: Stage,
+    stage_dir: Path,
+    model: str | None,
+    decision: tuple[str, str] | None,
+) -> int:
+    """Judge the stage's gate again (nothing trained), with a person's decision if any."""
+    from trainyard.workloads.evaluate import local_gate
+
+    gate_file = stage_dir / "gate.yaml"  # the gate alone
+    gate_file.write_text(yaml.safe_dump_all(stage_documents(pipeline, stage, model)[1:]))
+    judge = [str(gate_file), "--output", str(stage_dir)]
+    return local_gate.gate_command(judge + list(decision or ()))
+
+
+def plot_pipeline(
+    pipeline: TrainingPipeline, state: dict[str, Any], output: Path, path: Path
+) -> list[tuple[str, str, float, float]]:
+    """One image of the whole pipeline: each stage's curves (loss, reward, …) on one step
+    axis, stage after stage, with a line at the end of each stage naming its gate's
+    verdict. Returns what was drawn, (panel, curve, first x, last x) per curve; [] (and
+    no file) when no stage logged anything."""
+    from trainyard.workloads.run_history import panel_keys, read_history, series
+
+    stages: list[tuple[str, list[dict[str, Any]], str]] = []
+    for stage in pipeline.spec.stages:
+        stage_dir = output / stage.name
+        if not (stage_dir / "result.json").is_file():
+            continue
+        history, _ = read_history(stage_dir)
+        entry = state.get(stage.name) or {}
+        verdict = entry.get("phase", "")
+        for gate_path in stage_dir.glob("gate-*.json"):
+            verdict = f"gate {json.loads(gate_path.read_text()).get('verdict')}"
+        stages.append((stage.name, history, verdict))
+    panels: list[str] = []
+    for _, history, _ in stages:
+        panels += [label for label, _ in panel_keys(history) if label not in panels]
+    if not panels:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        len(panels), 1, figsize=(9, 3 * len(panels)), squeeze=False, sharex=True
+    )
+    drawn: list[tuple[str, str, float, float]] = []
+    offset = 0.0
+    for index, (name, history, verdict) in enumerate(stages):
+        color = f"C{index}"
+        keys = dict(panel_keys(history))
+        last = max((float(e["step"]) for e in history if "step" in e), default=0.0)
+        for ax, label in zip(axes[:, 0], panels, strict=True):
+            for key, curve in keys.get(label, []):
+                steps, values = series(history, key)
+                ax.plot(
+                    [offset + s for s in steps],
+                    values,
+                    color=color,
+                    marker="o" if len(steps) < 30 else None,
+                    markersize=3,
+                    linestyle="-" if key == keys[label][0][0] else "--",
+                    label=f"{name}: {curve}",
+                )
+                if steps:
+                    drawn.append((label, f"{name}: {curve}", offset + steps[0], offset + steps[-1]))
+            ax.axvline(offset + last, color=color, alpha=0.5, linestyle=":")
+        axes[0, 0].annotate(
+            f"{name}: {verdict}",
+            xy=(offset + last, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+        )
+        offset += last
+    for ax, label in zip(axes[:, 0], panels, strict=True):
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    axes[-1, 0].set_xlabel("step of the pipeline (stage after stage)")
+    figure.suptitle(f"pipeline {pipeline.metadata.name}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return drawn
 
 
 def _now() -> str:
