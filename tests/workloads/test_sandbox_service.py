@@ -110,6 +110,51 @@ def by_kind(manifests: list[dict]) -> dict[str, dict]:
     return {m["kind"]: m for m in manifests}
 
 
+@pytest.mark.parametrize(
+    ("mutate", "level", "found"),
+    [
+        pytest.param(lambda p, c: c.update(privileged=True), "baseline", "privileged", id="priv"),
+        pytest.param(lambda p, c: p.update(hostNetwork=True), "baseline", "hostNetwork", id="net"),
+        pytest.param(
+            lambda p, c: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+            "baseline",
+            "hostPath",
+            id="host-path",
+        ),
+        pytest.param(
+            lambda p, c: c["capabilities"].update(add=["SYS_ADMIN"]),
+            "baseline",
+            "SYS_ADMIN",
+            id="sys-admin",
+        ),
+        pytest.param(
+            lambda p, c: c["capabilities"].update(add=["CHOWN"]), "restricted", "CHOWN", id="chown"
+        ),
+        pytest.param(
+            lambda p, c: c.update(runAsNonRoot=False), "restricted", "runAsNonRoot", id="root"
+        ),
+        pytest.param(
+            lambda p, c: c.update(allowPrivilegeEscalation=True),
+            "restricted",
+            "allowPrivilegeEscalation",
+            id="escalation",
+        ),
+        pytest.param(
+            lambda p, c: c.update(seccompProfile={"type": "Unconfined"}),
+            "restricted",
+            "seccompProfile",
+            id="seccomp",
+        ),
+    ],
+)
+def test_the_standard_check_catches_each_control(mutate, level, found):
+    """The check the pods are held to can fail: each control, broken once."""
+    pod = trainer_pod(example_run())
+    assert pss_violations(pod, "restricted") == []
+    mutate(pod, pod["containers"][0]["securityContext"])
+    assert any(found in violation for violation in pss_violations(pod, level))
+
+
 def test_the_example_uses_the_sandbox_service_and_its_trainer_pod_is_restricted():
     pod = trainer_pod(example_run())
     assert pss_violations(pod, "restricted") == []
