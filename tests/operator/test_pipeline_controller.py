@@ -31,7 +31,9 @@ def api_with_pipelines(api):
     return api
 
 
-def pipeline(port: int, *, threshold: float = 2.0) -> dict[str, Any]:
+def pipeline(port: int, *, threshold: float = 2.0, third: bool = False) -> dict[str, Any]:
+    """sft (gated) → dpo (no gate), and with `third` → rl (gated), each from the one before."""
+
     def stage(name: str, source: str, gate: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "name": name,
@@ -56,6 +58,7 @@ def pipeline(port: int, *, threshold: float = 2.0) -> dict[str, Any]:
             "stages": [
                 stage("sft", "hf://sshleifer/tiny-gpt2", gate=True),
                 stage("dpo", "run://previous", gate=False),
+                *([stage("rl", "run://previous", gate=True)] if third else []),
             ]
         },
     }
@@ -91,7 +94,7 @@ async def write_provenance(api, stage: str) -> dict[str, Any]:
     return job
 
 
-async def test_a_stage_starts_when_the_gate_before_it_passes(
+async def test_three_stages_advance_as_runs_succeed_and_gates_pass(
     api_with_pipelines, kubelet, start_operator, rank0_metrics
 ):
     api = api_with_pipelines
@@ -101,7 +104,7 @@ async def test_a_stage_starts_when_the_gate_before_it_passes(
         "trainyard_loss": 1.5,
     }
     async with start_operator() as metrics:
-        await api.put_object(PIPELINES, pipeline(rank0_metrics.port))
+        await api.put_object(PIPELINES, pipeline(rank0_metrics.port, third=True))
         await eventually(lambda: kubelet.run("chain-sft"))
         assert api.get(GATES, NAMESPACE, "chain-sft-gate") is not None
         assert kubelet.run("chain-dpo") is None, "the next stage waits for the gate"
@@ -116,8 +119,16 @@ async def test_a_stage_starts_when_the_gate_before_it_passes(
         )
         await train(api, kubelet, "chain-dpo")
         await write_provenance(api, "dpo")
+        rl = await eventually(lambda: kubelet.run("chain-rl"))
+        assert rl["spec"]["model"]["source"] == "s3://ckpt/chain/dpo/final"
+        assert api.get(GATES, NAMESPACE, "chain-rl-gate") is not None
+        assert status(api).get("phase") == "Running"
+        await train(api, kubelet, "chain-rl")
+        await write_provenance(api, "rl")
         await eventually(lambda: status(api).get("phase") == "Succeeded")
         assert condition(api, PipelineCondition.SUCCEEDED)["reason"] == reasons.ALL_PROMOTED
+        assert [s["phase"] for s in status(api)["stages"]] == ["Promoted"] * 3
+        assert [s.get("verdict") for s in status(api)["stages"]] == ["Passed", None, "Passed"]
 
 
 async def test_a_rejected_stage_stops_the_pipeline_and_a_retry_trains_it_again(
