@@ -24,6 +24,16 @@ process gets `--threads` intra-op threads (default 1), so the pair fits two core
     python benchmarks/training_overhead.py --repeats 1 --sft-steps 20 --grpo-steps 4
 
 Goal: trainyard's training loop ≤ 1.03× slower than plain TRL.
+
+`--checkpoint-overhead` measures something else (issue 13): the same `trainyard run`
+(full-parameter SFT of a bigger random Qwen2 built from the built-in tokenizer, so a
+checkpoint is hundreds of MB with AdamW state) saving every N steps with async saves
+(the default) vs never saving. One run after the other, alternating which goes first
+(the async side's writer and uploader must not slow a "never" run beside it). Goal: a
+run that saves every N steps trains at ≥ 0.97× the speed of one that never saves.
+
+    python benchmarks/training_overhead.py --checkpoint-overhead [--repeats 3] \
+        [--ckpt-steps 40] [--ckpt-every 10] [--ckpt-hidden 384] [--ckpt-layers 6]
 """
 
 from __future__ import annotations
@@ -372,6 +382,113 @@ def report(pairs: dict[str, list[dict[str, dict]]]) -> list[dict[str, Any]]:
     return rows
 
 
+# --------------------------------------------------------------------------- saves vs none
+
+
+def build_bigger_model(target: Path, hidden: int, layers: int) -> int:
+    """A random Qwen2 with the built-in tokenizer (vocab 1024); returns its parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from trainyard.workloads.builtin import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_run(model: Path, steps: int, every: int | None, out: Path) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "method": "sft",
+        "model": {"source": f"file://{model}"},
+        "dataset": {"source": "builtin://datasets/alpaca"},
+        "training": {
+            "maxSteps": steps, "perDeviceBatchSize": 4, "learningRate": 1e-4,
+            "loggingSteps": every or 10, "precision": "fp32", "seed": 42,
+        },
+    }  # fmt: skip
+    if every is not None:
+        spec["checkpoint"] = {"uri": f"file://{out}/store", "everySteps": every, "keepLast": 2}
+    return {
+        "apiVersion": "trainyard.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "ckpt-overhead"},
+        "spec": spec,
+    }
+
+
+def checkpoint_overhead(args: argparse.Namespace, env: dict[str, str]) -> int:
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="trainyard-ckpt-overhead-") as tmp:
+        work = Path(tmp)
+        params = build_bigger_model(work / "model", args.ckpt_hidden, args.ckpt_layers)
+        results: dict[str, list[dict[str, Any]]] = {"never": [], "async": []}
+
+        def run(side: str, steps: int) -> dict[str, Any]:
+            out = work / f"{side}-{time.monotonic_ns()}"
+            out.mkdir()
+            every = args.ckpt_every if side == "async" else None
+            spec_file = out.with_suffix(".json")
+            spec_file.write_text(json.dumps(checkpoint_run(work / "model", steps, every, out)))
+            started = time.monotonic()
+            with open(out.with_suffix(".log"), "w") as log:
+                done = subprocess.run(
+                    [sys.executable, "-m", "trainyard.cli.main", "run", str(spec_file),
+                     "--output", str(out)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"{side} run exited {done.returncode}; see {out}.log")
+            summary = json.loads((out / "summary.json").read_text())
+            saved = sorted(p.name for p in (out / "store").glob("step-*")) if every else []
+            return {
+                "loop": summary["trainRuntimeSeconds"],
+                "wall": time.monotonic() - started,
+                "steps": summary["steps"],
+                "uploaded": saved,
+                "size": sum(f.stat().st_size for f in (out / "final").iterdir()),
+            }
+
+        run("never", 2)  # warm-up: imports and data into the page cache
+        for repeat in range(args.repeats):
+            order = ("never", "async") if repeat % 2 == 0 else ("async", "never")
+            for side in order:
+                r = run(side, args.ckpt_steps)
+                results[side].append(r)
+                loads.append(os.getloadavg()[0])
+                print(
+                    f"#{repeat + 1} {side:6}: loop {r['loop']:7.2f} s, wall {r['wall']:6.1f} s"
+                    + (f", uploaded {r['uploaded']}" if r["uploaded"] else ""),
+                    flush=True,
+                )
+    med = statistics.median
+    speed = [n["loop"] / a["loop"] for n, a in zip(results["never"], results["async"], strict=True)]
+    wall = [n["wall"] / a["wall"] for n, a in zip(results["never"], results["async"], strict=True)]
+    weights = results["never"][0]["size"]
+    print(
+        f"\nfull SFT of a random Qwen2 (hidden {args.ckpt_hidden}, {args.ckpt_layers} layers, "
+        f"{params / 1e6:.0f}M parameters; weights {weights / 2**20:.0f} MiB, a checkpoint with "
+        f"AdamW ~{3 * weights / 2**20:.0f} MiB), {args.ckpt_steps} steps, "
+        f"{args.threads} thread(s); load average {min(loads):.1f}-{max(loads):.1f}"
+    )
+    print(f"  loop s: never {[round(r['loop'], 1) for r in results['never']]}, "
+          f"async saves every {args.ckpt_every} {[round(r['loop'], 1) for r in results['async']]}")  # fmt: skip
+    print(f"  speed with saves / without, per pair: {[round(x, 3) for x in speed]}")
+    print(f"  wall (incl. start-up and the final upload) per pair: {[round(x, 3) for x in wall]}")
+    verdict = "meets" if med(speed) >= 0.97 else "misses"
+    print(f"saves_every_{args.ckpt_every}_vs_never={med(speed):.3f} ({verdict} >= 0.97)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="pairs of runs per method")
@@ -389,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
         "quiet machine)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument(
+        "--checkpoint-overhead",
+        action="store_true",
+        help="async saves every N steps vs never saving (issue 13), instead of vs plain TRL",
+    )
+    parser.add_argument("--ckpt-steps", type=int, default=40)
+    parser.add_argument("--ckpt-every", type=int, default=10)
+    parser.add_argument("--ckpt-hidden", type=int, default=384)
+    parser.add_argument("--ckpt-layers", type=int, default=6)
     parser.add_argument("--plain", choices=("sft", "grpo"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -408,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         OMP_NUM_THREADS=str(args.threads),
         MKL_NUM_THREADS=str(args.threads),
     )
+    if args.checkpoint_overhead:
+        return checkpoint_overhead(args, env)
     steps = {"sft": args.sft_steps, "grpo": args.grpo_steps}
     pairs: dict[str, list[dict[str, dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="trainyard-overhead-") as tmp:
