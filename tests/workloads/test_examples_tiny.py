@@ -68,7 +68,8 @@ def test_example_starts_with_tiny_offline(example, tmp_path, offline):
     for name, rows in data.files.items():
         (tmp_path / TINY_DATA_DIR / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     ctx = build_context(run, tmp_path, Environment(cuda=False))
-    assert run.spec.model.source == "builtin://tiny-qwen2"
+    # The mixture-of-experts tiny model where LoRA targets expert weights.
+    assert run.spec.model.source in ("builtin://tiny-qwen2", "builtin://tiny-qwen3-moe")
     assert len(ctx.train_dataset) > 0
     if run.spec.method in ("grpo", "rloo"):
         rl = run.spec.online_rl
