@@ -167,10 +167,43 @@ def test_the_example_uses_the_sandbox_service_and_its_trainer_pod_is_restricted(
     assert env[SANDBOX_URL_ENV] == f"http://{name}.{namespace}.svc:{port}"
     # The NetworkPolicy lets exactly these pods in.
     allowed = rendered["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert allowed["matchLabels"]["app.kubernetes.io/component"] == "worker"
     pod_labels = render_worker_job(parse_resource(example_run()), uid="u")["spec"]["template"][
         "metadata"
     ]["labels"]
     assert allowed["matchLabels"].items() <= pod_labels.items()
+
+
+def test_gate_evaluation_pods_reach_the_service_too():
+    """A gate's reward suite scores with the judged run's rewards, in its own pod."""
+    from trainyard.api.gate import evaluation_task
+    from trainyard.operator.builders.evaluation import render_evaluation
+
+    run = parse_resource(example_run())
+    gate = parse_resource(
+        {
+            "apiVersion": "trainyard.dev/v1alpha1",
+            "kind": "PromotionGate",
+            "metadata": {"name": "code-release", "namespace": "team"},
+            "spec": {
+                "run": "code-grpo",
+                "criteria": ["reward_mean >= 0.5"],
+                "evaluation": {"suite": ["reward"], "dataset": "s3://datasets/mbpp/test.jsonl"},
+            },
+        }
+    )
+    task = evaluation_task(
+        gate.spec.evaluation, model=run.spec.model, output="s3://x/eval", run=run.spec
+    )
+    job = render_evaluation(gate, task, uid="u", attempt=0, run=run)[-1]
+    pod = job["spec"]["template"]
+    assert pss_violations(pod["spec"], "restricted") == []
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env[SANDBOX_URL_ENV].startswith("http://trainyard-sandbox.trainyard-sandbox.svc:")
+    policy = by_kind(sandbox.render_sandbox_service())["NetworkPolicy"]
+    peers = policy["spec"]["ingress"][0]["from"]
+    labels = pod["metadata"]["labels"]
+    assert any(peer["podSelector"]["matchLabels"].items() <= labels.items() for peer in peers)
 
 
 @pytest.mark.parametrize(

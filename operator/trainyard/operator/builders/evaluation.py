@@ -24,7 +24,7 @@ import json
 
 from trainyard.api import TrainingRun
 from trainyard.api.gate import EvaluationTask, PromotionGate
-from trainyard.operator.builders import pod_settings
+from trainyard.operator.builders import pod_settings, sandbox
 from trainyard.operator.builders.job import DEFAULT_TRAINER_IMAGE
 from trainyard.operator.builders.labels import (
     ATTEMPT_LABEL,
@@ -121,6 +121,7 @@ def render_evaluation(
         groups += [
             pod_settings.runs_env(run),
             pod_settings.s3_env(run),
+            sandbox.trainer_env(run),  # the reward suite scores with the run's code rewards
             pod_settings.user_env(run),
         ]
     container = {

@@ -54,6 +54,9 @@ SANDBOX_COMPONENT = "sandbox"
 SANDBOX_CONTAINER = "sandbox"
 # Uids a user-namespaced pod maps are 0-65535; the sandboxes take the upper ones.
 SANDBOX_UIDS = "10000-65535"
+# app.kubernetes.io/component of the pods that call the service: trainers and gate
+# evaluations (builders/evaluation.py's EVALUATION; the test checks both pods get in).
+CALLER_COMPONENTS = (labels.WORKER, "evaluation")
 JAIL_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "KILL", "SETGID", "SETUID", "SYS_ADMIN"]
 
 Runtime = Literal["namespaces", "gvisor"]
@@ -178,7 +181,8 @@ def render_sandbox_service(
         "spec": {
             "podSelector": {"matchLabels": selector()},
             "policyTypes": ["Ingress", "Egress"],
-            # Only trainer pods of any namespace; nothing out (not even DNS).
+            # Only trainer pods and gate evaluation pods (their reward suite scores with
+            # the run's rewards) of any namespace; nothing out (not even DNS).
             "ingress": [
                 {
                     "from": [
@@ -187,10 +191,11 @@ def render_sandbox_service(
                             "podSelector": {
                                 "matchLabels": {
                                     "app.kubernetes.io/name": "trainyard",
-                                    labels.COMPONENT_LABEL: labels.WORKER,
+                                    labels.COMPONENT_LABEL: component,
                                 }
                             },
                         }
+                        for component in CALLER_COMPONENTS
                     ],
                     "ports": [{"port": SANDBOX_SERVICE_PORT, "protocol": "TCP"}],
                 }
