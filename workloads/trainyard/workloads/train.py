@@ -79,6 +79,10 @@ STACKED_BASE_DIR = "base"
 """final/base/: the base a stacked adapter was trained on (an earlier adapter merged into
 its own base), saved with the adapter so the adapter can be loaded and served anywhere."""
 MERGED_MARKER = "trainyard-merged.json"
+ADAPTER_BASE_FILE = "trainyard-base.json"
+"""Beside an adapter: the model source it was trained on (spec.model), so a later stage
+on another machine finds the base where base_model_name_or_path names a local cache path
+(an s3:// or run:// model downloaded by the pod that trained it)."""
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
 COMPLETIONS_FILE = "completions.jsonl"
@@ -131,14 +135,15 @@ def node_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def merged_adapter_path(adapter_dir: str, method: str) -> str:
+def merged_adapter_path(adapter_dir: str, method: str, spec: Any = None) -> str:
     """A LoRA checkpoint (an adapter directory from an earlier stage) merged into its base.
 
     The next stage trains a plain model (LoRA → full: the adapter is merged in), or a new
     adapter on the merged model (LoRA → LoRA: stacked; `export_stacked_base` saves the
     merged base beside the new adapter). The base is the adapter's `base/` folder when
-    it has one (a stacked adapter), else its `base_model_name_or_path`. The merged copy
-    is cached, so the ranks of a node merge once.
+    it has one (a stacked adapter), else its `base_model_name_or_path`, else, when that
+    is not on this machine, the source in its trainyard-base.json (fetched with `spec`'s
+    storage settings). The merged copy is cached, so the ranks of a node merge once.
     """
     key = hashlib.sha256(f"{Path(adapter_dir).resolve()}:{method}".encode()).hexdigest()[:16]
     target = sources.cache_dir("merged") / key
@@ -152,11 +157,11 @@ def merged_adapter_path(adapter_dir: str, method: str) -> str:
             if method == "reward"
             else AutoPeftModelForCausalLM
         )
-        stacked_base = Path(adapter_dir) / STACKED_BASE_DIR
-        if (stacked_base / "config.json").is_file():
+        base_path = adapter_base_path(adapter_dir, spec)
+        if base_path is not None:
             from peft import PeftModel
 
-            base = loader._target_class.from_pretrained(str(stacked_base))
+            base = loader._target_class.from_pretrained(base_path)
             model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         else:
             model = loader.from_pretrained(adapter_dir).merge_and_unload()
@@ -169,6 +174,27 @@ def merged_adapter_path(adapter_dir: str, method: str) -> str:
             AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
         staging.rename(target)
     return str(target)
+
+
+def adapter_base_path(adapter_dir: str, spec: Any = None) -> str | None:
+    """Where an adapter's base lies on this machine when PEFT's own base_model_name_or_path
+    will not do: its base/ folder (stacked), or its recorded source resolved here; None
+    to let PEFT load base_model_name_or_path (a hub id, or a path that exists here)."""
+    stacked = Path(adapter_dir) / STACKED_BASE_DIR
+    if (stacked / "config.json").is_file():
+        return str(stacked)
+    named = sources.adapter_base(adapter_dir)
+    record = Path(adapter_dir) / ADAPTER_BASE_FILE
+    if named is None or Path(named).exists() or not record.is_file():
+        return None
+    base = json.loads(record.read_text())
+    path, _ = sources.resolve_model(
+        base["source"],
+        revision=base.get("revision"),
+        storage=getattr(spec, "storage", None),
+        checkpoint_uri=spec.checkpoint.uri if getattr(spec, "checkpoint", None) else None,
+    )
+    return path
 
 
 def export_stacked_base(model_path: str, final: Path) -> bool:
@@ -393,7 +419,7 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
         checkpoint_uri=spec.checkpoint.uri if spec.checkpoint else None,
     )
     if sources.adapter_base(path) is not None:
-        path = merged_adapter_path(path, spec.method)
+        path = merged_adapter_path(path, spec.method, spec)
     init_kwargs = model_init_kwargs(spec.model, env, kwargs)
     tokenizer = load_tokenizer(spec, path, kwargs)
     if spec.model.init == "random":
@@ -586,6 +612,9 @@ def train(run: Any, output_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 ctx.tokenizer.save_pretrained(str(final))
             if spec.peft is not None and export_stacked_base(ctx.model, final):
                 result["stackedOn"] = str(final / STACKED_BASE_DIR)
+            elif spec.peft is not None:
+                base = {"source": spec.model.source, "revision": spec.model.revision}
+                (final / ADAPTER_BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
             if observers.sync is not None:
                 observers.sync.export_final(final, step=trainer.state.global_step)
                 if spec.checkpoint.export_merged and spec.peft is not None:
