@@ -101,6 +101,8 @@ def test_stages_chain_through_their_gates_and_a_rerun_trains_nothing_again(tmp_p
 
     sft_dir, dpo_dir = (output / s / "checkpoints" / "final" for s in ("sft", "dpo"))
     assert (sft_dir / "adapter_config.json").is_file()
+    recorded = json.loads((sft_dir / "trainyard-base.json").read_text())
+    assert recorded["source"] == "builtin://tiny-qwen2", "another machine finds the base"
     assert not (dpo_dir / "adapter_config.json").exists() and not (dpo_dir / "base").exists()
     generates(AutoModelForCausalLM.from_pretrained(dpo_dir))
     # one plot of the whole pipeline: dpo's curves follow sft's on the same step axis
