@@ -7,7 +7,8 @@ of `--workers` processes. Same batch, same sandbox (strict isolation where avail
 same limits. A pool(1) column separates the pool's two gains: pool workers isolate
 themselves once (namespaces are made per worker, not per stage) and run in parallel.
 The pools are started before timing, as in training, where they live for the whole run;
-their start-up is printed separately.
+their start-up is printed separately. Under strict isolation a service(k) column scores
+the same batch through the sandbox server (isolation service) with k workers.
 
     python benchmarks/reward_pool.py                 # 64 completions, 2 workers, 3 repeats
     python benchmarks/reward_pool.py --completions 128 --workers 4 --repeats 5
@@ -23,6 +24,7 @@ import statistics
 import time
 
 from trainyard.workloads.rewards import code_execution_reward
+from trainyard.workloads.rewards.code_execution import local_sandbox_server
 from trainyard.workloads.rewards.sandbox import SandboxUnavailable, require_isolation
 
 STAGES = [
@@ -106,7 +108,7 @@ def build_batch(size: int) -> tuple[list[str], list[str]]:
 
 
 def score(
-    completions: list[str], tests: list[str], workers: int, isolation: str
+    completions: list[str], tests: list[str], workers: int, isolation: str, url: str | None = None
 ) -> tuple[float, list]:
     started = time.perf_counter()
     scores = code_execution_reward(
@@ -115,7 +117,8 @@ def score(
         test_field="tests",
         tests=tests,
         workers=workers,
-        isolation=isolation,
+        isolation="service" if url else isolation,
+        service_url=url,
         timeout_seconds=10,
     )
     return time.perf_counter() - started, scores
@@ -146,11 +149,21 @@ def main() -> None:
         pool_start[workers] = time.perf_counter() - started
 
     columns = {"serial": 0, "pool(1)": 1, f"pool({options.workers})": options.workers}
+    # isolation service: the same pool in the sandbox server (127.0.0.1, JSON over HTTP),
+    # what a trainer under the restricted Pod Security Standard uses.
+    urls: dict[str, str] = {}
+    if isolation == "strict":
+        name = f"service({options.workers})"
+        columns[name] = options.workers
+        urls[name] = local_sandbox_server(options.workers)
+        started = time.perf_counter()
+        score(completions[:2], tests[:2], options.workers, isolation, urls[name])
+        pool_start["service"] = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name in columns}
     reference = None
     for _ in range(options.repeats):
         for name, workers in columns.items():  # interleaved, so load changes hit all alike
-            seconds, scores = score(completions, tests, workers, isolation)
+            seconds, scores = score(completions, tests, workers, isolation, urls.get(name))
             times[name].append(seconds)
             assert reference is None or scores == reference, "every mode must score identically"
             reference = scores
@@ -180,6 +193,12 @@ def main() -> None:
         f"{pool} vs pool(1): {median['pool(1)'] / median[pool]:.2f}x; "
         f"pool start-up once per run: {pool_start[options.workers]:.2f}s"
     )
+    service = f"service({options.workers})"
+    if service in median:
+        print(
+            f"{service} vs {pool}: {median[pool] / median[service]:.2f}x "
+            "(the sandbox service's HTTP round trip and JSON against the in-process pool)"
+        )
 
 
 if __name__ == "__main__":
