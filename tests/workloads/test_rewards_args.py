@@ -165,6 +165,34 @@ def test_minimal_args_validate_in_the_api_spec(builtin):
         ),
         pytest.param(
             "code_execution",
+            {"stages": [{"name": "a", "command": ["x"]}], "serviceUrl": "http://sandbox:8750"},
+            "serviceUrl is only used by isolation service, not strict",
+            id="code-service-url-without-service",
+        ),
+        pytest.param(
+            "code_execution",
+            {
+                "stages": [{"name": "a", "command": ["x"]}],
+                "isolation": "service",
+                "serviceUrl": "sandbox:8750",
+            },
+            "args.serviceUrl",
+            id="code-service-url-not-http",
+        ),
+        pytest.param(
+            "code_execution",
+            {"stages": [{"name": "a", "command": ["x"], "errorPattern": "(unclosed"}]},
+            "is not a valid regular expression",
+            id="code-error-pattern",
+        ),
+        pytest.param(
+            "code_execution",
+            {"stages": [{"name": "a", "command": ["x"], "errorScale": 0}]},
+            "args.stages\\[0\\].errorScale",
+            id="code-error-scale",
+        ),
+        pytest.param(
+            "code_execution",
             {"stages": [{"name": "a", "command": ["x"]}], "timeoutSecond": 5},
             "args.timeoutSecond: unknown field; did you mean 'timeoutSeconds'",
             id="code-did-you-mean",
