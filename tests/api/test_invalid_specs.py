@@ -373,6 +373,13 @@ CASES = [
         api_server=False,
     ),
     case(
+        "extra-option-wrong-type",
+        run("grpo").set("spec.training.extra", {"torch_compile": "yes"}),
+        "spec.training.extra.torch_compile: must be a boolean (the type of torch_compile in "
+        "TRL GRPOConfig); got 'yes'",
+        api_server=False,
+    ),
+    case(
         "sync-ref-model-with-lora",
         run("grpo")
         .set("spec.grpo.syncRefModel", True)

@@ -16,6 +16,8 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import types
+import typing
 from typing import Any
 
 METHOD_CONFIG: dict[str, str] = {
@@ -107,10 +109,58 @@ def trl_installed() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
-def config_options(method: str) -> set[str]:
-    """The option names of the installed TRL config class of `method`."""
+def config_options(method: str) -> dict[str, Any]:
+    """The options of the installed TRL config class of `method`: name → type annotation."""
     config_class = getattr(importlib.import_module("trl"), METHOD_CONFIG[method])
-    return {f.name for f in dataclasses.fields(config_class) if f.init}
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that does not resolve: check names only
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class) if f.init}
+
+
+_SIMPLE = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def type_problem(value: Any, annotation: Any) -> str | None:
+    """What is wrong with `value` for an option typed `annotation`, or None when it fits
+    (or the type is not one a YAML value can be checked against here).
+
+    >>> type_problem("yes", bool), type_problem(3, float), type_problem(None, int | None)
+    ('must be a boolean', None, None)
+    """
+    wanted = _accepted(annotation)
+    if wanted is None or any(_fits(value, kind) for kind in wanted):
+        return None
+    names = [_SIMPLE.get(k, "null" if k is type(None) else f"a {k.__name__}") for k in wanted]
+    return "must be " + " or ".join(dict.fromkeys(names))
+
+
+def _accepted(annotation: Any) -> list[type] | None:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds: list[type] = []
+        for arm in typing.get_args(annotation):
+            found = _accepted(arm)
+            if found is None:
+                return None
+            kinds += found
+        return kinds
+    if origin in (dict, list):
+        return [origin]
+    if annotation in (bool, int, float, str, dict, list, type(None)):
+        return [annotation]
+    return None
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def extra_problems(
@@ -137,8 +187,19 @@ def extra_problems(
         known = config_options(method)
         for key in rest:
             if key in known:
+                problem = type_problem(extra[key], known[key])
+                if problem:
+                    problems.append(
+                        (
+                            key,
+                            f"{problem} (the type of {key} in TRL {METHOD_CONFIG[method]}); "
+                            f"got {extra[key]!r}",
+                        )
+                    )
                 continue
-            close = difflib.get_close_matches(key, sorted(known - set(MODELLED)), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(
+                key, sorted(set(known) - set(MODELLED)), n=3, cutoff=0.6
+            )
             hint = (
                 f"did you mean {', '.join(map(repr, close))}?"
                 if close
