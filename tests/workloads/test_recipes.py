@@ -125,6 +125,24 @@ def test_rloo_prompt_without_chat_template_joins_the_parts(tmp_path):
     assert first["sprint_goal"] == SPRINTS[0]["sprint_goal"] and first["n"] == "1"
 
 
+def test_chat_data_gets_the_system_prompt_in_place_of_its_own(tmp_path):
+    spec = online("grpo", "builtin://datasets/chat", {"system": SYSTEM})
+    ctx = build_context(spec, tmp_path / "out", detect_environment())
+    from trainyard.workloads.methods.grpo import build_grpo_trainer
+
+    trainer = build_grpo_trainer(ctx)
+    first = builtin.build_dataset_rows("chat")[0]["messages"]
+    assert first[0]["role"] == "system" and first[0]["content"] != SYSTEM
+    tokenizer = AutoTokenizer.from_pretrained(builtin.model_path("tiny-qwen2"))
+    assert trainer.train_dataset[0]["prompt"] == tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, first[1]],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    # The assistant's answer stays a column for the rewards.
+    assert trainer.train_dataset[0]["reference"] == first[2]["content"]
+
+
 def test_template_naming_a_missing_column_is_refused_with_the_columns(tmp_path):
     prompt = {"template": "Sprint goal: {goal}\nTeam: {team_context}"}
     spec = online("grpo", sprint_data(tmp_path), prompt)
