@@ -389,11 +389,17 @@ def test_reward_scores_through_the_rendered_server(sandbox_service, monkeypatch,
     listener.close()
     # The sandbox uid comes from the rendered TRAINYARD_SANDBOX_UIDS range (the tests
     # assert it), the network and the filesystem outside the sandbox are out of reach.
-    assert scores == [1.0, 0.2, 0.2, 0.2], extra
+    # The example scores its tests by count: the wrong add fails 1 assert of errorScale 3
+    # (0.2 + 0.8 x 2/3); the attacks fail at import, which earns nothing of the tests.
+    assert scores == [1.0, pytest.approx(0.733333), 0.2, 0.2], extra
     assert not outside.exists()
     stages = extra["passes-tests/stages"]
-    assert [[s["name"], s["passed"]] for s in stages[1]] == [["compile", True], ["tests", False]]
-    assert "AssertionError" in stages[1][1]["reason"]
+    assert [[s["name"], s["passed"], s["errors"]] for s in stages[1]] == [
+        ["compile", True, None],
+        ["tests", False, 1],
+    ]
+    assert "FAIL line 2: AssertionError" in stages[1][1]["reason"]
+    assert [s["errors"] for s in stages[2]] == [None, 0], "refused connection: setup failed"
 
 
 def test_missing_program_is_refused_by_the_service_at_bind_time(sandbox_service, monkeypatch):
