@@ -253,6 +253,25 @@ def test_a_lora_target_that_matches_nothing_is_refused_with_the_names(peft, prob
     assert "model.layers.*.mlp.experts.gate_up_proj" in message or "q_proj, " in message
 
 
+def test_lora_targets_are_read_from_the_whole_model_under_zero3(tmp_path):
+    """With a ZeRO-3 config alive, transformers would build models inside deepspeed.zero.Init
+    (which wants a process group); the names are read from a plain meta-device model."""
+    from trainyard.workloads.methods.common import SpecError
+    from trainyard.workloads.train import build_trainer
+
+    spec = {
+        "method": "sft",
+        "dataset": {"source": "builtin://datasets/chat"},
+        "peft": {"targetModules": ["q_proj", "v_projj"]},
+        "distributed": {"deepspeed": {"zeroStage": 3}},
+    }
+    ctx = build_context(run(spec), tmp_path, detect_environment())
+    with pytest.raises(
+        SpecError, match="'v_projj' matches no module of the model; did you mean 'v_proj'"
+    ):
+        build_trainer(ctx)
+
+
 # ----------------------------------------------------------------- random initialisation
 
 LLAMA = {

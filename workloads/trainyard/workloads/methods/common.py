@@ -9,6 +9,7 @@ own names, so a user can look each one up in the transformers/TRL/PEFT/DeepSpeed
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -455,6 +456,25 @@ def unmatched_lora_targets(
     return problems
 
 
+@contextlib.contextmanager
+def whole_model_init():
+    """Build models whole in this block, not partitioned by DeepSpeed ZeRO-3.
+
+    Once a TrainingArguments with a ZeRO-3 config exists, transformers builds every
+    `from_config` model inside `deepspeed.zero.Init` (a process-wide setting), which needs
+    the process group and scatters the weights; reading a model's names or saving a
+    random initialisation wants the plain model.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def check_lora_targets(ctx: TrainContext) -> None:
     """Refuse `peft` targets that match nothing in the model, before any weight is loaded:
     the model is built from its config on the meta device to read its names."""
@@ -471,7 +491,7 @@ def check_lora_targets(ctx: TrainContext) -> None:
     auto = (
         AutoModelForSequenceClassification if ctx.spec.method == "reward" else AutoModelForCausalLM
     )
-    with init_empty_weights():
+    with whole_model_init(), init_empty_weights():
         model = auto.from_config(config, trust_remote_code=trust)
     problems = unmatched_lora_targets(
         peft,
@@ -531,9 +551,10 @@ def random_init_model(
     try:
         torch.manual_seed(seed)
         try:
-            built = AutoModelForCausalLM.from_config(
-                config, dtype=torch.float32, trust_remote_code=trust
-            )
+            with whole_model_init():
+                built = AutoModelForCausalLM.from_config(
+                    config, dtype=torch.float32, trust_remote_code=trust
+                )
         except (ValueError, TypeError, RuntimeError) as error:
             raise SpecError(f"model.config: the architecture cannot be built: {error}") from None
         built.save_pretrained(staging)
