@@ -530,3 +530,18 @@ def test_the_protocol_refuses_bad_requests_and_keeps_serving(sandbox_service):
     assert status == 404
     status, answer = post(url + "/v1/score", {"jobs": [job_to_json(job)]})
     assert status == 200 and answer["scores"][0]["stages"][0]["passed"] is True
+
+
+def test_a_local_server_that_cannot_start_says_what_to_do(monkeypatch):
+    """`trainyard run` starts a sandbox server here; where it cannot isolate (here: an
+    unusable uid range), binding the reward fails with the server's reason and the ways out."""
+    from trainyard.workloads.rewards import code_execution
+
+    code_execution._stop_local_server()
+    monkeypatch.delenv(SANDBOX_URL_ENV, raising=False)
+    monkeypatch.setenv("TRAINYARD_SANDBOX_UIDS", "not-a-range")
+    with pytest.raises(SandboxUnavailable) as raised:
+        service_reward()
+    message = str(raised.value)
+    assert "TRAINYARD_SANDBOX_UIDS='not-a-range': expected FIRST-LAST" in message
+    assert "isolation=rlimits" in message and SANDBOX_URL_ENV in message

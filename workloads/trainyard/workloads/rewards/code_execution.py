@@ -284,8 +284,11 @@ def local_sandbox_server(workers: int | None = None) -> str:
         if not line.startswith("listening on "):
             process.wait()
             raise SandboxUnavailable(
-                f"the sandbox server ({' '.join(args)}) did not start: "
+                f"isolation service: no {SANDBOX_URL_ENV} here, and the sandbox server this "
+                f"machine would run ({' '.join(args)}) did not start: "
                 + (process.stderr.read().strip() or line or f"exit {process.returncode}")
+                + f". Run as root, point {SANDBOX_URL_ENV} at a sandbox service, or for a "
+                "local run of trusted code --set the reward's args.isolation=rlimits"
             )
         # Its log (stderr) goes on to ours, so nothing blocks on a full pipe.
         threading.Thread(target=_forward, args=(process.stderr,), daemon=True).start()
