@@ -29,7 +29,6 @@ from trainyard.api import TrainingRun
 from trainyard.api.contract import Metric
 from trainyard.workloads.checkpoint import CheckpointSync, CheckpointSyncCallback
 from trainyard.workloads.checkpoint_snapshot import AsyncSaves
-from trainyard.workloads.checkpoint_writer import WriterError
 from trainyard.workloads.methods.common import detect_environment
 from trainyard.workloads.metrics import TrainingMetrics
 from trainyard.workloads.storage import FileStore, S3Store
@@ -375,20 +374,31 @@ def test_the_next_optimizer_step_waits_for_the_copy_of_the_save(tmp_path):
         assert torch.equal(state[i]["exp_avg"], moment), i
 
 
-def test_a_dead_writer_process_fails_the_next_save_saying_so(tmp_path):
-    trainer = tiny_trainer(tmp_path)
+def test_a_dead_writer_process_is_replaced_by_the_thread_writer(tmp_path, caplog):
+    """Killed (say, by the OOM killer), the writer process costs no checkpoint: this
+    save and the later ones are written in the training process, saying why."""
+    trainer = tiny_trainer(tmp_path / "out")
     saves = AsyncSaves(trainer, writer="process")
     assert saves.install()
     trainer.state.global_step = 1
     trainer._save_checkpoint(trainer.model, None)
     saves.wait()
     os.kill(saves._writer.pid, signal.SIGKILL)
-    trainer.state.global_step = 2
-    trainer._save_checkpoint(trainer.model, None)
-    with pytest.raises(WriterError, match="writer process died: killed by signal 9"):
+    for step in (2, 3):
+        trainer.state.global_step = step
+        trainer._save_checkpoint(trainer.model, None)
         saves.wait()
     saves.close()
-    assert not (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    assert saves.writer == "thread" and saves.written == [1, 2, 3]
+    assert "writer process died: killed by signal 9" in caplog.text
+    reference = tiny_trainer(tmp_path / "sync")
+    reference.state.global_step = 3
+    reference._save_checkpoint(reference.model, None)
+    for name in ("model.safetensors", "optimizer.pt"):
+        assert sha256(tmp_path / "out" / "checkpoint-3" / name) == sha256(
+            tmp_path / "sync" / "checkpoint-3" / name
+        )
+    assert not list((tmp_path / "out").glob(".checkpoint-*"))
 
 
 # ------------------------------------------------------------------ crashes

@@ -62,6 +62,7 @@ from trainyard.workloads.checkpoint_writer import (
     Arena,
     Rotated,
     Snapshot,
+    WriterError,
     WriterProcess,
     WriterThread,
     copy_tensors,
@@ -468,7 +469,7 @@ class AsyncSaves:
                         tuple(x.dumps() if isinstance(x, Snapshot) else x for x in op)
                         for op in pending.ops
                     ]
-                    self._writer.write(ops, list(pending.buffers.values()), released)
+                    self._write(pending, ops, released)
                 pending.stats.write_seconds = time.perf_counter() - started
                 self.written.append(pending.step)
                 if self.on_written is not None:
@@ -499,6 +500,33 @@ class AsyncSaves:
                     self._writing = False
                     self.writing_step = None
                     self._changed.notify_all()
+
+    def _write(self, pending: _PendingSave, ops: list[tuple], released: list[int]) -> None:
+        """Hand one save to the writer. When the writer process fails (killed, or a
+        model whose saving it cannot do in a forked child), this save and the later
+        ones are written on this thread instead: training goes on, checkpoints too."""
+        writer = self._writer
+        arenas = list(pending.buffers.values())
+        try:
+            writer.write(ops, arenas, released)
+        except WriterError as error:
+            if not isinstance(writer, WriterProcess):
+                raise
+            logger.warning(
+                "the checkpoint writer process failed; checkpoint-%d and later ones are "
+                "written in the training process instead: %s",
+                pending.step,
+                error,
+            )
+            writer.close()
+            directory = pending.directory
+            for leftover in directory.parent.glob(f".{directory.name}{PARTIAL_SUFFIX}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            fallback = WriterThread(self._writer_model)
+            with self._changed:
+                if self._writer is writer:
+                    self._writer, self.writer = fallback, "thread"
+            fallback.write(ops, arenas, [])
 
     def wait(self) -> None:
         """Block until every sealed save is written; raise the first write error."""
