@@ -529,7 +529,8 @@ def require_isolation(isolation: Isolation) -> None:
         raise SandboxUnavailable(
             f"strict sandbox isolation is unavailable: {problem}. It needs root with "
             "CAP_SYS_ADMIN in the trainer container (network and mount namespaces, a "
-            "switch to an unprivileged uid). Grant them (securityContext: runAsUser 0, "
-            "capabilities add [SYS_ADMIN]), or set isolation: rlimits to run completions "
-            "with limits and a timeout but without network or filesystem isolation."
+            "switch to an unprivileged uid), which the restricted Pod Security Standard "
+            "never grants. Set isolation: service to have the sandbox service (trainyard "
+            "sandbox) jail the programs in pods of its own, or isolation: rlimits to run "
+            "them with limits and a timeout but without network or filesystem isolation."
         )
