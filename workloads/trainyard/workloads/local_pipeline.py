@@ -66,8 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="DIR", help="the pipeline's folder (default: runs/PIPELINE)"
     )
     parser.add_argument("--tiny", action="store_true", help="every stage at toy size, offline")
-    parser.add_argument("--approve", metavar="NAME", help="approve a waiting gate as NAME")
-    parser.add_argument("--reject", metavar="NAME", help="reject a waiting gate as NAME")
+    parser.add_argument(
+        "--approve", metavar="NAME", help="approve, as NAME, every gate that waits for a person"
+    )
+    parser.add_argument(
+        "--reject", metavar="NAME", help="reject, as NAME, the first gate that waits for a person"
+    )
     parser.add_argument("--nproc", metavar="N", help="training processes per stage")
     return parser
 
@@ -308,7 +312,7 @@ def plot_pipeline(
             continue
         history, _ = read_history(stage_dir)
         entry = state.get(stage.name) or {}
-        verdict = entry.get("phase", "")
+        verdict = f"{entry.get('phase', '')} (no gate)"
         for gate_path in stage_dir.glob("gate-*.json"):
             verdict = f"gate {json.loads(gate_path.read_text()).get('verdict')}"
         stages.append((stage.name, history, verdict))
