@@ -104,8 +104,12 @@ FIXTURES: dict[str, tuple[Doc, Doc]] = {
         spec("dpo").set("dpo.syncRefModel", True).set("dpo.precomputeRefLogProbs", True),
     ),
     "lora-targets-something": (
-        Doc({"targetModules": [], "targetParameters": ["mlp.experts.down_proj"]}),
+        Doc({"targetModules": [], "targetParameters": ["mlp.experts.down_proj"], "dropout": 0}),
         Doc({"targetModules": []}),
+    ),
+    "lora-target-parameters-without-dropout": (
+        Doc({"targetParameters": ["mlp.experts.down_proj"], "dropout": 0.0}),
+        Doc({"targetParameters": ["mlp.experts.down_proj"]}),
     ),
     "model-config-needs-random-init": (
         Doc(

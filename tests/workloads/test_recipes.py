@@ -228,7 +228,7 @@ def test_lora_on_the_expert_weights_of_a_mixture_of_experts_model(tmp_path):
             "Its modules: ",
         ),
         (
-            {"targetModules": [], "targetParameters": ["mlp.experts.up_proj"]},
+            {"targetModules": [], "targetParameters": ["mlp.experts.up_proj"], "dropout": 0.0},
             "peft.targetParameters: 'mlp.experts.up_proj' matches no parameter of the model (an "
             "entry is a parameter's dotted name or its last parts); its parameters: ",
         ),

@@ -185,6 +185,16 @@ class LoraSpec(ApiModel):
             field="targetModules",
             check=lambda p: bool(p.target_modules) or p.target_parameters is not None,
         ),
+        Rule(
+            name="lora-target-parameters-without-dropout",
+            cel="!has(self.targetParameters) || (has(self.dropout) && self.dropout == 0.0)",
+            message=(
+                "PEFT's adapters on parameters (targetParameters) do not work with dropout "
+                "(lora_dropout applies to the whole adapter); set dropout: 0"
+            ),
+            field="dropout",
+            check=lambda p: p.target_parameters is None or p.dropout == 0,
+        ),
     )
 
     @field_validator("target_modules", mode="before")
