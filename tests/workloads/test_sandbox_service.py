@@ -472,7 +472,7 @@ def test_validate_says_which_isolation_each_code_reward_will_have(tmp_path):
         in (lines[1])
     )
     assert "trainyard-sandbox.trainyard-sandbox.svc:8750" in lines[1]
-    assert "isolation strict" in lines[3] and "refused by a namespace enforcing" in lines[3]
+    assert "isolation strict" in lines[3] and "the operator refuses it" in lines[3]
 
 
 def test_the_runs_valid_condition_says_which_isolation_its_code_rewards_have():
@@ -545,3 +545,23 @@ def test_a_local_server_that_cannot_start_says_what_to_do(monkeypatch):
     message = str(raised.value)
     assert "TRAINYARD_SANDBOX_UIDS='not-a-range': expected FIRST-LAST" in message
     assert "isolation=rlimits" in message and SANDBOX_URL_ENV in message
+
+
+def test_a_strict_code_reward_is_invalid_on_a_cluster_saying_what_to_use():
+    """Trainer pods are restricted, so strict would fail in the pod after the image pull:
+    the run is Invalid at once, naming the field and the two isolations that work there."""
+    from datetime import UTC, datetime
+
+    from trainyard.operator.reconcile import Observed, reconcile
+    from trainyard.operator.status import find_condition
+
+    document = example_run()
+    document["metadata"].update(uid="uid-1", generation=1, namespace="team")
+    document["spec"]["grpo"]["rewards"][0]["args"]["isolation"] = "strict"
+    plan = reconcile(
+        Observed(run=document, children=[], pods=[], metrics=None, now=datetime.now(UTC))
+    )
+    valid = find_condition(plan.status["conditions"], "Valid")
+    assert valid["status"] == "False" and not plan.creates
+    assert valid["message"].startswith("spec.grpo.rewards[0].args.isolation: strict needs root")
+    assert "isolation: service" in valid["message"] and "rlimits" in valid["message"]

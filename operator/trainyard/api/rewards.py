@@ -283,7 +283,7 @@ class CodeExecutionArgs(ApiModel):
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables of the stages (the trainer's environment is never passed)."""
     isolation: Literal["strict", "rlimits", "service"] = "strict"
-    """strict: own network and mount namespaces, read-only filesystem except the work directory, a fresh unprivileged uid (needs root with CAP_SYS_ADMIN in the trainer container, which the restricted Pod Security Standard refuses); rlimits: limits, timeout and a fresh directory only — not a jail, for trusted code; service: each program goes to the sandbox service (serviceUrl), which jails it as strict does in a pod of its own, so the trainer keeps the restricted profile (`trainyard run` starts one on this machine)."""
+    """strict: own network and mount namespaces, read-only filesystem except the work directory, a fresh unprivileged uid (needs root with CAP_SYS_ADMIN in the trainer container: `trainyard run` as root; the operator refuses it, its trainer pods being restricted); rlimits: limits, timeout and a fresh directory only — not a jail, for trusted code; service: each program goes to the sandbox service (serviceUrl), which jails it as strict does in a pod of its own, so the trainer keeps the restricted profile (`trainyard run` starts one on this machine)."""
     service_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
     """Base URL of the sandbox service for isolation service, given to the trainer pod as TRAINYARD_SANDBOX_URL; the platform's shared one (http://trainyard-sandbox.trainyard-sandbox.svc:8750) when left out. `trainyard run` starts a server on this machine instead."""
     workers: int | None = Field(default=None, ge=0)
@@ -374,8 +374,8 @@ def parse_reward_args(builtin: str, args: dict[str, Any] | None) -> ApiModel:
 
 ISOLATION_DESCRIPTIONS = {
     "strict": "strict jail in the trainer container (needs root with CAP_SYS_ADMIN there: "
-    "works with `trainyard run` as root, refused by a namespace enforcing the restricted "
-    "Pod Security Standard)",
+    "works with `trainyard run` as root; the operator refuses it, as its trainer pods run "
+    "under the restricted Pod Security Standard: use service on a cluster)",
     "rlimits": "rlimits only, not a jail (limits, timeout and a fresh directory; the "
     "program runs as the trainer's user with its network)",
     "service": "strict jail in the sandbox service at {url} (its own pods; the trainer "

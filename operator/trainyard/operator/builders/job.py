@@ -144,6 +144,7 @@ def render_worker_job(
     `suspend` is the reconcile code's decision (spec.suspend); a run with a Kueue queue
     is always created suspended, because Kueue admits a Job by unsuspending it.
     """
+    sandbox.check_isolation(run)  # a code reward the restricted trainer cannot jail
     spec = run.spec
     nodes = spec.distributed.nodes
     job_name = names.worker_job_name(run.metadata.name, restart_attempt)

@@ -47,6 +47,7 @@ from trainyard.api.rewards import (
     sandbox_server_args,
 )
 from trainyard.operator.builders import labels, pod_settings
+from trainyard.operator.builders.errors import UnrenderableRun
 
 DEFAULT_SANDBOX_IMAGE = "ghcr.io/trainyard/sandbox:0.1.0"  # images/sandbox.Dockerfile
 SANDBOX_NAME = "trainyard-sandbox"
@@ -218,6 +219,25 @@ def sandbox_service_url(run: TrainingRun) -> str | None:
         if args.isolation == "service":
             return args.service_url or DEFAULT_SANDBOX_SERVICE_URL
     return None
+
+
+def check_isolation(run: TrainingRun) -> None:
+    """Refuse code rewards with isolation strict: their jail needs root with CAP_SYS_ADMIN
+    in the trainer container, and Trainyard's pods run under the restricted profile, so
+    every program would fail to start in the pod after the image pull (`trainyard run`,
+    as root, keeps strict)."""
+    rl = run.spec.online_rl
+    for index, reward in enumerate((rl.rewards if rl else None) or []):
+        if reward.builtin != "code_execution":
+            continue
+        if parse_reward_args("code_execution", reward.args).isolation == "strict":
+            raise UnrenderableRun(
+                f"spec.{run.spec.method}.rewards[{index}].args.isolation",
+                "strict needs root with CAP_SYS_ADMIN in the trainer container, which "
+                "trainer pods (restricted Pod Security Standard: uid 1000, every capability "
+                "dropped) never have; set isolation: service (the same jail in the sandbox "
+                "service, installed with `trainyard sandbox`) or rlimits (no jail)",
+            )
 
 
 def trainer_env(run: TrainingRun) -> list[dict]:
