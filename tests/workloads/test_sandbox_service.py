@@ -565,3 +565,17 @@ def test_a_strict_code_reward_is_invalid_on_a_cluster_saying_what_to_use():
     assert valid["status"] == "False" and not plan.creates
     assert valid["message"].startswith("spec.grpo.rewards[0].args.isolation: strict needs root")
     assert "isolation: service" in valid["message"] and "rlimits" in valid["message"]
+
+
+def test_two_code_rewards_must_share_one_sandbox_service():
+    from trainyard.operator.builders import UnrenderableRun
+
+    document = example_run()
+    second = copy.deepcopy(document["spec"]["grpo"]["rewards"][0])
+    second["name"] = "passes-tests-elsewhere"
+    second["args"]["serviceUrl"] = "http://other-sandbox.tools.svc:8750"
+    document["spec"]["grpo"]["rewards"].append(second)
+    with pytest.raises(UnrenderableRun, match=r"rewards\[2\].args.serviceUrl: http://other"):
+        trainer_pod(document)
+    second["args"]["serviceUrl"] = "http://trainyard-sandbox.trainyard-sandbox.svc:8750"
+    assert pss_violations(trainer_pod(document), "restricted") == []

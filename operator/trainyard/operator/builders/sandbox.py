@@ -227,10 +227,22 @@ def check_isolation(run: TrainingRun) -> None:
     every program would fail to start in the pod after the image pull (`trainyard run`,
     as root, keeps strict)."""
     rl = run.spec.online_rl
+    urls: dict[str, int] = {}
     for index, reward in enumerate((rl.rewards if rl else None) or []):
         if reward.builtin != "code_execution":
             continue
-        if parse_reward_args("code_execution", reward.args).isolation == "strict":
+        args = parse_reward_args("code_execution", reward.args)
+        if args.isolation == "service":
+            url = args.service_url or DEFAULT_SANDBOX_SERVICE_URL
+            if urls and url not in urls:
+                first = next(iter(urls))
+                raise UnrenderableRun(
+                    f"spec.{run.spec.method}.rewards[{index}].args.serviceUrl",
+                    f"{url} differs from {first} (rewards[{urls[first]}]); a trainer pod "
+                    "has one sandbox service (TRAINYARD_SANDBOX_URL): give them the same",
+                )
+            urls.setdefault(url, index)
+        if args.isolation == "strict":
             raise UnrenderableRun(
                 f"spec.{run.spec.method}.rewards[{index}].args.isolation",
                 "strict needs root with CAP_SYS_ADMIN in the trainer container, which "
