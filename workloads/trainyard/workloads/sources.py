@@ -189,7 +189,7 @@ def cache_dir(kind: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def node_locked(path: Path):
     """Hold an exclusive lock next to `path`, so only one process on the node fills it."""
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def _download_s3(uri: str, bucket: str, key: str, settings: S3Settings, field: s
 
     target = cache_dir("s3") / bucket / key
     record = target.with_name(f".{target.name}.versions.json")
-    with _locked(target):
+    with node_locked(target):
         store = open_store(f"s3://{bucket}/{key}", **settings.store_options())
         listed = store.list_versions()
         single = "" in listed and len(listed) == 1  # one object, e.g. a JSONL or Parquet file

@@ -511,14 +511,10 @@ def random_init_model(
     and node builds the same ones; the directory is cached by config and seed.
     """
     import hashlib
-    import shutil
-    import tempfile
-    from pathlib import Path
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from trainyard.workloads.sources import cache_dir
+    from trainyard.workloads.sources import cache_dir, node_locked
 
     overrides = dict(model.config or {})
     trust = bool(model.trust_remote_code)
@@ -545,9 +541,22 @@ def random_init_model(
         )
     key = hashlib.sha256(f"{config.to_json_string()}\n{seed}".encode()).hexdigest()[:16]
     target = cache_dir("random-init") / key
-    if (target / "config.json").exists():
-        return str(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    # One rank of the node builds it; the others wait and load the same directory.
+    with node_locked(target):
+        if not (target / "config.json").exists():
+            _build_random_model(config, trust, tokenizer, seed, target)
+    return str(target)
+
+
+def _build_random_model(config: Any, trust: bool, tokenizer: Any, seed: int, target: Any) -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         torch.manual_seed(seed)
         try:
@@ -559,16 +568,10 @@ def random_init_model(
             raise SpecError(f"model.config: the architecture cannot be built: {error}") from None
         built.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another rank renamed its copy first; built from the same seed, it is the same.
-            if not (target / "config.json").exists():
-                raise
+        staging.rename(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
 
 
 def quantization_config(model: Any):
