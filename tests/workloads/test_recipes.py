@@ -179,6 +179,7 @@ def test_training_extra_reaches_the_trl_config(method, data, extra, tmp_path):
 
     args = build_trainer(ctx).args
     assert {key: getattr(args, key) for key in extra} == extra
+    assert args.run_name == "recipe"  # the TrainingRun's name, for the trackers
 
 
 # ----------------------------------------------------------------- LoRA on experts

@@ -57,6 +57,7 @@ MODELLED: dict[str, str] = {
     "fp16": "training.precision",
     "use_cpu": "training.precision (CPU runs train in fp32)",
     "report_to": "training.reportTo",
+    "run_name": "metadata.name (the run's name in the trackers)",
     "save_strategy": "checkpoint.everySteps",
     "save_steps": "checkpoint.everySteps",
     "save_total_limit": "checkpoint.keepLast",

@@ -436,7 +436,7 @@ def build_context(run: Any, output_dir: Path, env: Environment) -> TrainContext:
         eval_dataset=eval_dataset,
         peft_config=lora_config(spec.peft, spec.method),
         quantization_config=quantization_config(spec.model),
-        base_args=training_arguments(spec, str(output_dir), env),
+        base_args=training_arguments(spec, str(output_dir), env, run_name=run.metadata.name),
         callbacks=early_stopping_callbacks(spec),
         trainer_options=read_trainer_options(),
     )

@@ -220,8 +220,11 @@ def check_environment(spec: Any, env: Environment) -> None:
             )
 
 
-def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str, Any]:
-    """`TrainingArguments` options common to every TRL config."""
+def training_arguments(
+    spec: Any, output_dir: str, env: Environment, run_name: str | None = None
+) -> dict[str, Any]:
+    """`TrainingArguments` options common to every TRL config; `run_name` (the
+    TrainingRun's name) names the run in the trackers of training.reportTo."""
     training = spec.training
     args: dict[str, Any] = {
         "output_dir": output_dir,
@@ -246,6 +249,8 @@ def training_arguments(spec: Any, output_dir: str, env: Environment) -> dict[str
         "report_to": list(training.report_to) or "none",
         "save_only_model": False,
     }
+    if run_name is not None:
+        args["run_name"] = run_name  # else transformers names it after the output directory
     if training.warmup_steps is not None:
         args["warmup_steps"] = training.warmup_steps
     elif training.warmup_ratio is not None:
