@@ -158,6 +158,7 @@ class AsyncSaves:
         self.skipped: list[int] = []
         self.stats: list[SaveStats] = []
         self.written: list[int] = []
+        self._logged = 0  # stats already summed up in the log
 
     @staticmethod
     def unsupported(trainer: Any) -> str | None:
@@ -538,12 +539,37 @@ class AsyncSaves:
                 error, self._error = self._error, None
                 raise error
 
+    def _log_stats(self) -> None:
+        import statistics
+
+        stats, self._logged = self.stats[self._logged :], len(self.stats)
+        if not stats:
+            return
+
+        def median(values: list[float | None]) -> float:
+            known = [v for v in values if v is not None]
+            return statistics.median(known) if known else 0.0
+
+        logger.info(
+            "async checkpoint saves: %d (%d skipped); the training step paid: save call "
+            "median %.3fs, waits for the host copy %.3fs in all; host copy median %.3fs, "
+            "write median %.2fs (writer: %s)",
+            len(stats),
+            sum(s.skipped for s in stats),
+            median([s.snapshot_seconds for s in stats]),
+            sum(s.blocked_seconds for s in stats),
+            median([s.copy_seconds for s in stats]),
+            median([s.write_seconds for s in stats]),
+            self.writer,
+        )
+
     def close(self) -> None:
         """Wait for the writes, then stop the writer and free the host buffers (a later
         save starts them again)."""
         try:
             self.wait()
         finally:
+            self._log_stats()
             with self._changed:
                 self._closed = True
                 self._changed.notify_all()

@@ -232,17 +232,21 @@ def copy_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]], ready: Any = No
     """Copy each (target, source) pair; on CUDA on a side stream that first waits for
     `ready` (an event recorded on the training stream when the save was taken), and
     return when the copies have landed."""
-    if not any(source.is_cuda for _, source in pairs):
+    devices = {source.device for _, source in pairs if source.is_cuda}
+    if not devices:
         for target, source in pairs:
             target.copy_(source)
         return
-    stream = torch.cuda.Stream()
-    if ready is not None:
-        stream.wait_event(ready)
-    with torch.cuda.stream(stream):
-        for target, source in pairs:
-            target.copy_(source, non_blocking=target.is_pinned())
-    stream.synchronize()
+    # This thread's current device is device 0 whatever the rank's is: the stream goes
+    # on the tensors' own device (one per process under torchrun).
+    with torch.cuda.device(next(iter(devices))):
+        stream = torch.cuda.Stream()
+        if ready is not None:
+            stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            for target, source in pairs:
+                target.copy_(source, non_blocking=target.is_pinned())
+        stream.synchronize()
 
 
 # ---------------------------------------------------------------------- the writes
@@ -492,7 +496,7 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides; EOF ends us
     keep = sock.fileno()
     os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 16)
+    os.closerange(keep + 1, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
     # Python's streams may have been on one of those (a test runner's capture files).
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - for the process's life
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
