@@ -135,26 +135,15 @@ def render_evaluation(
         "resources": pod_settings.container_resources(
             evaluation.resources, evaluation_gpus(gate, run)
         ),
-        "securityContext": pod_settings.container_security_context(),
-        "volumeMounts": [
-            {"name": TASK_VOLUME, "mountPath": TASK_DIR, "readOnly": True},
-            *pod_settings.volume_mounts(),
-        ],
     }
-    if run_spec is not None:
-        container["imagePullPolicy"] = run_spec.image_pull_policy
-    pod_spec = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod_settings.pod_security_context(),
-        **(pod_settings.scheduling_fields(run) if run is not None else {}),
-        "containers": [container],
-        "volumes": [
-            {"name": TASK_VOLUME, "configMap": {"name": name}},
-            *pod_settings.volumes(evaluation.resources),
-        ],
-    }
+    pod_spec = pod_settings.task_pod(
+        container,
+        task_volume=TASK_VOLUME,
+        task_dir=TASK_DIR,
+        config_map=name,
+        run=run,
+        resources=evaluation.resources,
+    )
     metadata = _metadata(gate, name, uid)
     metadata["labels"][ATTEMPT_LABEL] = str(attempt)
     queue = run_spec.scheduling.queue if run_spec is not None and run_spec.scheduling else None

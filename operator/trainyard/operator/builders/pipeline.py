@@ -258,26 +258,14 @@ def render_provenance(
         "command": ["python", "-m", "trainyard.workloads.provenance", PROVENANCE_TASK_PATH],
         "env": pod_settings.merge_env(*groups),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
-        "securityContext": pod_settings.container_security_context(),
-        "volumeMounts": [
-            {"name": "provenance-task", "mountPath": PROVENANCE_TASK_DIR, "readOnly": True},
-            *pod_settings.volume_mounts(),
-        ],
     }
-    if run is not None:
-        container["imagePullPolicy"] = run.spec.image_pull_policy
-    pod_spec = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod_settings.pod_security_context(),
-        **(pod_settings.scheduling_fields(run) if run is not None else {}),
-        "containers": [container],
-        "volumes": [
-            {"name": "provenance-task", "configMap": {"name": name}},
-            *pod_settings.volumes(None),
-        ],
-    }
+    pod_spec = pod_settings.task_pod(
+        container,
+        task_volume="provenance-task",
+        task_dir=PROVENANCE_TASK_DIR,
+        config_map=name,
+        run=run,
+    )
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -170,3 +170,37 @@ def scheduling_fields(run: TrainingRun) -> dict:
     if scheduling.service_account_name:
         fields["serviceAccountName"] = scheduling.service_account_name
     return fields
+
+
+def task_pod(
+    container: dict,
+    *,
+    task_volume: str,
+    task_dir: str,
+    config_map: str,
+    run: TrainingRun | None,
+    resources: Resources | None = None,
+) -> dict:
+    """The pod spec of a one-pod task Job (a gate's evaluation, a stage's provenance write):
+    `container` reads its task from ConfigMap `config_map` mounted read-only at `task_dir`,
+    under the same security, caches and (given the run it works for) scheduling and image
+    pull policy as that run's workers."""
+    container = {
+        **container,
+        "securityContext": container_security_context(),
+        "volumeMounts": [
+            {"name": task_volume, "mountPath": task_dir, "readOnly": True},
+            *volume_mounts(),
+        ],
+    }
+    if run is not None:
+        container["imagePullPolicy"] = run.spec.image_pull_policy
+    return {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        **(scheduling_fields(run) if run is not None else {}),
+        "containers": [container],
+        "volumes": [{"name": task_volume, "configMap": {"name": config_map}}, *volumes(resources)],
+    }
