@@ -18,6 +18,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -231,3 +233,28 @@ def operator_argv(name: str, tmp_path: Path) -> list[str]:
     argv = json.loads(result.stdout)
     assert argv[0] == "operator", argv
     return argv[1:]
+
+
+# The newest release the pinned kubectl/helm layer targets (scripts/install.sh).
+KUBERNETES_VERSION = "1.35.0"
+
+
+def peering_schema(kind: str) -> dict[str, Any]:
+    """The schema of kopf's peering kind, from the CRD the chart ships."""
+    crds = documents((CHART / "crds" / "zalando.org_kopfpeerings.yaml").read_text())
+    crd = next(c for c in crds if c["spec"]["names"]["kind"] == kind)
+    (version,) = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def validate(manifest: dict[str, Any], where: str) -> None:
+    kind = manifest["kind"]
+    try:
+        if kind in ("ClusterKopfPeering", "KopfPeering"):
+            jsonschema.validate(manifest, peering_schema(kind))
+        elif kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+            jsonschema.validate(manifest, prometheus_operator_schema(kind))
+        else:
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+    except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
+        pytest.fail(f"{where}: {error.message} at {list(error.path)}")

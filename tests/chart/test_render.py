@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import jsonschema
-import kubernetes_validate
 import pytest
 from chart_rendering import (
     CHART,
@@ -15,36 +11,12 @@ from chart_rendering import (
     SERVICE_MONITOR_API,
     VALUE_SETS,
     container,
-    documents,
     of_kind,
-    prometheus_operator_schema,
     rendered,
     the,
+    validate,
 )
-
-# The newest release the pinned kubectl/helm layer targets (scripts/install.sh).
-KUBERNETES_VERSION = "1.35.0"
-
-
-def peering_schema(kind: str) -> dict[str, Any]:
-    """The schema of kopf's peering kind, from the CRD the chart ships."""
-    crds = documents((CHART / "crds" / "zalando.org_kopfpeerings.yaml").read_text())
-    crd = next(c for c in crds if c["spec"]["names"]["kind"] == kind)
-    (version,) = crd["spec"]["versions"]
-    return version["schema"]["openAPIV3Schema"]
-
-
-def validate(manifest: dict[str, Any], where: str) -> None:
-    kind = manifest["kind"]
-    try:
-        if kind in ("ClusterKopfPeering", "KopfPeering"):
-            jsonschema.validate(manifest, peering_schema(kind))
-        elif kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
-            jsonschema.validate(manifest, prometheus_operator_schema(kind))
-        else:
-            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
-    except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
-        pytest.fail(f"{where}: {error.message} at {list(error.path)}")
+from pod_security import violations
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -156,6 +128,7 @@ def test_operator_pod_meets_the_restricted_pod_security_standard(name):
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert security["readOnlyRootFilesystem"] is True
     assert not pod.get("hostNetwork") and not pod.get("hostPID") and not security.get("privileged")
+    assert violations(pod, "restricted") == []
 
 
 def test_probes_ask_kopfs_health_endpoint_on_its_port():

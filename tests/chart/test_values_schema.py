@@ -26,6 +26,17 @@ BAD_VALUES = {
     "extra arg the chart sets": ({"extraArgs": ["--standalone"]}, "extraArgs: --standalone"),
     "no account to use": ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
     "node selector value not a string": ({"nodeSelector": {"gpu": True}}, "/nodeSelector/gpu"),
+    "unknown sandbox runtime": ({"sandbox": {"runtime": "kata"}}, "/sandbox/runtime"),
+    "no sandbox workers": ({"sandbox": {"workers": 0}}, "/sandbox/workers"),
+    "misspelt sandbox key": ({"sandbox": {"runtimeClass": "kata"}}, "'runtimeClass' not allowed"),
+    "sandbox in the release namespace": (
+        {"sandbox": {"enabled": True, "namespace": "trainyard-system"}},
+        "sandbox.namespace: trainyard-system is the release namespace",
+    ),
+    "sandbox in a watched namespace": (
+        {"watchNamespaces": ["ml", "code"], "sandbox": {"enabled": True, "namespace": "code"}},
+        "sandbox.namespace: code is in watchNamespaces",
+    ),
 }
 
 
