@@ -10,8 +10,9 @@ import functools
 import json
 from typing import Any
 
+import kubernetes_validate
 import pytest
-from chart_rendering import NAMESPACE, documents, template, validate
+from chart_rendering import CHART, NAMESPACE, documents, helm, template, validate
 from pod_security import LEVELS, violations
 
 from trainyard.api.rewards import DEFAULT_SANDBOX_SERVICE_URL
@@ -120,10 +121,41 @@ def test_default_image_and_address_are_the_ones_runs_use():
     assert container["image"] == DEFAULT_SANDBOX_IMAGE
 
 
+def test_set_flags_as_the_platform_team_types_them():
+    """`--set` parses numbers as integers (values files as floats); both render the same."""
+    result = template(
+        {},
+        "--set",
+        "sandbox.enabled=true,sandbox.runtime=gvisor,sandbox.workers=4,sandbox.replicas=3",
+        "--set",
+        "sandbox.resources.requests.cpu=4",
+    )
+    assert result.returncode == 0, result.stderr
+    expected = render_sandbox_service(
+        runtime="gvisor", workers=4, replicas=3, resources={"requests": {"cpu": 4, "memory": "4Gi"}}
+    )
+    assert sandbox_objects(documents(result.stdout), "trainyard-sandbox") == expected
+
+
+def test_helm_lint_strict_passes_with_the_sandbox():
+    for runtime in ("namespaces", "gvisor"):
+        result = helm(
+            "lint",
+            "--strict",
+            str(CHART),
+            "--set",
+            f"sandbox.enabled=true,sandbox.runtime={runtime}",
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_sandbox_objects_are_valid_kubernetes(name):
+    """Against the chart's Kubernetes version, and 1.33: where hostUsers: false (user
+    namespaces) is on by default."""
     for manifest in sandbox_objects(chart(name), namespace_of(name)):
         validate(manifest, f"{name}: {manifest['kind']}")
+        kubernetes_validate.validate(manifest, "1.33", strict=True)
 
 
 def pods(manifests: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
