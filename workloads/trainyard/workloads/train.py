@@ -23,7 +23,8 @@ adapter + tokenizer), final-merged/ (with checkpoint.exportMerged and LoRA), pro
 (metrics), completions.jsonl (GRPO/RLOO samples),
 result.json (method, steps, final loss, log history). Exit status: 0 trained,
 2 bad spec or source (message on stderr), 75 CUDA out of memory (`trainyard.workloads.oom`:
-a `CudaOutOfMemory: …` termination message too), 1 anything else.
+a `CudaOutOfMemory: …` termination message too), 143 SIGTERM (after the checkpoint being
+written was finished and uploaded), 1 anything else.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -650,15 +653,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Terminated(BaseException):
+    """SIGTERM: the pod is evicted or preempted, or torchrun stops the gang after another
+    rank failed. Raised in the main thread, it unwinds training like Ctrl-C does, so the
+    checkpoint being written is finished and uploaded before the process exits (the
+    restart resumes from it); the default action would exit at once and lose it."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     output = args.output or os.environ.get(OUTPUT_ENV) or DEFAULT_OUTPUT
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         run = load_run(args.run_json)
         result = train(run, output)
+    except Terminated:
+        logger.warning("terminated (SIGTERM): stopped after draining the checkpoint uploads")
+        return 128 + signal.SIGTERM
     except (RunFileError, SpecError, sources.SourceError, DatasetFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
