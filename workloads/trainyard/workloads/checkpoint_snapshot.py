@@ -101,6 +101,7 @@ class _PendingSave:
     # Overlapped copy: (host buffer, live tensor) pairs copied beside the next step
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     copied: threading.Event = field(default_factory=threading.Event)
+    copy_error: BaseException | None = None
 
 
 class AsyncSaves:
@@ -339,10 +340,7 @@ class AsyncSaves:
             try:
                 copy_tensors(pending.copies, ready)
             except BaseException as error:
-                logger.exception("copying checkpoint-%d to host memory failed", pending.step)
-                with self._changed:
-                    self._error = self._error or error
-                pending.ops.clear()  # nothing to write
+                pending.copy_error = error  # the writer fails this save (never uploaded)
             finally:
                 pending.stats.copy_seconds = time.perf_counter() - started
                 pending.copies.clear()
@@ -463,6 +461,8 @@ class AsyncSaves:
             pending.copied.wait()
             started = time.perf_counter()
             try:
+                if pending.copy_error is not None:
+                    raise pending.copy_error
                 if pending.ops:
                     with self._changed:
                         released, self._released = self._released, []
@@ -492,6 +492,8 @@ class AsyncSaves:
                     self.on_skip(pending.step)
             except BaseException as error:
                 logger.exception("writing checkpoint-%d failed", pending.step)
+                # Without its deferred files the directory is no checkpoint: it goes.
+                shutil.rmtree(pending.directory, ignore_errors=True)
                 with self._changed:
                     self._error = self._error or error
             finally:
