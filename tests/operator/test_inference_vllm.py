@@ -5,11 +5,11 @@
    parser `vllm serve` builds and its own checks, and the engine arguments it yields
    are the spec's (model, revision, tensor parallel, memory, length, dtype, adapters).
 2. A real server on 127.0.0.1, started with the Deployment's container command, its
-   arguments and its environment, serving what a pipeline promoted: `trainyard run
-   PIPELINE.yaml` trains a LoRA stage on a tiny model built here and its gate passes;
-   the pipeline's serve block makes the InferenceServer (the base model, the promoted
-   adapter by name); the test asks for a completion by the base model's served name
-   and by the adapter's name, as clients of the Service would.
+   arguments and its environment, serving what the quickstart pipeline promoted
+   (examples/quickstart-pipeline.yaml, run once per session by tests/quickstart.py:
+   SFT → DPO → GRPO on builtin://tiny-qwen2) through the pipeline's serve code, with a
+   PEFT LoRA adapter of that model; the test asks for a completion by the model's
+   served name and by the adapter's name, as clients of the Service would.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from tests.operator.test_vllm_args import (
     SERVE_WITH_VLLM,
     VENV,
     VENV_PYTHON,
-    build_tiny_model,
     free_port,
     http_json,
     parse_with_vllm,
@@ -39,6 +38,7 @@ from tests.operator.test_vllm_args import (
     stop_process_group,
     wait_until_ready,
 )
+from tests.quickstart import EXAMPLE, QuickstartRun, quickstart  # noqa: F401
 from trainyard.api import parse_resource
 from trainyard.operator.builders.inference import (
     VLLM_LORA_RANKS,
@@ -138,62 +138,61 @@ def test_the_lora_ranks_the_builder_allows_are_vllms(parsed):
 # ---------------------------------------------------------------- a real server on CPU
 
 
-PIPELINE = """
-apiVersion: trainyard.dev/v1alpha1
-kind: TrainingPipeline
-metadata: {name: served}
-spec:
-  stages:
-    - name: sft
-      run:
-        method: sft
-        model: {source: "file://MODEL"}
-        dataset: {source: builtin://datasets/chat, format: chat}
-        peft: {r: 8, alpha: 16}
-        training: {maxSteps: 2, perDeviceBatchSize: 2, loggingSteps: 1, precision: fp32}
-        checkpoint: {uri: "file://CKPT"}
-      gate:
-        criteria: ["loss <= 100"]
-  serve:
-    gpus: 0
-    servedModelName: tiny
-    vllm: {maxModelLen: 256, maxLoraRank: 8}
+SERVE = """
+gpus: 0
+servedModelName: quickstart
+vllm: {maxModelLen: 256, maxLoraRank: 8}
+adapters: [{name: tiny-lora, source: "file://ADAPTER"}]
 """
 
 
-def promoted_by_a_pipeline(tmp_path: Path):
-    """`trainyard run PIPELINE.yaml`: one LoRA stage on a tiny model vLLM's CPU attention
-    takes (head size 64; the built-in tiny-qwen2's 16 it does not), its gate passed; the
-    InferenceServer the pipeline's serve block makes for the promoted adapter."""
-    from trainyard.operator.builders.pipeline import render_pipeline_server, serving_source
-    from trainyard.workloads.local import run_command
+def build_tiny_adapter(model_dir: Path, directory: Path) -> None:
+    """A LoRA adapter (rank 8, attention projections) of the model, as PEFT saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    model_dir = tmp_path / "model"
-    build_tiny_model(model_dir)
-    text = PIPELINE.replace("MODEL", str(model_dir)).replace("CKPT", str(tmp_path / "ckpt"))
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(text)
-    assert run_command([str(path), "--output", str(tmp_path / "out")]) == 0
-    state = json.loads((tmp_path / "out" / "pipeline.json").read_text())
-    promoted = state["sft"]["model"]
-    assert promoted == (tmp_path / "ckpt" / "final").as_uri()
-    pipeline = parse_resource(yaml.safe_load(text))
-    (stage,) = pipeline.spec.stages
-    model, adapter = serving_source(stage, promoted, stage.run.model.source, adapter_before=False)
-    assert (model, adapter) == (model_dir.as_uri(), promoted)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+    peft.save_pretrained(directory)
+
+
+def served_from_the_quickstart(tmp_path: Path, run: QuickstartRun):
+    """The InferenceServer the quickstart pipeline's serve block makes (the block added
+    here: the example has none) for the model its last stage promoted (a full model,
+    builtin://tiny-qwen2's shape: head size 32, which vLLM's CPU attention takes), with a
+    LoRA adapter of that model listed in the template as a user would."""
+    from trainyard.operator.builders.pipeline import render_pipeline_server, serving_source
+
+    promoted = run.state["grpo"]["model"]
+    assert promoted == run.final_model().as_uri(), run.state
+    adapter_dir = tmp_path / "adapter"
+    build_tiny_adapter(run.final_model(), adapter_dir)
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["serve"] = yaml.safe_load(SERVE.replace("ADAPTER", str(adapter_dir)))
+    pipeline = parse_resource(document)
+    stage = pipeline.spec.stages[-1]
+    model, adapter = serving_source(
+        stage, promoted, run.state["dpo"]["model"], adapter_before=False
+    )
+    assert (model, adapter) == (promoted, None), "a full model is served as it is"
     return parse_resource(
         {
             **render_pipeline_server(pipeline, uid=UID, model=model, adapter=adapter),
-            "metadata": {"name": "served-serve", "namespace": "ml"},
+            "metadata": {"name": "quickstart-pipeline-serve", "namespace": "ml"},
         }
     )
 
 
 @pytest.mark.slow
-def test_the_deployment_command_serves_the_model_a_pipeline_promoted(tmp_path):
-    tiny = promoted_by_a_pipeline(tmp_path)
+def test_the_deployment_command_serves_the_model_the_quickstart_promoted(tmp_path, quickstart):  # noqa: F811
+    tiny = served_from_the_quickstart(tmp_path, quickstart)
+    assert tiny.spec.model.source == quickstart.final_model().as_uri()
     assert [(a.name, a.source) for a in tiny.spec.adapters] == [
-        ("tiny", (tmp_path / "ckpt" / "final").as_uri())
+        ("tiny-lora", (tmp_path / "adapter").as_uri())
     ]
     deployment = render_server_deployment(tiny, uid=UID)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -230,8 +229,8 @@ def test_the_deployment_command_serves_the_model_a_pipeline_promoted(tmp_path):
 
         status, models = http_json(f"{base}/v1/models")
         assert status == 200
-        assert {m["id"] for m in models["data"]} == {"tiny-base", "tiny"}
-        for name in ("tiny-base", "tiny"):  # the base model, and the promoted adapter by name
+        assert {m["id"] for m in models["data"]} == {"quickstart", "tiny-lora"}
+        for name in ("quickstart", "tiny-lora"):  # the promoted model, and the adapter by name
             status, completion = http_json(
                 f"{base}/v1/completions", {"model": name, "prompt": "2 + 2 =", "max_tokens": 2}
             )

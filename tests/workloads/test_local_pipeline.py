@@ -4,11 +4,13 @@ resumed by running the same command again. Real trainings (--tiny: two steps a s
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.quickstart import EXAMPLE, quickstart, sft_files, trainyard_command  # noqa: F401
 from trainyard.workloads.local import run_command
 
 pytestmark = pytest.mark.slow
@@ -192,3 +194,70 @@ def test_a_waiting_gate_is_answered_at_a_terminal(typed, decision, monkeypatch, 
     os.close(leader)
     monkeypatch.setattr("sys.stdin", io.StringIO(typed))
     assert local_pipeline._ask(stage, pipeline) is None, "no terminal: nobody is asked"
+
+
+def test_the_quickstart_resumes_after_an_interrupt_and_promotes_every_stage(quickstart):  # noqa: F811
+    """examples/quickstart-pipeline.yaml through the `trainyard` command (tests/quickstart.py):
+    Ctrl-C while dpo trains stops the pipeline with sft promoted; the same command on the
+    same --output resumes without training sft again, every gate passes and says why, and
+    the final model traces back to the built-in model and every dataset."""
+    out = quickstart.directory
+    stopped = quickstart.before_resume
+    assert quickstart.interrupted.returncode != 0, quickstart.interrupted.output[-3000:]
+    assert "interrupted at step" in quickstart.interrupted.output
+    assert quickstart.interrupted.returncode == 130  # 128 + SIGINT, as a shell says
+    resume = f"`trainyard run {EXAMPLE} --output {out}` resumes the pipeline"
+    assert resume in quickstart.interrupted.output
+    assert stopped["sft"]["phase"] == "Promoted", stopped
+    assert stopped["dpo"]["phase"] == "Failed", stopped
+    assert "grpo" not in stopped, "the pipeline stopped at the interrupted stage"
+
+    resumed = quickstart.resumed
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "sft: promoted earlier, not trained again" in resumed.output
+    assert "trainyard run quickstart-pipeline-sft" not in resumed.output
+    assert sft_files(out) == quickstart.sft_files_before_resume, "sft trained again"
+    final = quickstart.state
+    assert final["sft"] == stopped["sft"]
+    assert {s: final[s]["phase"] for s in final} == dict.fromkeys(
+        ("sft", "dpo", "grpo"), "Promoted"
+    )
+    printed = " ".join((quickstart.interrupted.output + resumed.output).split())
+    for stage, criterion in (
+        ("sft", "loss <= 6"),
+        ("dpo", "loss <= 0.75"),
+        ("grpo", "reward_mean >= 0"),
+    ):
+        gate = json.loads((out / stage / f"gate-quickstart-pipeline-{stage}-gate.json").read_text())
+        assert gate["verdict"] == "Passed", gate
+        (result,) = gate["results"]
+        assert (result["criterion"], result["result"]) == (criterion, "Passed"), result
+        # the verdict and its reason, as the terminal showed them
+        assert f"PromotionGate/quickstart-pipeline-{stage}-gate: Passed (CriteriaMet)" in printed
+        assert f"│ {criterion} │" in printed
+    assert (out / "curves.png").stat().st_size > 0
+
+    chain, model = [], quickstart.final_model().as_uri()
+    while model.startswith("file://"):
+        record = json.loads((Path(model.removeprefix("file://")) / "provenance.json").read_text())
+        assert record["model"] == model and record["gate"]["verdict"] == "Passed", record
+        assert record["modelFingerprint"]["manifestSha256"].startswith("sha256:"), record
+        chain.append((record["stage"], record["dataset"]["source"], record["inputModel"]))
+        model = record["inputModel"]
+    assert chain == [
+        ("grpo", "builtin://datasets/prompts", final["dpo"]["model"]),
+        ("dpo", "builtin://datasets/preference", final["sft"]["model"]),
+        ("sft", "builtin://datasets/chat", "builtin://tiny-qwen2"),
+    ]
+    lineage = subprocess.run(
+        [trainyard_command(), "lineage", str(quickstart.final_model())],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    for line in (
+        "data builtin://datasets/prompts",
+        "data builtin://datasets/preference",
+        "data builtin://datasets/chat",
+        "from builtin://tiny-qwen2",
+        "loss <= 0.75: Passed",
+    ):
+        assert line in lineage, lineage

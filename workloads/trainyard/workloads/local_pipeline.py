@@ -40,6 +40,7 @@ STATE_FILE = "pipeline.json"
 STAGE_FILE = "stage.yaml"
 PREVIOUS = "run://previous"
 AWAITING_PERSON = 3
+INTERRUPTED = 130  # Ctrl-C: the stage's runner stopped its trainer, as a shell writes 128 + SIGINT
 
 
 def pipeline_file_in(argv: list[str]) -> str | None:
@@ -186,6 +187,12 @@ def pipeline_command(argv: list[str]) -> int:
     plot = plot_pipeline(pipeline, state, output, output / PLOT_FILE)
     if plot:
         console.print(f"curves of every stage: {output / PLOT_FILE}")
+    if code == INTERRUPTED:  # the stage's own line names the stage file; this one resumes all
+        console.print(
+            f"interrupted: `trainyard run {args.file} --output {output}` resumes the pipeline "
+            "(promoted stages are not trained again)",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
     if code == AWAITING_PERSON:
         console.print(
             f"a gate waits for a person: trainyard run {args.file} --output {output} "
