@@ -491,9 +491,13 @@ def _child_main(
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         return  # the trainer died before the line above
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides; EOF ends us
+    # Ctrl-C and SIGTERM to the process group (eviction; the trainer then finishes and
+    # uploads the save in flight, train.py) must not kill the write it waits for: the
+    # trainer decides, its end of the socket closing ends this process, and its death
+    # kills it (above).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     keep = sock.fileno()
     os.closerange(3, keep)
     os.closerange(keep + 1, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
