@@ -253,7 +253,8 @@ async def test_grpo_rollout_server_comes_and_goes_with_the_gang(api, kubelet, st
     async with start_operator():
         await api.put_object(RUNS, run)
         deployment = await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, f"{name}-vllm"))
-        assert api.get(SERVICES, NAMESPACE, f"{name}-vllm") is not None
+        # Created in one batch, concurrently: the Service may land just after the Deployment.
+        await eventually(lambda: api.get(SERVICES, NAMESPACE, f"{name}-vllm"))
         assert (
             deployment["metadata"]["ownerReferences"][0]["uid"]
             == kubelet.run(name)["metadata"]["uid"]

@@ -77,7 +77,8 @@ async def test_a_server_is_deployed_becomes_ready_rolls_to_a_new_model_and_goes(
     async with start_operator() as metrics:
         await api.put_object(SERVERS, inference_server())
         deployment = await eventually(lambda: api.get(DEPLOYMENTS, NAMESPACE, CHILD), 20)
-        assert api.get(SERVICES, NAMESPACE, CHILD) is not None
+        # Created in one batch, concurrently: the Service may land just after the Deployment.
+        await eventually(lambda: api.get(SERVICES, NAMESPACE, CHILD), 20)
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         await eventually(lambda: status(api).get("phase") == ServerPhase.PROGRESSING)
 
