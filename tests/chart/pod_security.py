@@ -1,8 +1,8 @@
 """The Pod Security Standards' controls (kubernetes.io/docs/concepts/security/pod-security-standards)
 that a pod of this chart could touch, per level; restricted includes baseline.
 
-tests/workloads/test_sandbox_service.py holds the same check for the pods the operator
-renders; test_sandbox.py here shows this one catches each control when broken once.
+tests/workloads/test_sandbox_service.py holds the pods the operator renders to it too;
+test_sandbox.py here shows it catches each control when broken once.
 """
 
 from __future__ import annotations

@@ -36,65 +36,10 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "grpo-code-execution.yaml"
 
 # ------------------------------------------------------------ Pod Security Standards
-# The controls of https://kubernetes.io/docs/concepts/security/pod-security-standards/
-# that the rendered pods could touch, per level (restricted includes baseline).
-BASELINE_CAPABILITIES = {
-    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
-    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
-}  # fmt: skip
-RESTRICTED_VOLUMES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-    "projected", "secret",
-}  # fmt: skip
-
-
-def pss_violations(pod: dict, level: str) -> list[str]:
-    """What keeps `pod` (a pod spec) out of a namespace enforcing `level`."""
-    found = []
-    if level == "privileged":
-        return found
-    containers = [*pod.get("initContainers", []), *pod["containers"]]
-    pod_context = pod.get("securityContext", {})
-    for key in ("hostNetwork", "hostPID", "hostIPC"):
-        if pod.get(key):
-            found.append(f"{key}")
-    for volume in pod.get("volumes", []):
-        if "hostPath" in volume:
-            found.append(f"hostPath volume {volume['name']}")
-        kinds = set(volume) - {"name"}
-        if level == "restricted" and not kinds <= RESTRICTED_VOLUMES:
-            found.append(f"volume {volume['name']} of type {sorted(kinds)}")
-    for profile in (pod_context.get("appArmorProfile"),) + tuple(
-        c.get("securityContext", {}).get("appArmorProfile") for c in containers
-    ):
-        if profile and profile.get("type") not in ("RuntimeDefault", "Localhost"):
-            found.append(f"appArmorProfile {profile['type']}")
-    for container in containers:
-        name, context = container["name"], container.get("securityContext", {})
-        if context.get("privileged"):
-            found.append(f"{name}: privileged")
-        added = set(context.get("capabilities", {}).get("add", []))
-        if added - BASELINE_CAPABILITIES:
-            found.append(f"{name}: capabilities {sorted(added - BASELINE_CAPABILITIES)}")
-        if any(port.get("hostPort") for port in container.get("ports", [])):
-            found.append(f"{name}: hostPort")
-        if level != "restricted":
-            continue
-        if context.get("allowPrivilegeEscalation") is not False:
-            found.append(f"{name}: allowPrivilegeEscalation is not false")
-        if "ALL" not in context.get("capabilities", {}).get("drop", []):
-            found.append(f"{name}: capabilities do not drop ALL")
-        if added - {"NET_BIND_SERVICE"}:
-            found.append(f"{name}: adds capabilities {sorted(added - {'NET_BIND_SERVICE'})}")
-        non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
-        if non_root is not True:
-            found.append(f"{name}: runAsNonRoot is not true")
-        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
-            found.append(f"{name}: runAsUser 0")
-        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {}))
-        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
-            found.append(f"{name}: seccompProfile is not RuntimeDefault or Localhost")
-    return found
+# One check for every pod Trainyard makes (the chart's and the operator's): its controls
+# per level, and a table showing it catches each one (tests/chart/test_sandbox.py).
+sys.path.insert(0, str(REPO / "tests" / "chart"))
+from pod_security import violations as pss_violations  # noqa: E402
 
 
 def trainer_pod(document: dict) -> dict:
