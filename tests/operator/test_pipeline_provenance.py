@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import pytest
-from test_gate_s3 import S3
+from test_gate_s3 import S3, moto_endpoint  # noqa: F401 (the moto server fixture)
 
 from trainyard.api import parse_resource
 from trainyard.cli.lineage import lineage_command
@@ -22,16 +22,8 @@ from trainyard.operator.pipeline_reconcile import provenance_record
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    process, endpoint = S3.start_moto_server()
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
-
-
 @pytest.fixture
-def bucket(moto_endpoint, monkeypatch):
+def bucket(moto_endpoint, monkeypatch):  # noqa: F811 (the imported fixture)
     import boto3
 
     for key, value in S3.DUMMY_AWS_ENV.items():
