@@ -419,3 +419,214 @@ def test_an_interrupted_run_keeps_its_own_error_over_a_failed_upload(s3_endpoint
     # A run that trained to the end must not look successful with an upload missing.
     with pytest.raises(CheckpointUploadError, match="NoSuchBucket"):
         observers_with_a_failed_upload().close()
+
+
+def entries(*paths: str) -> list[dict]:
+    return [{"path": path, "size": 1, "sha256": ""} for path in paths]
+
+
+ZERO2_WORLD4 = (
+    "config.json",
+    "trainer_state.json",
+    "global_step8/mp_rank_00_model_states.pt",
+    *(f"global_step8/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)),
+    *(f"rng_state_{r}.pth" for r in range(4)),
+)
+
+
+@pytest.mark.parametrize(
+    ("saved", "ranks", "world_size", "expected"),
+    [
+        pytest.param(
+            ZERO2_WORLD4,
+            range(2, 4),
+            4,
+            {
+                "config.json",
+                "trainer_state.json",
+                "global_step8/mp_rank_00_model_states.pt",
+                "global_step8/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+                "global_step8/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                "rng_state_2.pth",
+                "rng_state_3.pth",
+            },
+            id="zero2-node-of-two-ranks",
+        ),
+        pytest.param(
+            (
+                "model.safetensors",
+                "global_step4/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                "global_step4/zero_pp_rank_1_mp_rank_00_model_states.pt",
+                "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                "rng_state_0.pth",
+                "rng_state_1.pth",
+            ),
+            range(1, 2),
+            2,
+            {
+                "model.safetensors",
+                "global_step4/zero_pp_rank_1_mp_rank_00_model_states.pt",
+                "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                "rng_state_1.pth",
+            },
+            id="zero3-parameter-shards",
+        ),
+        pytest.param(ZERO2_WORLD4, range(0, 1), 2, set(ZERO2_WORLD4), id="other-world-size"),
+        pytest.param(ZERO2_WORLD4, range(4, 8), 8, set(ZERO2_WORLD4), id="grown-world"),
+        pytest.param(ZERO2_WORLD4, None, None, set(ZERO2_WORLD4), id="no-group"),
+        pytest.param(
+            ("model.safetensors", "rng_state.pth", "trainer_state.json"),
+            range(0, 1),
+            1,
+            {"model.safetensors", "rng_state.pth", "trainer_state.json"},
+            id="single-process-save",
+        ),
+        pytest.param(
+            (
+                "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "global_step2/zero_pp_rank_0_mp_rank_01_optim_states.pt",
+                "rng_state_0.pth",
+                "rng_state_1.pth",
+            ),
+            range(1, 2),
+            2,
+            {
+                "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "global_step2/zero_pp_rank_0_mp_rank_01_optim_states.pt",
+                "rng_state_0.pth",
+                "rng_state_1.pth",
+            },
+            id="model-parallel-shards",
+        ),
+    ],
+)
+def test_a_node_downloads_the_shared_files_and_its_own_ranks_files(
+    saved, ranks, world_size, expected
+):
+    from trainyard.workloads.checkpoint_store import files_for_ranks
+
+    chosen = files_for_ranks(entries(*saved), ranks, world_size)
+    assert {entry["path"] for entry in chosen} == expected
+
+
+class ThreadWorld:
+    """Ranks as threads of this process: gather and share as torch.distributed's
+    all_gather_object and broadcast_object_list do, over one barrier."""
+
+    def __init__(self, size: int) -> None:
+        import threading
+
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list = [None] * size
+
+    def group(self, rank: int, ranks: range):
+        from trainyard.workloads.checkpoint import ResumeGroup
+
+        def gather(value):
+            self.slots[rank] = value
+            self.barrier.wait()
+            values = list(self.slots)
+            self.barrier.wait()
+            return values
+
+        return ResumeGroup(
+            rank=rank,
+            ranks=ranks,
+            world_size=len(self.slots),
+            share=lambda value: gather(value)[0],
+            gather=gather,
+        )
+
+
+def resume_in_threads(world: ThreadWorld, layout: dict[int, tuple], stores: dict) -> dict:
+    """Run CheckpointSync.resume on every rank of `layout` (rank -> (ranks of its node,
+    its node's directory)) at once; rank -> (the path returned, its sync) or the error."""
+    import concurrent.futures
+
+    def resume(rank: int):
+        ranks, directory = layout[rank]
+        sync = CheckpointSync(stores.get(rank, stores[0]))
+        return sync.resume(directory, world.group(rank, ranks)), sync
+
+    with concurrent.futures.ThreadPoolExecutor(len(layout)) as pool:
+        futures = {rank: pool.submit(resume, rank) for rank in layout}
+    return {rank: future.exception() or future.result() for rank, future in futures.items()}
+
+
+def store_ranked_step(store, tmp_path, step: int, world_size: int) -> None:
+    """A ZeRO-2 step saved by `world_size` ranks: shared files, a shard and an RNG state each."""
+    from trainyard.workloads.checkpoint_store import upload_checkpoint
+
+    directory = tmp_path / "saved" / f"checkpoint-{step}"
+    (directory / f"global_step{step}").mkdir(parents=True)
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (directory / "latest").write_text(f"global_step{step}")
+    (directory / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 64)
+    for rank in range(world_size):
+        shard = f"global_step{step}/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        (directory / shard).write_bytes(os.urandom(1000 + rank))
+        (directory / f"rng_state_{rank}.pth").write_bytes(os.urandom(100 + rank))
+    upload_checkpoint(store, directory, f"step-{step}", step)
+
+
+def test_nodes_fall_back_together_when_one_nodes_shard_is_corrupt(tmp_path):
+    """Two nodes: A hosts ranks 0 and 1 (rank 0 downloads for both), B hosts rank 2.
+    Step 20's rank-2 shard is corrupt: only B downloads it, so only B's verification
+    fails, and A must not resume from step 20 alone; all three resume from step 10,
+    each node holding the shared files and its own ranks' files only."""
+    store = FileStore(tmp_path / "remote")
+    for step in (10, 20):
+        store_ranked_step(store, tmp_path, step, world_size=3)
+    shard = "step-20/global_step20/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt"
+    bad = tmp_path / "bad"
+    bad.write_bytes(os.urandom(store.list_objects("step-20")[shard]))
+    store.upload_files({shard: bad})
+
+    node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
+    layout = {0: (range(0, 2), node_a), 1: (range(0, 2), node_a), 2: (range(2, 3), node_b)}
+    results = resume_in_threads(ThreadWorld(3), layout, {0: store})
+
+    for rank, (resumed, _) in results.items():
+        assert resumed == layout[rank][1] / "checkpoint-10", rank
+    a, b = results[0][1], results[2][1]
+    assert [(x.step, x.ok) for x in a.resume_attempts] == [(20, False), (10, True)]
+    assert [(x.step, x.ok) for x in b.resume_attempts] == [(20, False), (10, True)]
+    assert "node of rank 2" in a.resume_attempts[0].reason
+    assert "sha256 does not match" in a.resume_attempts[0].reason
+    assert not (node_a / "checkpoint-20").exists() and not (node_b / "checkpoint-20").exists()
+
+    def files(directory):
+        return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+    shared = {"trainer_state.json", "latest", "global_step10/mp_rank_00_model_states.pt"}
+    own = {
+        r: {f"global_step10/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng_state_{r}.pth"}
+        for r in range(3)
+    }
+    assert files(node_a / "checkpoint-10") == shared | own[0] | own[1]
+    assert files(node_b / "checkpoint-10") == shared | own[2]
+    ok_b = b.resume_attempts[1]
+    assert ok_b.selective and ok_b.files == len(shared | own[2])
+    assert ok_b.bytes == sum(
+        (node_b / "checkpoint-10" / rel).stat().st_size for rel in shared | own[2]
+    )
+    for path in files(node_b / "checkpoint-10"):
+        assert (node_b / "checkpoint-10" / path).read_bytes() == (
+            tmp_path / "saved" / "checkpoint-10" / path
+        ).read_bytes()
+
+
+def test_a_node_that_cannot_read_the_store_stops_every_rank(s3_endpoint, tmp_path):
+    from trainyard.workloads.checkpoint import CheckpointResumeError
+
+    store = FileStore(tmp_path / "remote")
+    store_ranked_step(store, tmp_path, 10, world_size=2)
+    unreadable = S3Store("bucket-that-does-not-exist", "x", endpoint=s3_endpoint)
+    layout = {0: (range(0, 1), tmp_path / "node-0"), 1: (range(1, 2), tmp_path / "node-1")}
+
+    results = resume_in_threads(ThreadWorld(2), layout, {0: store, 1: unreadable})
+
+    for rank in (0, 1):
+        assert isinstance(results[rank], CheckpointResumeError), results[rank]
+        assert "node of rank 1" in str(results[rank]) and "NoSuchBucket" in str(results[rank])

@@ -154,7 +154,8 @@ def two_nodes(document: dict, tmp_path: Path, cache: Path, attempt: str) -> dict
 def test_two_nodes_store_every_nodes_zero_shards_and_both_resume(tmp_path, cache):
     """ZeRO-2 over two nodes: each node's disk holds its own rank's optimizer shard and
     RNG state. The step is complete only with both nodes' files in its manifest, and a
-    restarted gang (fresh disks) resumes on both nodes from it."""
+    restarted gang (fresh disks) resumes on both nodes from it, each node downloading
+    the shared files and its own rank's files only."""
     pytest.importorskip("deepspeed")
     store = tmp_path / "store"
     document = run_document(
@@ -184,6 +185,19 @@ def test_two_nodes_store_every_nodes_zero_shards_and_both_resume(tmp_path, cache
     second = two_nodes(document, tmp_path, cache, attempt="1")
     assert second["globalStep"] == 4
     assert second["resumedFrom"].endswith("checkpoint-2")
-    resumed_on_node1 = tmp_path / "attempt-1" / "node-1" / "checkpoint-2"
-    assert any("pp_rank_1" in p.name for p in resumed_on_node1.rglob("*"))
+    # The ranks agreed on step 2, and each node downloaded the shared files and its own
+    # rank's shard and RNG state only: what DeepSpeed and the Trainer read there.
+    for node, other in ((0, 1), (1, 0)):
+        resumed = tmp_path / "attempt-1" / f"node-{node}" / "checkpoint-2"
+        names = {p.name for p in resumed.rglob("*") if p.is_file()}
+        assert f"rng_state_{node}.pth" in names and f"rng_state_{other}.pth" not in names
+        assert any(f"pp_rank_{node}_" in name for name in names), names
+        assert not any(f"pp_rank_{other}_" in name for name in names), names
+        assert {"trainer_state.json", "latest", "mp_rank_00_model_states.pt"} <= names
+        log = (tmp_path / f"attempt-1-node-{node}.log").read_text()
+        assert f"shared files and ranks {node}-{node}'s of 2" in log, log[-4000:]
+        assert f"resuming from {resumed}" in log
+    # Node 1 trained on from step 2 with node 0 and saved its shard of step 4.
+    node1 = tmp_path / "attempt-1" / "node-1"
+    assert any("pp_rank_1_" in p.name for p in (node1 / "checkpoint-4").rglob("*"))
     assert json.loads((store / "latest").read_text())["step"] == 4

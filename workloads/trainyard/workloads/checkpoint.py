@@ -20,9 +20,11 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -35,6 +37,7 @@ from trainyard.workloads.checkpoint_store import (
     CheckpointUploadError,
     UploadResult,
     apply_retention,
+    files_for_ranks,
     find_steps,
     read_latest,
     upload_checkpoint,
@@ -49,8 +52,10 @@ __all__ = [
     "MANIFEST",
     "CheckpointSync",
     "CheckpointSyncCallback",
+    "CheckpointResumeError",
     "CheckpointUploadError",
     "ResumeAttempt",
+    "ResumeGroup",
     "UploadResult",
     "apply_retention",
     "find_latest_complete",
@@ -67,11 +72,44 @@ STDERR_TAIL_LINES = 20
 
 @dataclass
 class ResumeAttempt:
-    """Why a checkpoint was or was not used on resume; kept for logs and tests."""
+    """Why a checkpoint was or was not used on resume, and what this node downloaded of
+    it (none where another node's download failed first); kept for logs and tests."""
 
     step: int
     ok: bool
     reason: str = ""
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    selective: bool = False
+    """Only the shared files and this node's ranks' own were downloaded."""
+
+
+class CheckpointResumeError(RuntimeError):
+    """The store could not be read while resuming, on this node or another."""
+
+
+@dataclass(frozen=True)
+class ResumeGroup:
+    """The processes of a run that resume together (train.py: torch.distributed).
+
+    `share(value)` returns global rank 0's value on every rank (broadcast_object_list);
+    `gather(value)` every rank's value, in rank order, on every rank (all_gather_object).
+    `ranks` are the global ranks of this process's node: the first of them downloads
+    for all of them. `selective`: a rank reads only its own per-rank files (False where
+    the DeepSpeed config makes every rank read every rank's: elastic or universal
+    checkpoints)."""
+
+    rank: int
+    ranks: range
+    world_size: int
+    share: Callable[[Any], Any]
+    gather: Callable[[Any], list]
+    selective: bool = True
+
+    @property
+    def downloads(self) -> bool:
+        return self.rank == self.ranks.start
 
 
 class CheckpointSync:
@@ -295,39 +333,144 @@ class CheckpointSync:
         self._record(result)
         return result
 
-    def resume(self, directory: str | os.PathLike[str]) -> Path | None:
+    def resume(
+        self, directory: str | os.PathLike[str], group: ResumeGroup | None = None
+    ) -> Path | None:
         """Download the newest checkpoint whose manifest verifies into
         directory/checkpoint-N and return that path (for
-        `trainer.train(resume_from_checkpoint=...)`); None when there is none."""
+        `trainer.train(resume_from_checkpoint=...)`); None when there is none.
+
+        With a `group` every rank of the run calls this: rank 0 lists the complete
+        steps for all, each node's first process downloads the step's shared files and
+        its node's ranks' own (`files_for_ranks`), and only when every node's download
+        verifies do all ranks resume from it; otherwise all move on to the next older
+        step together. The node's other processes download nothing and use the first
+        one's files once the gather (which they enter with it) returns."""
         directory = Path(directory)
-        objects, complete = find_steps(self.store)
         self.resume_attempts = []
+        if group is None:
+            objects, complete = find_steps(self.store)
+            for step in sorted(complete, reverse=True):
+                attempt = self._download_step(directory, step, objects[step])
+                self.resume_attempts.append(attempt)
+                if attempt.ok:
+                    return directory / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            return None
+        return self._resume_together(directory, group)
+
+    def _resume_together(self, directory: Path, group: ResumeGroup) -> Path | None:
+        listed = group.share(_outcome(lambda: find_steps(self.store)) if group.rank == 0 else None)
+        objects, complete = _result(listed, "rank 0 could not list the checkpoints")
+        ranks = group.ranks if group.selective else None
         for step in sorted(complete, reverse=True):
-            name = f"step-{step}"
-            partial = directory / f".{PREFIX_CHECKPOINT_DIR}-{step}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            try:
-                manifest = json.loads(self.store.get_bytes(f"{name}/{MANIFEST}") or b"null")
-            except ValueError:
-                manifest = None
-            # A bad checkpoint is skipped; a store that cannot be read raises instead,
-            # since starting over from step 0 would be worse than failing the pod.
-            if not isinstance(manifest, dict) or manifest.get("step") != step:
-                reason = "manifest is unreadable or names another step"
-            else:
-                reason = verify_download(self.store, name, manifest, objects[step], partial)
-            if reason is not None:
-                logger.warning("not resuming from %s/%s: %s", self.store.uri, name, reason)
-                self.resume_attempts.append(ResumeAttempt(step, False, reason))
-                shutil.rmtree(partial, ignore_errors=True)
-                continue
-            target = directory / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(partial, target)
-            self.resume_attempts.append(ResumeAttempt(step, True))
-            logger.info("resuming from %s/%s (downloaded to %s)", self.store.uri, name, target)
-            return target
+            mine = None
+            if group.downloads:
+                mine = _outcome(
+                    lambda step=step: self._download_step(
+                        directory, step, objects[step], ranks, group.world_size
+                    )
+                )
+            # Also the barrier after which the node's other processes read its files.
+            answers = group.gather(mine)
+            attempts = {
+                rank: _result(answer, f"resuming from step-{step} on the node of rank {rank}")
+                for rank, answer in enumerate(answers)
+                if answer is not None
+            }
+            failed = "; ".join(
+                f"node of rank {rank}: {attempt.reason}"
+                for rank, attempt in attempts.items()
+                if not attempt.ok
+            )
+            attempt = attempts.get(group.rank) or ResumeAttempt(step, not failed, failed)
+            if not failed:
+                self.resume_attempts.append(attempt)
+                if group.rank == 0:
+                    logger.info("every node verified %s/step-%d", self.store.uri, step)
+                return directory / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            if attempt.ok:
+                # This node's download verified, another's did not: all fall back together.
+                shutil.rmtree(directory / f"{PREFIX_CHECKPOINT_DIR}-{step}", ignore_errors=True)
+                attempt = dataclasses.replace(attempt, ok=False, reason=failed)
+            self.resume_attempts.append(attempt)
+            if group.rank == 0:
+                logger.warning("no node resumes from %s/step-%d: %s", self.store.uri, step, failed)
         return None
+
+    def _download_step(
+        self,
+        directory: Path,
+        step: int,
+        stored: dict[str, int],
+        ranks: range | None = None,
+        world_size: int | None = None,
+    ) -> ResumeAttempt:
+        """Download step-N (of `ranks`' files only, see files_for_ranks) into
+        directory/checkpoint-N once it verifies; a failed one leaves nothing behind."""
+        name = f"step-{step}"
+        started = time.perf_counter()
+        partial = directory / f".{PREFIX_CHECKPOINT_DIR}-{step}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            manifest = json.loads(self.store.get_bytes(f"{name}/{MANIFEST}") or b"null")
+        except ValueError:
+            manifest = None
+        # A bad checkpoint is skipped; a store that cannot be read raises instead,
+        # since starting over from step 0 would be worse than failing the pod.
+        entries: list[dict] = []
+        wanted: list[dict] = []
+        if not isinstance(manifest, dict) or manifest.get("step") != step:
+            reason = "manifest is unreadable or names another step"
+        else:
+            entries = manifest.get("files") if isinstance(manifest.get("files"), list) else []
+            wanted = files_for_ranks(entries, ranks, world_size)
+            reason = verify_download(self.store, name, manifest, stored, partial, wanted)
+        attempt = ResumeAttempt(
+            step,
+            reason is None,
+            reason or "",
+            files=len(wanted),
+            bytes=sum(int(entry.get("size") or 0) for entry in wanted),
+            seconds=time.perf_counter() - started,
+            selective=len(wanted) < len(entries),
+        )
+        if reason is not None:
+            logger.warning("not resuming from %s/%s: %s", self.store.uri, name, reason)
+            shutil.rmtree(partial, ignore_errors=True)
+            return attempt
+        target = directory / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        logger.info(
+            "resume: downloaded %s/%s to %s: %d files, %d bytes in %.2fs (%s)",
+            self.store.uri,
+            name,
+            target,
+            attempt.files,
+            attempt.bytes,
+            attempt.seconds,
+            f"shared files and ranks {ranks.start}-{ranks.stop - 1}'s of {world_size}"
+            if attempt.selective
+            else "every file",
+        )
+        return attempt
+
+
+def _outcome(compute: Callable[[], Any]) -> tuple[bool, Any]:
+    """(True, value), or (False, the error as text): what one rank sends the others, so
+    a store error on one rank stops every rank instead of leaving them in a collective."""
+    try:
+        return True, compute()
+    except Exception as error:
+        logger.exception("resume failed on this rank")
+        return False, f"{type(error).__name__}: {error}"
+
+
+def _result(outcome: tuple[bool, Any], context: str) -> Any:
+    ok, value = outcome
+    if not ok:
+        raise CheckpointResumeError(f"{context}: {value}" if context else value)
+    return value
 
 
 def snapshot_directory(directory: Path, step: int | None = None) -> Path:

@@ -13,7 +13,8 @@ optimizer and parameter shards, per-process RNG states). Every node uploads what
 holds; node K > 0 ends its upload with a part manifest naming its files and the restart
 attempt it belongs to. Node 0 waits for the parts of its own attempt, and only then
 writes the step's manifest, listing every node's files: a step is complete only when
-all of it is stored, and a resume on any node downloads every shard.
+all of it is stored. On resume each node downloads the shared files and its own ranks'
+(`files_for_ranks`; every file when the world size changed).
 
 A step without a manifest is an upload that never finished; a step whose files do not
 match its manifest is corrupt. Neither is ever resumed from or named by `latest`.
@@ -312,15 +313,77 @@ def apply_retention(store: ObjectStore, keep_last: int | None) -> list[int]:
     return doomed
 
 
+# The files of one rank: transformers' Trainer saves and reads `rng_state_{process_index}.pth`
+# (world size > 1); DeepSpeed names ZeRO optimizer shards and ZeRO-3 parameter shards by
+# data-parallel rank and model-parallel rank.
+RANK_FILE = re.compile(
+    r"(?:.*/)?(?:rng_state_(?P<rng>\d+)\.pth"
+    r"|(?:bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_(?:optim|model)_states\.pt)"
+)
+
+
+def file_rank(path: str) -> tuple[int, int] | None:
+    """(rank, model-parallel rank) of a per-rank checkpoint file; None for a shared one.
+
+    >>> file_rank("global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    (1, 0)
+    >>> file_rank("rng_state_3.pth"), file_rank("global_step2/mp_rank_00_model_states.pt")
+    ((3, 0), None)
+    """
+    match = RANK_FILE.fullmatch(path)
+    if match is None:
+        return None
+    if match["rng"] is not None:
+        return int(match["rng"]), 0
+    return int(match["dp"]), int(match["mp"])
+
+
+def files_for_ranks(entries: list[dict], ranks: range | None, world_size: int | None) -> list[dict]:
+    """The manifest entries the processes of global `ranks` read on resume, in a world of
+    `world_size`: every shared file, and of the per-rank files (`file_rank`) their own.
+
+    Only when the step was saved by a world of the same size: its per-rank files are
+    then those of ranks 0..world_size-1, and with the same world size DeepSpeed loads
+    each rank's own ZeRO shards only, the Trainer each rank's own RNG state. Otherwise
+    (another world size: an elastic resume may read any rank's files; no per-rank files
+    at all; model-parallel shards, whose data-parallel rank is not the global rank),
+    and with ranks None, every entry.
+
+    >>> step = [{"path": p} for p in ("config.json", "rng_state_0.pth", "rng_state_1.pth")]
+    >>> [e["path"] for e in files_for_ranks(step, range(1, 2), 2)]
+    ['config.json', 'rng_state_1.pth']
+    >>> len(files_for_ranks(step, range(1, 2), 4))
+    3
+    """
+    if ranks is None or world_size is None:
+        return list(entries)
+    owners = {entry["path"]: file_rank(entry["path"]) for entry in entries}
+    saved = {owner[0] for owner in owners.values() if owner is not None}
+    parallel = any(owner[1] != 0 for owner in owners.values() if owner is not None)
+    if not saved or parallel or saved != set(range(world_size)):
+        return list(entries)
+    return [
+        entry
+        for entry in entries
+        if owners[entry["path"]] is None or owners[entry["path"]][0] in ranks
+    ]
+
+
 def verify_download(
-    store: ObjectStore, name: str, manifest: dict, stored: dict[str, int], target: Path
+    store: ObjectStore,
+    name: str,
+    manifest: dict,
+    stored: dict[str, int],
+    target: Path,
+    wanted: list[dict] | None = None,
 ) -> str | None:
     """Download name/ into target and check it against manifest; None when it verifies,
-    otherwise why not."""
+    otherwise why not. `wanted` (some of the manifest's entries: `files_for_ranks`)
+    limits what is downloaded and hashed; every entry's stored size is checked all the
+    same, so every node judges a step's completeness alike."""
     entries = manifest.get("files")
     if not isinstance(entries, list) or not entries:
         return "manifest lists no files"
-    wanted: dict[str, Path] = {}
     for entry in entries:
         rel = entry.get("path", "")
         local = (target / rel).resolve()
@@ -328,9 +391,9 @@ def verify_download(
             return f"manifest names an unsafe path {rel!r}"
         if stored.get(rel) != entry.get("size"):
             return f"{rel}: stored size {stored.get(rel)} != manifest size {entry.get('size')}"
-        wanted[f"{name}/{rel}"] = local
-    store.download_files(wanted)
-    for entry in entries:
+    wanted = entries if wanted is None else wanted
+    store.download_files({f"{name}/{entry['path']}": target / entry["path"] for entry in wanted})
+    for entry in wanted:
         local = target / entry["path"]
         if local.stat().st_size != entry["size"]:
             return f"{entry['path']}: downloaded {local.stat().st_size} bytes, expected {entry['size']}"

@@ -391,11 +391,19 @@ class CompletionLogCallback(TrainerCallback):
 def resume_checkpoint(spec: Any, observers: Observers, output_dir: Path) -> str | None:
     """The local path of the newest complete checkpoint to resume from, or None.
 
-    One process per node downloads (under a lock); the other ranks of the same torchrun
-    launch (same parent process) reuse its download.
+    Under torch.distributed (the Trainer has started it by now where the world has
+    several processes) every rank takes part: the ranks agree on the step and fall back
+    together, and each node's first process downloads the shared files and its node's
+    ranks' own for all of them (`CheckpointSync.resume` with a group). A single process
+    downloads alone; one process per node downloads (under a lock) and the other ranks
+    of the same torchrun launch (same parent process) reuse its download.
     """
     if spec.checkpoint is None or spec.checkpoint.resume != "auto" or observers.sync is None:
         return None
+    group = resume_group(spec)
+    if group is not None:
+        found = observers.sync.resume(output_dir, group)
+        return str(found) if found else None
     marker = output_dir / ".resume"
     launch = str(os.getppid()) if "LOCAL_RANK" in os.environ else str(os.getpid())
     with node_lock(output_dir / ".resume.lock"):
@@ -406,6 +414,58 @@ def resume_checkpoint(spec: Any, observers: Observers, output_dir: Path) -> str 
         found = observers.sync.resume(output_dir)
         marker.write_text(f"{launch}\n{found or ''}")
     return str(found) if found else None
+
+
+def resume_group(spec: Any):
+    """The run's ranks as a checkpoint.ResumeGroup over torch.distributed; None for a
+    single process or where torch.distributed is not started."""
+    import torch.distributed as dist
+
+    from trainyard.workloads.checkpoint import ResumeGroup
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    first = rank - local_rank
+
+    def share(value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(value: Any) -> list:
+        values: list = [None] * world
+        dist.all_gather_object(values, value)
+        return values
+
+    return ResumeGroup(
+        rank=rank,
+        ranks=range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+        world_size=world,
+        share=share,
+        gather=gather,
+        selective=not reads_every_ranks_files(spec),
+    )
+
+
+def reads_every_ranks_files(spec: Any) -> bool:
+    """Whether a rank's resume may read other ranks' files although the world size is
+    the same: DeepSpeed's elastic checkpoints (engine.py loads every ZeRO shard on every
+    rank) and universal checkpoints (another layout, read whole).
+
+    >>> from types import SimpleNamespace as S
+    >>> zero = S(config={"zero_optimization": {"elastic_checkpoint": True}})
+    >>> reads_every_ranks_files(S(distributed=S(deepspeed=zero)))
+    True
+    >>> reads_every_ranks_files(S(distributed=S(deepspeed=S(config=None))))
+    False
+    """
+    deepspeed = spec.distributed.deepspeed
+    config = (deepspeed.config if deepspeed is not None else None) or {}
+    zero = config.get("zero_optimization") or {}
+    checkpoint = config.get("checkpoint") or {}
+    return bool(zero.get("elastic_checkpoint") or checkpoint.get("load_universal"))
 
 
 # --------------------------------------------------------------------------- trainer
