@@ -32,10 +32,30 @@ in host memory. A dropped or unfinished checkpoint-N/ is never uploaded (`on_wri
 checkpoint to the uploader only once all its files are written) and a dropped one is
 deleted, so no incomplete directory is left behind for long.
 
-What stays synchronous: DeepSpeed's and FSDP's own optimizer/shard writes
-(`engine.save_checkpoint` is a collective over the ranks), the small files (RNG,
-scheduler, trainer state, tokenizer), and any save while `load_best_model_at_end`
-needs to read checkpoints back (those fall back to the trainer's own save entirely).
+Under DeepSpeed, `engine.save_checkpoint` (called by the trainer's save) writes every
+file of global_stepN/ (ZeRO optimizer shards, model states) through its checkpoint
+engine's `save(state_dict, path)`: during an async save the engine's
+TorchCheckpointEngine is swapped for one whose `save` copies the state dict into this
+save's host buffers and leaves the torch.save (same keywords) to the writer. Each
+rank has its own AsyncSaves and writer process; the ranks agree on which saves are
+dropped (a collective at each save), and the first rank of a node reports a
+checkpoint written (`on_written`, the upload) only once every rank of the node has
+written its shards (markers beside checkpoint-N/). The files load tensor for tensor as
+DeepSpeed's own (requires_grad included); the bytes differ where DeepSpeed saves views
+of its flat buffers: torch.save writes the whole shared storage once, the writer each
+tensor's own (ZeRO-2's mp_rank_00_model_states.pt is a little larger).
+DeepSpeed's decoupled/fast checkpoint writers (`checkpoint.writer`) are left alone:
+they hand the live tensors to their own process (no snapshot: the next step changes
+them) and block in `commit` until the files are written.
+
+What stays synchronous: DeepSpeed's collectives and small files inside
+`save_checkpoint` (its barriers, `latest`, zero_to_fp32.py), the copy of its state to
+host memory (DeepSpeed updates its flat partitions in place), FSDP's own optimizer and
+shard writes, the small files (RNG, scheduler, trainer state, tokenizer), a DeepSpeed
+state the copy cannot walk (a tensor inside an object: written during the save, with a
+warning), and any save while `load_best_model_at_end` needs to read checkpoints back
+(those fall back to the trainer's own save entirely). A checkpoint-N/ may hold
+`latest` before its shards are written: it is complete only when `on_written` says so.
 """
 
 from __future__ import annotations
@@ -102,6 +122,7 @@ class _PendingSave:
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     copied: threading.Event = field(default_factory=threading.Event)
     copy_error: BaseException | None = None
+    engine_files: int = 0  # files of DeepSpeed's checkpoint engine among the ops
 
 
 class AsyncSaves:
@@ -193,14 +214,9 @@ class AsyncSaves:
             directory = Path(trainer._get_output_dir(trial=trial)) / (
                 f"{PREFIX_CHECKPOINT_DIR}-{step}"
             )
-            dropped = None
+            dropped = self._take_outdated()
             with self._changed:
-                while not self.coalesce and self._waiting is not None:
-                    self._changed.wait()
-                # A save still waiting for the writer is outdated by this one: drop it
-                # now and reuse its host buffers (two sets at most: one being written).
-                if self._waiting is not None:
-                    dropped, self._waiting = self._waiting, None
+                if dropped is not None:
                     buffers = dropped.buffers
                 else:
                     buffers = self._free.pop() if self._free else {}
@@ -211,7 +227,8 @@ class AsyncSaves:
             # the newer one is whole on disk (and its deletion leaves the step too).
             limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
             try:
-                save_checkpoint(model, trial)
+                with self._engine_writes_deferred(self._current):
+                    save_checkpoint(model, trial)
             except BaseException:
                 with self._changed:
                     self._free.append(buffers)
@@ -239,7 +256,83 @@ class AsyncSaves:
         trainer._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
         return True
 
+    def _take_outdated(self) -> _PendingSave | None:
+        """The save still waiting for the writer, when this new one outdates it (newest
+        wins; its host buffers are reused: two sets at most, one being written); with
+        `coalesce=False`, wait until the writer has taken it instead.
+
+        Under DeepSpeed each rank's writer holds that rank's shards of the same
+        checkpoint, so the ranks agree (a collective; every rank saves at the same
+        step): the save is dropped only where every rank can still drop it; otherwise
+        each rank lets its writer take it, and a checkpoint-N/ is whole or gone."""
+        with self._changed:
+            while not self.coalesce and self._waiting is not None:
+                self._changed.wait()
+            # Held here, the writer cannot start it while the ranks decide.
+            held, self._waiting = self._waiting, None
+        if not self._shared_checkpoints() or _every_rank(held is not None, self.trainer):
+            return held
+        if held is not None:
+            with self._changed:
+                self._waiting = held
+                self._changed.notify_all()
+                while self._waiting is not None:
+                    self._changed.wait()
+        return None
+
+    def _shared_checkpoints(self) -> bool:
+        """Whether the ranks write parts of the same checkpoint (DeepSpeed's shards)."""
+        return self.trainer.is_deepspeed_enabled and self.trainer.args.world_size > 1
+
     # ------------------------------------------------------------------ snapshot
+
+    @contextlib.contextmanager
+    def _engine_writes_deferred(self, pending: _PendingSave):
+        """DeepSpeed's `engine.save_checkpoint` writes each file through its checkpoint
+        engine's `save(state_dict, path)`: for the length of this save, a plain
+        TorchCheckpointEngine is replaced by one whose `save` copies the state into
+        this save's host buffers (now: DeepSpeed updates its flat partitions in place
+        at the next step) and leaves the torch.save to the writer. Its collectives,
+        directories, `latest` and zero_to_fp32.py stay where DeepSpeed has them."""
+        engine = None
+        if self.trainer.is_deepspeed_enabled:
+            engine = getattr(self.trainer, "deepspeed", None) or self.trainer.model_wrapped
+        own = getattr(engine, "checkpoint_engine", None)
+        if own is None or type(own).__name__ != "TorchCheckpointEngine":
+            # Not started yet, or a decoupled / fast / DataStates engine: its own way.
+            yield
+            return
+        engine.checkpoint_engine = _DeferredCheckpointEngine(self, own, pending)
+        try:
+            yield
+        finally:
+            engine.checkpoint_engine = own
+
+    def _defer_engine_save(self, pending: _PendingSave, own: Any, state_dict, path: str) -> None:
+        target = Path(path)
+        # Keyed by file name (the same every save: the buffers are reused).
+        key = f"deepspeed:{target.name}"
+        try:
+            snapshot = self._copy(state_dict, pending, key)
+            # Pickled now: besides tensors the state holds live objects (the loss
+            # scaler) that the next steps change.
+            structure = snapshot.dumps()
+        except Exception:  # a tensor inside an object copy_to_host does not walk
+            logger.warning("%s is written during the save: its state is not copyable", path)
+            own.save(state_dict, path)
+            return
+        options = {}
+        if hasattr(own, "zipfile_serialization"):
+            options["_use_new_zipfile_serialization"] = own.zipfile_serialization
+        # ZeRO-3 without a gathered 16-bit model calls save_checkpoint twice per save:
+        # the later copy of a file replaces the earlier one.
+        pending.ops[:] = [
+            op
+            for op in pending.ops
+            if not (op[0] == "torch" and op[1] == str(target.parent) and op[2] == target.name)
+        ]
+        pending.ops.append(("torch", str(target.parent), target.name, structure, options))
+        pending.engine_files += 1
 
     def _defer_weights(self, pending: _PendingSave, directory: Path, state_dict) -> None:
         from transformers import PreTrainedModel
@@ -472,6 +565,17 @@ class AsyncSaves:
                     ]
                     self._write(pending, ops, released)
                 pending.stats.write_seconds = time.perf_counter() - started
+                if not self._ranks_wrote(pending, True):
+                    logger.warning(
+                        "checkpoint-%d is not whole: another rank's write failed", pending.step
+                    )
+                    pending.stats.skipped = True
+                    shutil.rmtree(pending.directory, ignore_errors=True)
+                    with self._changed:
+                        self.skipped.append(pending.step)
+                    if self.on_skip is not None:
+                        self.on_skip(pending.step)
+                    continue
                 self.written.append(pending.step)
                 if self.on_written is not None:
                     self.on_written(pending.directory, pending.step)
@@ -483,6 +587,7 @@ class AsyncSaves:
                         use_mtime=False,
                     )
             except Rotated:
+                self._ranks_wrote(pending, False)
                 logger.info("checkpoint-%d was rotated away while it was written", pending.step)
                 pending.stats.skipped = True
                 shutil.rmtree(pending.directory, ignore_errors=True)
@@ -491,6 +596,8 @@ class AsyncSaves:
                 if self.on_skip is not None:
                     self.on_skip(pending.step)
             except BaseException as error:
+                with contextlib.suppress(Exception):
+                    self._ranks_wrote(pending, False)
                 logger.exception("writing checkpoint-%d failed", pending.step)
                 # Without its deferred files the directory is no checkpoint: it goes.
                 shutil.rmtree(pending.directory, ignore_errors=True)
@@ -503,6 +610,30 @@ class AsyncSaves:
                     self._writing = False
                     self.writing_step = None
                     self._changed.notify_all()
+
+    def _ranks_wrote(self, pending: _PendingSave, ok: bool) -> bool:
+        """Under DeepSpeed the ranks of a node write their shards into one checkpoint-N/:
+        each rank but the node's first leaves a marker beside it once its writer is done
+        (or failed); the node's first rank, whose `on_written` uploads the directory,
+        waits for them all. True when every rank of this node wrote its part."""
+        if not self._shared_checkpoints():
+            return ok
+        args = self.trainer.args
+        ranks = _node_ranks(args.process_index, args.local_process_index, args.world_size)
+        directory = pending.directory
+        if args.process_index != ranks[0]:
+            marker = directory.parent / f".{directory.name}.rank-{args.process_index}"
+            partial = marker.with_name(marker.name + PARTIAL_SUFFIX)
+            partial.write_text("ok" if ok else "failed")
+            os.replace(partial, marker)
+            return ok
+        markers = [directory.parent / f".{directory.name}.rank-{r}" for r in ranks[1:]]
+        while not all(m.exists() for m in markers):
+            time.sleep(0.02)
+        for marker in markers:
+            ok = marker.read_text() == "ok" and ok
+            marker.unlink()
+        return ok
 
     def _write(self, pending: _PendingSave, ops: list[tuple], released: list[int]) -> None:
         """Hand one save to the writer. When the writer process fails (killed, or a
@@ -592,6 +723,41 @@ class AsyncSaves:
             for buffers in free:
                 for arena in buffers.values():
                     arena.release()
+
+
+class _DeferredCheckpointEngine:
+    """DeepSpeed's checkpoint engine during one async save: `save` defers the write to
+    the writer (AsyncSaves._defer_engine_save); everything else (create, makedirs,
+    commit, load, is_data_parallel_writer, ...) is the engine's own."""
+
+    def __init__(self, saves: AsyncSaves, own: Any, pending: _PendingSave) -> None:
+        self._saves = saves
+        self._own = own
+        self._pending = pending
+
+    def save(self, state_dict, path: str) -> None:
+        self._saves._defer_engine_save(self._pending, self._own, state_dict, path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._own, name)
+
+
+def _every_rank(flag: bool, trainer: Any) -> bool:
+    """Whether flag holds on every rank (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=trainer.args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _node_ranks(rank: int, local_rank: int, world_size: int) -> range:
+    """The global ranks on this node (torchrun numbers a node's ranks consecutively)."""
+    size = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    first = rank - local_rank
+    return range(first, first + (int(size) if size else world_size))
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:

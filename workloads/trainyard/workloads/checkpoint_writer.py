@@ -111,12 +111,14 @@ class Arena:
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where a copied tensor lies: arena, byte offset, dtype name, shape."""
+    """Where a copied tensor lies: arena, byte offset, dtype name, shape (and whether
+    the original required grad: DeepSpeed saves its fp32 partitions as they are)."""
 
     arena: int
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    requires_grad: bool = False
 
 
 @dataclass
@@ -213,7 +215,11 @@ def copy_to_host(
                     deferred.append((target, item.detach()))
                 copies[where] = target
                 refs[id(target)] = TensorRef(
-                    arena.id, offsets[where], str(item.dtype).removeprefix("torch."), shape
+                    arena.id,
+                    offsets[where],
+                    str(item.dtype).removeprefix("torch."),
+                    shape,
+                    item.requires_grad,
                 )
             return target
         if isinstance(item, dict):
@@ -268,6 +274,8 @@ def load_snapshot(data: bytes, maps: dict[int, Any]) -> Any:
                     tensor = torch.frombuffer(
                         maps[ref.arena], dtype=dtype, count=count, offset=ref.offset
                     ).view(ref.shape)
+                if ref.requires_grad:
+                    tensor.requires_grad_(True)
                 tensors[ref] = tensor  # tied weights: one tensor, as in the model
             return tensor
 
@@ -318,8 +326,8 @@ def run_ops(ops: list[tuple], maps: dict[int, Any], model: Any) -> None:
 
     ("attrs", pickled dict): set on the model first (its config as of this save);
     ("pretrained", directory, snapshot): model.save_pretrained(state_dict=...);
-    ("safetensors" | "torch", directory, file name, snapshot): safetensors' save_file
-    (metadata format=pt, as transformers writes it) or torch.save."""
+    ("safetensors" | "torch", directory, file name, snapshot[, torch.save keywords]):
+    safetensors' save_file (metadata format=pt, as transformers writes it) or torch.save."""
     for op in ops:
         kind = op[0]
         if kind == "attrs":
@@ -337,7 +345,7 @@ def run_ops(ops: list[tuple], maps: dict[int, Any], model: Any) -> None:
                 load_snapshot(op[3], maps), str(staging / op[2]), metadata={"format": "pt"}
             )
         elif kind == "torch":
-            torch.save(load_snapshot(op[3], maps), staging / op[2])
+            torch.save(load_snapshot(op[3], maps), staging / op[2], **(op[4] if op[4:] else {}))
         else:  # pragma: no cover - a programming error
             raise ValueError(f"unknown checkpoint write {kind!r}")
         move_into(staging, directory)

@@ -1,0 +1,115 @@
+"""Async checkpoint saves under DeepSpeed ZeRO: two CPU ranks over gloo under torchrun.
+
+One launch (deepspeed_async_ranks.py) trains a run saved asynchronously (DeepSpeed's own
+files, the ZeRO shards among them, written by each rank's writer process), with
+DeepSpeed's synchronous save of the same state after each save to compare with, then
+resumes it from an async checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TORCHRUN = shutil.which("torchrun")
+RANKS_SCRIPT = Path(__file__).with_name("deepspeed_async_ranks.py")
+
+
+def launch(stage: int, work: Path, cache: Path) -> list[dict]:
+    command = [
+        TORCHRUN or sys.executable,
+        *([] if TORCHRUN else ["-m", "torch.distributed.run"]),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(RANKS_SCRIPT),
+        str(stage),
+        str(work),
+    ]
+    environment = {
+        **os.environ,
+        "TRAINYARD_CACHE": str(cache),
+        "TRAINYARD_METRICS_PORT": "off",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    completed = subprocess.run(
+        command, env=environment, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return [json.loads((work / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_loads_equal(mine, theirs, where: str) -> None:
+    """The same structure, tensor for tensor (dtype, shape, requires_grad, values)."""
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(mine, torch.Tensor), where
+        assert (mine.dtype, mine.shape) == (theirs.dtype, theirs.shape), where
+        assert mine.requires_grad == theirs.requires_grad, where
+        assert torch.equal(mine, theirs), where
+    elif isinstance(theirs, dict):
+        assert type(mine) is type(theirs) and list(mine) == list(theirs), where
+        for key in theirs:
+            assert_loads_equal(mine[key], theirs[key], f"{where}.{key}")
+    elif isinstance(theirs, list | tuple):
+        assert type(mine) is type(theirs) and len(mine) == len(theirs), where
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            assert_loads_equal(a, b, f"{where}[{i}]")
+    elif hasattr(theirs, "__dict__"):  # DeepSpeed's loss scaler, slice mappings
+        assert type(mine) is type(theirs), where
+        assert_loads_equal(vars(mine), vars(theirs), where)
+    else:
+        assert mine == theirs, where
+
+
+@pytest.mark.slow
+def test_zero2_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
+    tmp_path, tmp_path_factory, monkeypatch
+):
+    pytest.importorskip("deepspeed")
+    from trainyard.workloads import builtin
+
+    cache = tmp_path_factory.getbasetemp() / "trainyard-cache"
+    monkeypatch.setenv("TRAINYARD_CACHE", str(cache))
+    builtin.model_path("tiny-qwen2")  # once here: two ranks building it at once collide
+
+    ranks = launch(2, tmp_path, cache)
+    for seen in ranks:
+        saved = seen["async"]
+        assert saved["writer"] == "process"
+        # The ranks agree on which saves are written (a dropped one on both or neither).
+        assert saved["written"] == ranks[0]["async"]["written"]
+        assert sorted(saved["written"] + saved["skipped"]) == [1, 2, 3]
+        assert saved["written"][-1] == 3
+        # With this rank's writer process stopped, the save of step 2 returned before
+        # the rank's optimizer shard existed: the training step did not write it.
+        assert saved["shard_existed_when_save_returned"] is False
+        # Resumed from its checkpoint-1, steps 2 and 3 train as they did the first time.
+        assert seen["resumed"]["global_step"] == 3
+        assert seen["resumed"]["losses"][1:] == pytest.approx(saved["losses"][1:])
+    assert ranks[0]["async"]["uploaded"] == ranks[0]["async"]["written"]
+
+    for step in ranks[0]["async"]["written"]:
+        mine = tmp_path / "async" / f"checkpoint-{step}" / f"global_step{step}"
+        theirs = tmp_path / "sync" / f"checkpoint-{step}" / f"global_step{step}"
+        names = sorted(p.name for p in theirs.iterdir())
+        assert sorted(p.name for p in mine.iterdir()) == names
+        assert any("zero_pp_rank_1" in n and n.endswith("optim_states.pt") for n in names)
+        for name in names:
+            assert_loads_equal(
+                torch.load(mine / name, weights_only=False),
+                torch.load(theirs / name, weights_only=False),
+                f"step {step} {name}",
+            )
+        assert (mine.parent / "latest").read_text() == f"global_step{step}"
+    # Uploaded only once both ranks' shards were written; no marker left behind.
+    final = tmp_path / "store" / "step-3" / "global_step3"
+    assert sorted(p.name for p in final.iterdir()) == names
+    assert not list((tmp_path / "async").glob(".checkpoint-*"))
