@@ -7,6 +7,7 @@ it talks to. Only this module imports boto3.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import hashlib
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,24 +198,36 @@ class S3Store:
         self.multipart_threshold = multipart_threshold
         self.multipart_chunksize = multipart_chunksize
         session = boto3.session.Session(**read_credentials_dir(credentials_dir))
-        self.client = session.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=region,
-            config=botocore.config.Config(
-                s3={"addressing_style": addressing_style},
-                # One pooled connection per concurrent part; the default 10 would queue them.
-                max_pool_connections=max(10, max_concurrency),
-                retries={"mode": "standard", "max_attempts": 5},
-                # No CRC32 on every request (botocore's default since 1.36): a
-                # checkpoint's integrity check is its manifest's sha256, taken from the
-                # bytes that were sent and verified on every download, and computing
-                # and checking CRC32 too made uploads ~20% slower against a local S3
-                # server on 2 cores (benchmarks/checkpoint_upload.py).
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+
+        def client(**s3_options):
+            return session.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=region,
+                config=botocore.config.Config(
+                    s3={"addressing_style": addressing_style, **s3_options},
+                    # One pooled connection per concurrent part; the default 10 would
+                    # queue them.
+                    max_pool_connections=max(10, max_concurrency),
+                    retries={"mode": "standard", "max_attempts": 5},
+                    # botocore computes no checksum of its own (its default since 1.36
+                    # is CRC32 on every request): upload_files sends each part's CRC32,
+                    # computed on the sending thread from the bytes it sends, and a
+                    # checkpoint's end-to-end check is its manifest's sha256, verified
+                    # on every download.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                ),
+            )
+
+        self.client = client()
+        # The bulk of an upload (upload_files' objects and parts) goes without a
+        # SigV4 signature of its body: over http botocore would otherwise hash every
+        # byte with sha256 once more. Each request carries its CRC32, which the server
+        # checks, and the manifest (signed, like every other request) holds every
+        # file's sha256, checked on download. Over https botocore signs no bodies
+        # that carry a checksum anyway.
+        self._bulk = client(payload_signing_enabled=False)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -284,28 +298,29 @@ class S3Store:
         if size < self.multipart_threshold:
             data = path.read_bytes()
             digest.update(data)
-            self.client.put_object(Bucket=self.bucket, Key=full_key, Body=data)
+            self._bulk.put_object(
+                Bucket=self.bucket, Key=full_key, Body=data, ChecksumCRC32=crc32(data)
+            )
             return digest.hexdigest()
         part_size = part_size_for(size, self.multipart_chunksize, self.max_concurrency)
-        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full_key)[
-            "UploadId"
-        ]
+        # CRC32 per part, composed by S3 into the object's checksum: the server checks
+        # every part as it arrives (a server that computes no checksum of its own
+        # otherwise joins the whole object once more to compute CRC64NVME on complete).
+        upload_id = self._bulk.create_multipart_upload(
+            Bucket=self.bucket, Key=full_key, ChecksumAlgorithm="CRC32"
+        )["UploadId"]
         sent: list[concurrent.futures.Future] = []
 
         def send(number: int, data: bytes) -> dict:
             try:
-                response = self.client.upload_part(
+                checksum = crc32(data)  # here, in parallel: zlib releases the GIL
+                response = self._bulk.upload_part(
                     Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number,
-                    Body=data,
+                    Body=data, ChecksumCRC32=checksum,
                 )  # fmt: skip
             finally:
                 budget.release(len(data))
-            part = {"PartNumber": number, "ETag": response["ETag"]}
-            # A checksum the client computed (CRC32 by default) must be repeated on complete.
-            for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256"):
-                if response.get(name):
-                    part[name] = response[name]
-            return part
+            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
 
         try:
             with open(path, "rb") as handle:
@@ -330,7 +345,7 @@ class S3Store:
                     f"{path} changed size while it was uploaded to {self.uri}/{key}: "
                     f"{size} bytes before, {read} read"
                 )
-            self.client.complete_multipart_upload(
+            self._bulk.complete_multipart_upload(
                 Bucket=self.bucket, Key=full_key, UploadId=upload_id,
                 MultipartUpload={"Parts": parts},
             )  # fmt: skip
@@ -535,6 +550,15 @@ class FileStore:
 
     def abort_unfinished(self, key: str, handle: str) -> None:
         (self._path(key).parent / handle).unlink(missing_ok=True)
+
+
+def crc32(data: bytes) -> str:
+    """S3's ChecksumCRC32 of data: the big-endian CRC32, base64.
+
+    >>> crc32(b"hello")
+    'NhCmhg=='
+    """
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
 def hash_file(path: Path, chunk_size: int = 8 * MiB) -> str:
