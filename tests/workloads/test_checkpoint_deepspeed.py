@@ -70,8 +70,9 @@ def assert_loads_equal(mine, theirs, where: str) -> None:
 
 
 @pytest.mark.slow
-def test_zero2_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
-    tmp_path, tmp_path_factory, monkeypatch
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
+    stage, tmp_path, tmp_path_factory, monkeypatch
 ):
     pytest.importorskip("deepspeed")
     from trainyard.workloads import builtin
@@ -80,7 +81,7 @@ def test_zero2_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
     monkeypatch.setenv("TRAINYARD_CACHE", str(cache))
     builtin.model_path("tiny-qwen2")  # once here: two ranks building it at once collide
 
-    ranks = launch(2, tmp_path, cache)
+    ranks = launch(stage, tmp_path, cache)
     for seen in ranks:
         saved = seen["async"]
         assert saved["writer"] == "process"
@@ -102,6 +103,8 @@ def test_zero2_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
         names = sorted(p.name for p in theirs.iterdir())
         assert sorted(p.name for p in mine.iterdir()) == names
         assert any("zero_pp_rank_1" in n and n.endswith("optim_states.pt") for n in names)
+        # ZeRO-3: each rank's own model states too.
+        assert any("zero_pp_rank_1" in n and "model_states" in n for n in names) == (stage == 3)
         for name in names:
             assert_loads_equal(
                 torch.load(mine / name, weights_only=False),
