@@ -3,7 +3,7 @@
 python deepspeed_async_ranks.py STAGE WORKDIR: a training saved asynchronously
 (WORKDIR/async, checkpoints uploaded to WORKDIR/store), with DeepSpeed's own synchronous
 save of the same state after each (WORKDIR/sync/checkpoint-N/global_stepN), then resumed
-from the async checkpoint of step 1 (WORKDIR/resumed).
+from the async checkpoint of step 3 (WORKDIR/resumed).
 Each rank writes what it saw to WORKDIR/rank-R.json; the test compares the files.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -23,7 +24,7 @@ from trainyard.workloads.methods.common import detect_environment
 from trainyard.workloads.storage import FileStore
 from trainyard.workloads.train import build_context, build_trainer, init_deepspeed_comm
 
-STEPS = 3
+STEPS = 5
 
 
 def run(stage: int, store: Path) -> TrainingRun:
@@ -72,6 +73,22 @@ class StopWriterAtSave(TrainerCallback):
         return control
 
 
+class HoldFirstRanksWriter(TrainerCallback):
+    """Stops rank 0's writer process before the save of `step` for `seconds`: rank 0
+    then still holds the save of step + 1 when the save of step + 2 comes, rank 1 not
+    (its writer took it), so the ranks must agree not to drop it."""
+
+    def __init__(self, sync: CheckpointSyncCallback, step: int, seconds: float) -> None:
+        self.sync, self.step, self.seconds = sync, step, seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and args.process_index == 0:
+            pid = self.sync.saves._writer.pid
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(self.seconds, os.kill, (pid, signal.SIGCONT)).start()
+        return control
+
+
 class ReferenceSaves(TrainerCallback):
     """DeepSpeed's own synchronous save of the same state, right after each async save
     returned (before the next step): `engine.save_checkpoint` into `directory`."""
@@ -94,6 +111,7 @@ def train(document: TrainingRun, output: Path, store: Path, *, resume=None) -> d
     rank = trainer.args.process_index
     if resume is None:
         callbacks.append(StopWriterAtSave(callback, 2, rank))
+        callbacks.append(HoldFirstRanksWriter(callback, 3, 5.0))
         callbacks.append(ReferenceSaves(output.parent / "sync"))
     for extra in callbacks:
         trainer.add_callback(extra)
@@ -107,6 +125,8 @@ def train(document: TrainingRun, output: Path, store: Path, *, resume=None) -> d
         seen["skipped"] = callback.saves.skipped
         seen["writer"] = callback.saves.writer
         seen["uploaded"] = callback.uploaded
+        seen["engine_files"] = {s.step: s.engine_files for s in callback.saves.stats}
+        seen["save_seconds"] = {s.step: s.snapshot_seconds for s in callback.saves.stats}
     if resume is None:
         seen["shard_existed_when_save_returned"] = callbacks[1].shard_existed
     return seen
@@ -121,7 +141,7 @@ def main() -> None:
         run(stage, work / "store-resumed"),
         work / "resumed",
         work / "store-resumed",
-        resume=str(work / "async" / "checkpoint-1"),
+        resume=str(work / "async" / "checkpoint-3"),
     )
     rank = int(os.environ["RANK"])
     (work / f"rank-{rank}.json").write_text(json.dumps(seen))

@@ -85,16 +85,22 @@ def test_zero_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
     for seen in ranks:
         saved = seen["async"]
         assert saved["writer"] == "process"
-        # The ranks agree on which saves are written (a dropped one on both or neither).
-        assert saved["written"] == ranks[0]["async"]["written"]
-        assert sorted(saved["written"] + saved["skipped"]) == [1, 2, 3]
-        assert saved["written"][-1] == 3
+        # Rank 0's writer was stopped from before the save of step 3 for 5 s: on its own
+        # it would have dropped the save of step 4 at step 5 (newest wins), but rank 1's
+        # writer had already taken its part, so both write every step (rank 0's save
+        # of step 5 waited for its writer instead).
+        assert saved["written"] == [1, 2, 3, 4, 5] and saved["skipped"] == []
         # With this rank's writer process stopped, the save of step 2 returned before
         # the rank's optimizer shard existed: the training step did not write it.
         assert saved["shard_existed_when_save_returned"] is False
-        # Resumed from its checkpoint-1, steps 2 and 3 train as they did the first time.
-        assert seen["resumed"]["global_step"] == 3
-        assert seen["resumed"]["losses"][1:] == pytest.approx(saved["losses"][1:])
+        # Every save left DeepSpeed's files to the writer: rank 0 its optimizer shard and
+        # the model states, rank 1 its shard (ZeRO-3: its own model states too).
+        files = 2 if seen is ranks[0] or stage == 3 else 1
+        assert set(saved["engine_files"].values()) == {files}
+        # Resumed from its checkpoint-3, steps 4 and 5 train as they did the first time.
+        assert seen["resumed"]["global_step"] == 5
+        assert seen["resumed"]["losses"][3:] == pytest.approx(saved["losses"][3:])
+    assert ranks[0]["async"]["save_seconds"]["5"] > 1.0
     assert ranks[0]["async"]["uploaded"] == ranks[0]["async"]["written"]
 
     for step in ranks[0]["async"]["written"]:
@@ -113,6 +119,6 @@ def test_zero_shards_are_written_by_the_writer_and_load_as_deepspeeds_own(
             )
         assert (mine.parent / "latest").read_text() == f"global_step{step}"
     # Uploaded only once both ranks' shards were written; no marker left behind.
-    final = tmp_path / "store" / "step-3" / "global_step3"
+    final = tmp_path / "store" / "step-5" / "global_step5"
     assert sorted(p.name for p in final.iterdir()) == names
     assert not list((tmp_path / "async").glob(".checkpoint-*"))

@@ -106,6 +106,7 @@ class SaveStats:
     blocked_seconds: float = 0.0  # how long the next optimizer step waited for that copy
     write_seconds: float | None = None
     skipped: bool = False
+    engine_files: int = 0  # DeepSpeed checkpoint-engine files left to the writer
 
 
 @dataclass
@@ -326,13 +327,15 @@ class AsyncSaves:
             options["_use_new_zipfile_serialization"] = own.zipfile_serialization
         # ZeRO-3 without a gathered 16-bit model calls save_checkpoint twice per save:
         # the later copy of a file replaces the earlier one.
-        pending.ops[:] = [
+        kept = [
             op
             for op in pending.ops
             if not (op[0] == "torch" and op[1] == str(target.parent) and op[2] == target.name)
         ]
+        if len(kept) == len(pending.ops):
+            pending.engine_files += 1
+        pending.ops[:] = kept
         pending.ops.append(("torch", str(target.parent), target.name, structure, options))
-        pending.engine_files += 1
 
     def _defer_weights(self, pending: _PendingSave, directory: Path, state_dict) -> None:
         from transformers import PreTrainedModel
@@ -502,7 +505,9 @@ class AsyncSaves:
             pending, self._current = self._current, None
             if pending is None:
                 return
-            pending.stats = SaveStats(pending.step, snapshot_seconds=seconds)
+            pending.stats = SaveStats(
+                pending.step, snapshot_seconds=seconds, engine_files=pending.engine_files
+            )
             self.stats.append(pending.stats)
             if self._error is not None:
                 error, self._error = self._error, None
