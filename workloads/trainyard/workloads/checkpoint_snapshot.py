@@ -215,6 +215,11 @@ class AsyncSaves:
             directory = Path(trainer._get_output_dir(trial=trial)) / (
                 f"{PREFIX_CHECKPOINT_DIR}-{step}"
             )
+            if self._shared_checkpoints():
+                # A marker left by a launch that died before its first rank read it
+                # must not stand for this save's (it is written after DeepSpeed's
+                # barriers in this save, which the first rank waits behind).
+                _marker(directory, trainer.args.process_index).unlink(missing_ok=True)
             dropped = self._take_outdated()
             with self._changed:
                 if dropped is not None:
@@ -627,12 +632,12 @@ class AsyncSaves:
         ranks = _node_ranks(args.process_index, args.local_process_index, args.world_size)
         directory = pending.directory
         if args.process_index != ranks[0]:
-            marker = directory.parent / f".{directory.name}.rank-{args.process_index}"
+            marker = _marker(directory, args.process_index)
             partial = marker.with_name(marker.name + PARTIAL_SUFFIX)
             partial.write_text("ok" if ok else "failed")
             os.replace(partial, marker)
             return ok
-        markers = [directory.parent / f".{directory.name}.rank-{r}" for r in ranks[1:]]
+        markers = [_marker(directory, r) for r in ranks[1:]]
         while not all(m.exists() for m in markers):
             time.sleep(0.02)
         for marker in markers:
@@ -756,6 +761,11 @@ def _every_rank(flag: bool, trainer: Any) -> bool:
     value = torch.tensor([int(flag)], dtype=torch.int32, device=trainer.args.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _marker(directory: Path, rank: int) -> Path:
+    """Where `rank` says it wrote its part of checkpoint `directory` (beside it)."""
+    return directory.parent / f".{directory.name}.rank-{rank}"
 
 
 def _node_ranks(rank: int, local_rank: int, world_size: int) -> range:
