@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from trainyard.workloads import builtin
@@ -60,6 +63,46 @@ def test_model_is_built_once_then_loaded_from_the_cache(name):
     assert tokenizer.chat_template == builtin.CHAT_TEMPLATE
 
 
+def test_ranks_building_into_an_empty_cache_get_one_whole_model(tmp_path, monkeypatch):
+    """Two processes (two ranks of a torchrun launch on a fresh node) ask for the same
+    built-in model at once: both get the whole model and no staging directory is left.
+    An entry a killed build left incomplete (no config.json) is rebuilt, not trusted:
+    before, the rename onto it failed and every later run with that cache failed too."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from trainyard.workloads import builtin; "
+        "print('path:', builtin.model_path('tiny-qwen2'))"
+    )
+    env = {**os.environ, "TRAINYARD_CACHE": str(tmp_path)}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in ranks]
+    paths = {
+        line.split(": ", 1)[1]
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("path: ")
+    }
+    assert [process.returncode for process in ranks] == [0, 0]
+    (path,) = paths
+    built = Path(path)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in built.iterdir()
+    }
+    assert [
+        p.name for p in built.parent.iterdir() if p.is_dir() and p.name.startswith(".tiny-qwen2-")
+    ] == []
+
+    (built / "config.json").unlink()  # as if the build was killed mid-way
+    monkeypatch.setenv("TRAINYARD_CACHE", str(tmp_path))
+    assert builtin.model_path("tiny-qwen2") == built
+    assert (built / "config.json").exists() and (built / "model.safetensors").exists()
+
+
 def test_random_init_is_seeded(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
@@ -107,7 +150,11 @@ def test_prompts_carry_references_for_rewards():
 @pytest.mark.parametrize(
     ("call", "name", "message"),
     [
-        ("model_path", "tiny-gpt", "builtin://tiny-llama, builtin://tiny-qwen2, builtin://tiny-qwen3-moe"),
+        (
+            "model_path",
+            "tiny-gpt",
+            "builtin://tiny-llama, builtin://tiny-qwen2, builtin://tiny-qwen3-moe",
+        ),
         ("build_dataset_rows", "pairs", "builtin://datasets/preference"),
     ],
 )

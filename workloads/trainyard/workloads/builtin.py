@@ -14,6 +14,7 @@ Nothing is downloaded. A model is built once and kept in the cache directory
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -388,8 +389,10 @@ def _build_model_dir(name: str, target: Path) -> None:
 def model_path(name: str) -> Path:
     """Local directory of the built-in model `builtin://NAME`, built on first use.
 
-    The directory is filled in a temporary sibling and renamed into place, so concurrent
-    ranks under torchrun (or parallel test workers) never see a half-written model.
+    One process of the machine builds it (a lock beside the cache entry: the ranks of a
+    torchrun launch, or parallel test workers, wait for it instead of building it too);
+    it is filled in a temporary sibling and renamed into place, so no process ever sees
+    a half-written model, and an entry left incomplete by a killed build is rebuilt.
     """
     if name not in MODELS:
         raise ValueError(
@@ -400,6 +403,20 @@ def model_path(name: str) -> Path:
     target = cache_root() / "builtin" / f"{name}-{_recipe_key(name)}"
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (target / "config.json").exists():  # built by the process we waited for
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            _build_model_dir(name, staging)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete entry, if any
+            staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
