@@ -6,8 +6,8 @@ of a round see the same machine state), against one local moto S3 server
 
 * upload: a checkpoint directory (safetensors shards + optimizer.pt of a real model
   shape) uploaded by CheckpointSync (submit + wait: hard-link snapshot, the uploader
-  process, parallel multipart with sha256 from the same read, size check, manifest
-  last, `latest`) vs the AWS CLI (`python -m awscli s3 cp --recursive`, PyPI's awscli)
+  process, parallel multipart with sha256 from the same read and each part's CRC32 for
+  the server to check, size check, manifest last, `latest`) vs the AWS CLI (`python -m awscli s3 cp --recursive`, PyPI's awscli)
   vs boto3's transfer manager in this process (the uploader before this change), and
   boto3's CRT transfer client where it works against the server; then the download
   for a resume (CheckpointSync.resume, sha256 checked) vs the CLI's download.
@@ -17,7 +17,7 @@ of a round see the same machine state), against one local moto S3 server
 * queue stall: async saves back to back, each one while the previous checkpoint is
   still being written and uploaded, vs the synchronous save of the same round.
 
-    python benchmarks/checkpoint_upload.py [--mb 300] [--hidden 512] [--layers 6] [--rounds 5]
+    python benchmarks/checkpoint_upload.py [--mb 1024] [--hidden 512] [--layers 6] [--rounds 5]
 
 The last line is `upload_vs_awscli=X.XX stall_vs_sync_save=Y.YY queue_stall_vs_sync_save=Z.ZZ`,
 each the median over rounds of a paired ratio (CLI seconds / ours; async stall / sync
@@ -390,7 +390,7 @@ def bench_stall(endpoint: str, work: Path, hidden: int, layers: int, vocab: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=300, help="checkpoint size for the upload")
+    parser.add_argument("--mb", type=int, default=1024, help="checkpoint size for the upload")
     parser.add_argument("--hidden", type=int, default=512, help="model width for the stall")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=32000)
