@@ -1,8 +1,8 @@
 """Checkpoint sync: upload each save in the background, resume from the newest good one.
 
 The layout and its rules (manifest last, `latest`, retention) are in checkpoint_store.
-Uploads run in one nicer child process (`python -m trainyard.workloads.checkpoint_store
---serve`), one at a time: training keeps its cores and its GIL, and a crashed upload
+Uploads run in one background child process (`python -m trainyard.workloads.checkpoint_store
+--serve`, under SCHED_IDLE), one at a time: training keeps its cores and its GIL, and a crashed upload
 cannot take the trainer down with it. When saves come faster than uploads finish, the
 newest waiting save replaces the older one (coalescing), so training never queues.
 """
@@ -120,8 +120,9 @@ class CheckpointSync:
     credentials_dir, max_concurrency, multipart_threshold, multipart_chunksize).
     `on_upload` is called from the background thread with every UploadResult, failed
     ones included (metrics hook); `on_skip` with each step skipped by coalescing.
-    Uploads run in one child process, `upload_niceness` steps nicer than training, so
-    they take idle CPU rather than the training step's.
+    Uploads run in one child process under SCHED_IDLE (Linux; elsewhere
+    `upload_niceness` steps nicer than training), so they take only CPU time training
+    leaves; `upload_niceness=0` runs it as training runs.
 
     One upload runs at a time and at most one more waits: when a save comes while one
     waits, the newer replaces it (`coalesce`): training never waits for the network,

@@ -20,7 +20,7 @@ A step without a manifest is an upload that never finished; a step whose files d
 match its manifest is corrupt. Neither is ever resumed from or named by `latest`.
 
 This module does not import torch or transformers: `checkpoint.CheckpointSync` runs
-`python -m trainyard.workloads.checkpoint_store --serve` as one separate, nicer process
+`python -m trainyard.workloads.checkpoint_store --serve` as one separate background process (SCHED_IDLE)
 that uploads job after job, so boto3's threads never compete with training for the GIL
 and no upload pays an interpreter start.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -486,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         "--serve", action="store_true", help="upload one JSON job per stdin line until EOF"
     )
     parser.add_argument("--keep-last", type=int, default=None)
-    parser.add_argument("--niceness", type=int, default=0, help="added to this process's nice")
+    parser.add_argument(
+        "--niceness",
+        type=int,
+        default=0,
+        help="added to this process's nice; > 0 also SCHED_IDLE (Linux)",
+    )
     parser.add_argument(
         "--node", type=int, default=0, help="this node's rank (torchrun GROUP_RANK)"
     )
@@ -502,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.niceness > 0:
         os.nice(args.niceness)
+        # Background work, as the checkpoint writer: CPU time nothing else wants.
+        with contextlib.suppress(AttributeError, OSError):  # not Linux: the nice value
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if args.serve:
         return serve(args)
     if args.directory is None or args.step is None:

@@ -9,7 +9,7 @@ a save, reused from save to save) and the writes run elsewhere:
   not limited by the size of a container's /dev/shm, freed when both processes let go)
   and reach it as file descriptors over a Unix socket. Serializing (safetensors,
   torch.save's pickler) then never holds the training process's GIL, and the writer
-  runs at a lower priority than training. It dies with the training process
+  runs under SCHED_IDLE (`background_priority`). It dies with the training process
   (PR_SET_PDEATHSIG), so a killed trainer leaves no writer behind that finishes a
   checkpoint later; it keeps no other descriptor of its parent (an uploader's stdin
   must see its end of file when the trainer dies).
@@ -54,6 +54,22 @@ WRITER_PROCESS_SUPPORTED = all(
     hasattr(module, name)
     for module, name in [(os, "fork"), (os, "memfd_create"), (socket, "send_fds")]
 )
+
+
+def background_priority(thread: int = 0) -> None:
+    """Run the calling process (or the thread with native id `thread`) only on CPU time
+    that nothing else wants: Linux's SCHED_IDLE, else WRITER_NICENESS steps nicer.
+
+    Checkpoint writes and uploads are background work. A nice value still takes a share
+    of a core that training needs (nice 10 is ~10% beside nice 0 on the same core), and
+    each such slice stalls a training step; under SCHED_IDLE they run on a spare core or
+    in the gaps, and when no core is spare, saves are coalesced instead (newest wins).
+    """
+    try:
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, thread, WRITER_NICENESS)
 
 
 class Rotated(Exception):
@@ -512,8 +528,7 @@ def _child_main(
     # Python's streams may have been on one of those (a test runner's capture files).
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - for the process's life
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, WRITER_NICENESS)
+    background_priority()
     torch.set_num_threads(1)  # as DataLoader workers do after fork
     if prepare is not None:
         prepare()
