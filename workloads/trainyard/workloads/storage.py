@@ -37,8 +37,12 @@ MiB = 1024 * 1024
 MIN_PART = 5 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
-# Parts grow with the object (fewer requests, each carrying more) up to this size.
-LARGE_PART = 64 * MiB
+# Parts grow with the object up to this size, and past it only as S3's 10,000-part
+# limit needs: throughput comes from many connections at once, each sending parts of
+# 8-16 MiB (AWS's guidance, and the CRT client's default of 8 MiB), and a failed part
+# resends little. Larger parts made uploads of a 1 GiB checkpoint slower, not faster
+# (to moto's server here: 9.3 s with 52 MiB parts, 7.9 s with 16 MiB, 8.0 s with 8 MiB).
+LARGE_PART = 16 * MiB
 # Bytes of parts read ahead of the network across all files: bounds an upload's memory.
 IN_FLIGHT_BYTES = 512 * MiB
 # Files read (and hashed) at the same time; each one streams its parts to the senders.
@@ -50,8 +54,8 @@ def part_size_for(size: int, chunksize: int = 8 * MiB, concurrency: int = 10) ->
     parts for large ones so each connection keeps about two parts to send, never more
     than S3's 10,000 parts nor outside its 5 MiB to 5 GiB.
 
-    >>> [part_size_for(n * MiB) // MiB for n in (20, 300, 1024, 100 * 1024)]
-    [8, 15, 52, 64]
+    >>> [part_size_for(n * MiB) // MiB for n in (20, 300, 1024, 100 * 1024, 1024 * 1024)]
+    [8, 15, 16, 16, 105]
     """
     wanted = min(max(chunksize, math.ceil(size / (2 * concurrency))), max(LARGE_PART, chunksize))
     wanted = max(wanted, math.ceil(size / MAX_PARTS), MIN_PART)
