@@ -569,7 +569,8 @@ class CheckpointSyncCallback(TrainerCallback):
     Given the trainer (`callback.trainer = trainer`, as train.py does for every callback
     with that attribute) and `async_saves`, the trainer's saves become async snapshots
     (checkpoint_snapshot.AsyncSaves): a checkpoint is uploaded once its background
-    write is done and every rank has saved its part."""
+    write is done and every rank has saved its part (under DeepSpeed, once every rank of
+    the node has written its shards: AsyncSaves waits for their markers)."""
 
     def __init__(self, sync: CheckpointSync, *, async_saves: bool = True) -> None:
         self.sync = sync
