@@ -725,6 +725,17 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def release_process_group() -> None:
+    """Destroy this rank's torch.distributed process group once training is done (every
+    collective of the run is behind it), as PyTorch asks: left to interpreter exit, its
+    threads were torn down by C++ destructors and a rank could abort after a finished run
+    ("terminate called without an active exception", exit -6, seen once under gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -752,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: checkpoint.uri / storage: {problem}", file=sys.stderr)
         return 2
+    release_process_group()
     loss = result.get("lastLoss")
     summary = f"{result['method']}: {result['globalStep']} steps"
     if loss is not None and math.isfinite(loss):
