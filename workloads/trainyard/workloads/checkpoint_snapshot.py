@@ -539,17 +539,13 @@ class AsyncSaves:
             dropped.step,
             newer,
         )
-        self._skip(dropped)
-
-    def _skip(self, pending: _PendingSave) -> None:
-        """A save that is not written: its directory goes (its small files are there,
-        without its weights it must not stay), and `skipped`/`on_skip` say so."""
-        pending.stats.skipped = True
-        shutil.rmtree(pending.directory, ignore_errors=True)
+        dropped.stats.skipped = True
+        # Its small files are already there; without its weights it must not stay.
+        shutil.rmtree(dropped.directory, ignore_errors=True)
         with self._changed:
-            self.skipped.append(pending.step)
+            self.skipped.append(dropped.step)
         if self.on_skip is not None:
-            self.on_skip(pending.step)
+            self.on_skip(dropped.step)
 
     # ------------------------------------------------------------------ writer
 
@@ -583,7 +579,12 @@ class AsyncSaves:
                     logger.warning(
                         "checkpoint-%d is not whole: another rank's write failed", pending.step
                     )
-                    self._skip(pending)
+                    pending.stats.skipped = True
+                    shutil.rmtree(pending.directory, ignore_errors=True)
+                    with self._changed:
+                        self.skipped.append(pending.step)
+                    if self.on_skip is not None:
+                        self.on_skip(pending.step)
                     continue
                 self.written.append(pending.step)
                 if self.on_written is not None:
@@ -598,7 +599,12 @@ class AsyncSaves:
             except Rotated:
                 self._ranks_wrote(pending, False)
                 logger.info("checkpoint-%d was rotated away while it was written", pending.step)
-                self._skip(pending)
+                pending.stats.skipped = True
+                shutil.rmtree(pending.directory, ignore_errors=True)
+                with self._changed:
+                    self.skipped.append(pending.step)
+                if self.on_skip is not None:
+                    self.on_skip(pending.step)
             except BaseException as error:
                 with contextlib.suppress(Exception):
                     self._ranks_wrote(pending, False)
