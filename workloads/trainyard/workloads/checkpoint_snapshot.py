@@ -85,6 +85,7 @@ from trainyard.workloads.checkpoint_writer import (
     WriterError,
     WriterProcess,
     WriterThread,
+    background_priority,
     copy_tensors,
     copy_to_host,
 )
@@ -549,11 +550,7 @@ class AsyncSaves:
     # ------------------------------------------------------------------ writer
 
     def _run(self) -> None:
-        # Nicer, not SCHED_IDLE: this thread shares the training process's GIL, and a
-        # SCHED_IDLE thread preempted while holding it would hold up the training step
-        # (priority inversion). The heavy work runs in the writer and uploader processes.
-        with contextlib.suppress(OSError, AttributeError):  # not Linux: same priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        background_priority(threading.get_native_id())
         while True:
             with self._changed:
                 while self._waiting is None and not self._closed:
